@@ -1,0 +1,1 @@
+"""The `edgemoe` command line."""

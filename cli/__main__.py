@@ -1,0 +1,3 @@
+from edgemoe.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""Sans-IO protocol cores (membership, consensus, migration) and their seeded network simulator."""

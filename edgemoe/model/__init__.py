@@ -1,0 +1,1 @@
+"""Checkpoint adapters, shard format, the distributed experts module, activation recording."""

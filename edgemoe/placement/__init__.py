@@ -1,0 +1,1 @@
+"""The placement problem, cost model, strategies, exact solver and migration planner."""

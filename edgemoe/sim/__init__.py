@@ -1,0 +1,1 @@
+"""Event-driven latency simulator of a serving cluster."""

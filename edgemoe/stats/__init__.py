@@ -1,0 +1,1 @@
+"""Activation statistics: decayed counters, co-activation reservoir, trace files."""
