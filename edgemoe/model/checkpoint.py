@@ -1,0 +1,346 @@
+"""Reading an HF checkpoint directory tensor by tensor, through transformers' own conversion rules.
+
+Checkpoint keys are mapped to the model's parameter names with the `WeightRenaming` and
+`WeightConverter` list that `from_pretrained` applies (`get_model_conversion_mapping`). A key
+that a converter folds into a fused `[E, ...]` expert parameter (e.g. Mixtral's
+`experts.3.w1.weight`) is recorded per expert; building one expert's slice then runs the same
+converter's operations on just that expert's tensors, so no per-family table is kept here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgemoe.model.errors import ModelError
+from edgemoe.model.families import (
+    build_model,
+    decoder_layer_index,
+    experts_modules,
+    load_config,
+    num_experts_of,
+    top_k_of,
+)
+
+_EXPERT_INDEX = re.compile(r"\.experts\.(\d+)\.")
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass
+class TensorRef:
+    file: Path
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+@dataclass
+class ConvertedGroup:
+    """Per-expert disk tensors that one transformers converter folds into fused parameters."""
+
+    converter: Any
+    parts: dict[str, dict[int, TensorRef]] = field(default_factory=dict)  # pattern -> expert -> ref
+
+
+@dataclass
+class ExpertLayerPlan:
+    """Where each fused parameter of one MoE layer's experts module comes from on disk."""
+
+    decoder_layer: int
+    module: str  # e.g. model.layers.1.mlp.experts
+    shapes: dict[str, tuple[int, ...]]  # param -> [E, ...] shape
+    fused: dict[str, TensorRef] = field(default_factory=dict)  # param stored fused on disk
+    groups: list[ConvertedGroup] = field(default_factory=list)
+
+
+@dataclass
+class CheckpointPlan:
+    model_dir: Path
+    config: Any
+    dtype: torch.dtype
+    num_experts: int
+    top_k: int
+    dense: dict[str, TensorRef]
+    layers: list[ExpertLayerPlan]
+    files: list[Path]
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(_nbytes(r) for r in self.dense.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+    def largest_tensor_bytes(self) -> int:
+        refs = list(self.dense.values())
+        for layer in self.layers:
+            refs += list(layer.fused.values())
+            refs += [r for g in layer.groups for by_e in g.parts.values() for r in by_e.values()]
+        return max(_nbytes(r) for r in refs)
+
+
+def _nbytes(ref: TensorRef) -> int:
+    n = 1
+    for d in ref.shape:
+        n *= d
+    return n * torch.empty((), dtype=ref.dtype).element_size()
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError) as exc:
+            raise ModelError(f"{index}: unreadable index: {exc}") from None
+        return [model_dir / name for name in sorted(set(weight_map.values()))]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{model_dir}: no *.safetensors checkpoint files")
+    return files
+
+
+def _scan(files: list[Path]) -> Iterator[TensorRef]:
+    from safetensors import safe_open
+
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                for key in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    sl = fh.get_slice(key)
+                    dtype = _DTYPES.get(sl.get_dtype())
+                    if dtype is None:
+                        raise ModelError(
+                            f"{path}: tensor {key} has unsupported dtype {sl.get_dtype()}"
+                        )
+                    yield TensorRef(path, key, dtype, tuple(sl.get_shape()))
+        except ModelError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise ModelError(f"{path}: unreadable safetensors file ({exc})") from None
+
+
+def _split_conversions(model: torch.nn.Module) -> tuple[list[Any], list[Any]]:
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    return renamings, converters
+
+
+def plan_checkpoint(model_dir: str | Path) -> CheckpointPlan:
+    """Map every tensor of the checkpoint to a dense parameter or an expert slice; check all.
+
+    Refuses (ModelError naming the file) an unknown or non-MoE architecture, extra or missing
+    tensors, wrong dtypes or shapes, and unreadable files. Reads headers only.
+    """
+    from transformers.core_model_loading import apply_renamings, rename_source_key
+
+    root = Path(model_dir)
+    config = load_config(root)
+    dtype = config.dtype if isinstance(config.dtype, torch.dtype) else None
+    files = checkpoint_files(root)
+    refs = list(_scan(files))
+    if dtype is None:
+        dtype = refs[0].dtype
+    config.dtype = dtype
+    meta = build_model(config, meta=True, dtype=dtype)
+    num_experts = num_experts_of(config)
+    expected = {k: v for k, v in meta.state_dict().items()}
+    experts = experts_modules(meta, num_experts)
+    if not experts:
+        raise ModelError(
+            f"{root / 'config.json'}: {config.model_type!r} has no fused experts modules"
+        )
+    layers = [
+        ExpertLayerPlan(
+            decoder_layer_index(name),
+            name,
+            {p: tuple(t.shape) for p, t in mod.named_parameters(recurse=False)},
+        )
+        for name, mod in experts
+    ]
+    by_module = {plan.module: plan for plan in layers}
+    renamings, converters = _split_conversions(meta)
+    dense: dict[str, TensorRef] = {}
+    groups: dict[tuple[str, int], ConvertedGroup] = {}
+
+    for ref in refs:
+        if ref.dtype != dtype:
+            raise ModelError(
+                f"{ref.file}: tensor {ref.key} has dtype {ref.dtype}, expected {dtype}"
+            )
+        renamed = apply_renamings(ref.key, renamings)
+        target, pattern = rename_source_key(
+            ref.key, renamings, converters, meta.base_model_prefix, expected
+        )
+        module, _, param = target.rpartition(".")
+        plan = by_module.get(module)
+        if plan is not None and param in plan.shapes:
+            if pattern is None:
+                if ref.shape != plan.shapes[param]:
+                    raise ModelError(
+                        f"{ref.file}: tensor {ref.key} has shape {list(ref.shape)}, "
+                        f"expected {list(plan.shapes[param])}"
+                    )
+                plan.fused[param] = ref
+                continue
+            match = _EXPERT_INDEX.search(renamed)
+            expert = int(match.group(1)) if match else -1
+            if not 0 <= expert < num_experts:
+                raise ModelError(f"{ref.file}: tensor {ref.key} names no valid expert index")
+            converter = next(c for c in converters if pattern in c.source_patterns)
+            group = groups.get((module, id(converter)))
+            if group is None:
+                group = groups[(module, id(converter))] = ConvertedGroup(converter)
+                plan.groups.append(group)
+            slot = group.parts.setdefault(pattern, {})
+            if expert in slot:
+                raise ModelError(f"{ref.file}: tensor {ref.key} duplicates expert {expert}")
+            slot[expert] = ref
+        elif target in expected and pattern is None:
+            want = tuple(expected[target].shape)
+            if ref.shape != want:
+                raise ModelError(
+                    f"{ref.file}: tensor {ref.key} has shape {list(ref.shape)}, "
+                    f"expected {list(want)}"
+                )
+            if target in dense:
+                raise ModelError(f"{ref.file}: tensor {ref.key} appears twice")
+            dense[target] = ref
+        else:
+            raise ModelError(
+                f"{ref.file}: unexpected tensor {ref.key} (not in {type(meta).__name__})"
+            )
+
+    tied = _tied_keys(meta)
+    expert_keys = {f"{p.module}.{name}" for p in layers for name in p.shapes}
+    for key in expected:
+        if key not in dense and key not in expert_keys and key not in tied:
+            raise ModelError(f"{_where(files)}: missing tensor {key}")
+    for plan in layers:
+        covered = set(plan.fused)
+        for group in plan.groups:
+            for pattern in group.converter.source_patterns:
+                have = group.parts.get(pattern, {})
+                lacking = sorted(set(range(num_experts)) - set(have))
+                if lacking:
+                    raise ModelError(
+                        f"{_where(files)}: missing tensor for {plan.module} pattern {pattern!r} "
+                        f"expert {lacking[0]}"
+                    )
+            covered |= set(_converted_params(plan, group))
+        lacking_params = sorted(set(plan.shapes) - covered)
+        if lacking_params:
+            raise ModelError(f"{_where(files)}: missing tensor {plan.module}.{lacking_params[0]}")
+    return CheckpointPlan(root, config, dtype, num_experts, top_k_of(config), dense, layers, files)
+
+
+def _where(files: list[Path]) -> str:
+    return (
+        str(files[0]) if len(files) == 1 else f"{files[0].parent} ({len(files)} safetensors files)"
+    )
+
+
+def _tied_keys(model: torch.nn.Module) -> set[str]:
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return set()
+    return set(tied) if isinstance(tied, dict | list | set) else set()
+
+
+def _converted_params(plan: ExpertLayerPlan, group: ConvertedGroup) -> list[str]:
+    return [
+        t.rpartition(".")[2]
+        for t in group.converter.target_patterns
+        if t.rpartition(".")[2] in plan.shapes
+    ]
+
+
+def read_expert(
+    plan: ExpertLayerPlan, expert: int, handles: FileHandles
+) -> dict[str, torch.Tensor]:
+    """One expert's slice of every fused parameter of a layer, via the family's converter ops."""
+    out: dict[str, torch.Tensor] = {}
+    for param, ref in plan.fused.items():
+        out[param] = handles.get(ref.file).get_slice(ref.key)[expert].contiguous()
+    for group in plan.groups:
+        conv = group.converter
+        tensors: dict[str, Any] = {
+            pattern: [handles.get(by_e[expert].file).get_tensor(by_e[expert].key)]
+            for pattern, by_e in group.parts.items()
+        }
+        for op in conv.operations:
+            tensors = op.convert(
+                tensors, source_patterns=conv.source_patterns, target_patterns=conv.target_patterns
+            )
+        for key, value in tensors.items():
+            param = key.rpartition(".")[2]
+            if param not in plan.shapes:
+                raise ModelError(f"{plan.module}: converter produced unknown parameter {key!r}")
+            out[param] = value.squeeze(0).contiguous() if value.shape[0] == 1 else value
+    for param, shape in plan.shapes.items():
+        if tuple(out[param].shape) != shape[1:]:
+            raise ModelError(
+                f"{plan.module}.{param}: expert {expert} slice has shape {list(out[param].shape)}, "
+                f"expected {list(shape[1:])}"
+            )
+    return out
+
+
+class FileHandles:
+    """Open safetensors files once each (they are mmapped, so this holds no tensor memory)."""
+
+    def __init__(self) -> None:
+        self._stack = ExitStack()
+        self._open: dict[Path, Any] = {}
+
+    def get(self, path: Path) -> Any:
+        from safetensors import safe_open
+
+        fh = self._open.get(path)
+        if fh is None:
+            try:
+                fh = self._stack.enter_context(safe_open(str(path), framework="pt"))
+            except Exception as exc:
+                raise ModelError(f"{path}: unreadable safetensors file ({exc})") from None
+            self._open[path] = fh
+        return fh
+
+    def read(self, ref: TensorRef) -> torch.Tensor:
+        try:
+            return self.get(ref.file).get_tensor(ref.key)
+        except ModelError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"{ref.file}: cannot read tensor {ref.key} ({exc})") from None
+
+    def close(self) -> None:
+        self._stack.close()
+        self._open.clear()
+
+    def __enter__(self) -> FileHandles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,81 @@
+"""`DistributedExperts`: drop-in for a family's fused experts module, spread over executors.
+
+Same call signature as the library's experts module: (hidden [N, H], top_k_index [N, K],
+top_k_weights [N, K]) -> [N, H]. The router, shared experts and the combine stay the
+library's. The (token, slot) pairs are grouped by executor; remote executors are submitted
+first, local ones compute while the remote calls are in flight, then results are summed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgemoe.model.executor import ExpertDirectory, ExpertExecutor
+from edgemoe.model.routing import RoutingTrace
+
+
+class DistributedExperts(nn.Module):
+    """One MoE layer's routed experts, computed wherever the directory says."""
+
+    def __init__(
+        self,
+        layer: int,
+        num_experts: int,
+        directory: ExpertDirectory,
+        *,
+        recorder: Any | None = None,
+        routing: RoutingTrace | None = None,
+    ) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_experts = num_experts
+        self.directory = directory
+        self.recorder = recorder
+        self.routing = routing
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, num_experts={self.num_experts}"
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        if self.routing is not None:
+            top_k_index, top_k_weights = self.routing.route(
+                self.layer,
+                hidden_states.shape[0],
+                device=hidden_states.device,
+                dtype=top_k_weights.dtype,
+            )
+        ids = top_k_index.to(torch.long)
+        if self.recorder is not None:
+            self.recorder.record(self.layer, ids.detach().cpu().numpy())
+        groups: dict[int, tuple[ExpertExecutor, list[int]]] = {}
+        for expert in torch.unique(ids).tolist():
+            executor = self.directory.executor_for(self.layer, expert)
+            groups.setdefault(id(executor), (executor, []))[1].append(expert)
+
+        calls = []
+        for executor, experts in groups.values():
+            if len(groups) == 1:
+                masked = ids
+            else:
+                mine = torch.isin(ids, torch.tensor(experts, device=ids.device))
+                masked = torch.where(mine, ids, torch.full_like(ids, -1))
+            calls.append((executor, masked))
+        # Remote calls first, so the network works while local experts compute.
+        calls.sort(key=lambda call: bool(getattr(call[0], "is_local", False)))
+        futures = []
+        results: list[torch.Tensor] = []
+        for executor, masked in calls:
+            if getattr(executor, "is_local", False):
+                results.append(executor.forward(self.layer, hidden_states, masked, top_k_weights))
+            else:
+                futures.append(executor.submit(self.layer, hidden_states, masked, top_k_weights))
+        results += [f.result() for f in futures]
+        out = torch.zeros_like(hidden_states)
+        for part in results:
+            out += part.to(device=out.device, dtype=out.dtype)
+        return out

@@ -1,0 +1,188 @@
+"""`LocalExperts`: an in-process executor over any subset of experts, loaded from shard files.
+
+Held experts of a layer run through a copy of the family's own fused experts module whose
+`[E, ...]` parameters are restricted to the held subset, so the family's math (activation,
+biases, clamping, experts implementation) is reused as is. Each (token, slot) pair sent here
+becomes one row routed top-1 to its expert; rows are summed back per token with index_add_.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgemoe.model.errors import ModelError
+from edgemoe.model.families import build_model, experts_modules
+from edgemoe.model.manifest import Manifest
+from edgemoe.model.shard import sha256_file
+
+
+def template_experts(shard_dir: Path, manifest: Manifest) -> nn.Module:
+    """A meta-device instance of the family's experts module (no memory), used as a template."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(shard_dir), local_files_only=True)
+    meta = build_model(config, meta=True)
+    found = experts_modules(meta, manifest.num_experts)
+    if not found:
+        raise ModelError(f"{shard_dir / 'config.json'}: no fused experts module found")
+    return found[0][1]
+
+
+def restricted_module(
+    template: nn.Module, params: dict[str, torch.Tensor], count: int
+) -> nn.Module:
+    """A shallow copy of `template` with `params` ([count, ...] each) as its parameters."""
+    module = copy.copy(template)
+    module._parameters = {name: nn.Parameter(t, requires_grad=False) for name, t in params.items()}
+    module._buffers = dict(template._buffers)
+    module._modules = dict(template._modules)
+    for attr in ("num_experts", "num_local_experts"):
+        if hasattr(module, attr):
+            setattr(module, attr, count)
+    return module
+
+
+class _LayerCache:
+    def __init__(self, experts: list[int], module: nn.Module, device: torch.device) -> None:
+        self.experts = experts
+        self.module = module
+        self.lookup = torch.full((max(experts) + 1,), -1, dtype=torch.long, device=device)
+        self.lookup[torch.tensor(experts, device=device)] = torch.arange(
+            len(experts), device=device
+        )
+
+
+class LocalExperts:
+    """Holds any subset of (layer, expert) in memory; thread-safe load/drop while serving."""
+
+    is_local = True
+
+    def __init__(
+        self,
+        shard_dir: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        verify: bool = True,
+        template: nn.Module | None = None,
+    ) -> None:
+        self.shard_dir = Path(shard_dir)
+        self.manifest = Manifest.load(self.shard_dir)
+        self.device = torch.device(device)
+        self.verify = verify
+        self._template = template or template_experts(self.shard_dir, self.manifest)
+        self._weights: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self._cache: dict[int, _LayerCache] = {}
+        self._lock = threading.RLock()
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    def load(self, layer: int, expert: int) -> None:
+        """Read one expert's shard (checking size and sha256 against the manifest)."""
+        from safetensors.torch import load_file
+
+        if not (0 <= layer < self.manifest.num_layers and 0 <= expert < self.manifest.num_experts):
+            raise ModelError(f"{self.shard_dir}: no expert ({layer}, {expert}) in this model")
+        rel = Manifest.expert_path(layer, expert)
+        path = self.shard_dir / rel
+        info = self.manifest.files.get(rel)
+        if info is None or not path.is_file():
+            raise ModelError(f"{path}: missing expert shard")
+        if self.verify and (
+            path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]
+        ):
+            raise ModelError(f"{path}: size or sha256 differs from the manifest (corrupt shard)")
+        try:
+            tensors = load_file(str(path), device=str(self.device))
+        except Exception as exc:
+            raise ModelError(f"{path}: unreadable expert shard ({exc})") from None
+        with self._lock:
+            self._weights[(layer, expert)] = tensors
+            self._cache.pop(layer, None)
+
+    def load_tensors(self, layer: int, expert: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Hold an expert given as tensors (e.g. received from a peer)."""
+        with self._lock:
+            self._weights[(layer, expert)] = {k: v.to(self.device) for k, v in tensors.items()}
+            self._cache.pop(layer, None)
+
+    def load_all(self) -> LocalExperts:
+        for layer in range(self.manifest.num_layers):
+            for expert in range(self.manifest.num_experts):
+                self.load(layer, expert)
+        return self
+
+    def drop(self, layer: int, expert: int) -> None:
+        with self._lock:
+            self._weights.pop((layer, expert), None)
+            self._cache.pop(layer, None)
+
+    def holds(self, layer: int, expert: int) -> bool:
+        with self._lock:
+            return (layer, expert) in self._weights
+
+    def held(self) -> set[tuple[int, int]]:
+        with self._lock:
+            return set(self._weights)
+
+    def held_bytes(self) -> int:
+        with self._lock:
+            return sum(
+                t.numel() * t.element_size() for w in self._weights.values() for t in w.values()
+            )
+
+    def _layer(self, layer: int) -> _LayerCache | None:
+        with self._lock:
+            cached = self._cache.get(layer)
+            if cached is not None:
+                return cached
+            experts = sorted(e for (l, e) in self._weights if l == layer)
+            if not experts:
+                return None
+            names = self._weights[(layer, experts[0])].keys()
+            params = {
+                n: torch.stack([self._weights[(layer, e)][n] for e in experts]) for n in names
+            }
+            cached = _LayerCache(
+                experts, restricted_module(self._template, params, len(experts)), self.device
+            )
+            self._cache[layer] = cached
+            return cached
+
+    def forward(
+        self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Sum over slots with ids >= 0 of weights * expert(hidden); [N, H] like hidden."""
+        out = torch.zeros_like(hidden)
+        rows, slots = torch.nonzero(expert_ids >= 0, as_tuple=True)
+        if rows.numel() == 0:
+            return out
+        cached = self._layer(layer)
+        ids = expert_ids[rows, slots]
+        local = cached.lookup[ids.clamp(max=cached.lookup.numel() - 1)] if cached else None
+        if cached is None or bool((ids >= cached.lookup.numel()).any()) or bool((local < 0).any()):
+            missing = sorted({int(i) for i in ids} - set(cached.experts if cached else []))
+            raise ModelError(f"{self.shard_dir}: layer {layer} experts {missing} are not held here")
+        with torch.no_grad():
+            result = cached.module(hidden[rows], local[:, None], weights[rows, slots][:, None])
+        out.index_add_(0, rows, result.to(out.dtype))
+        return out
+
+    def submit(
+        self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> Future[torch.Tensor]:
+        future: Future[torch.Tensor] = Future()
+        try:
+            future.set_result(self.forward(layer, hidden, expert_ids, weights))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future

@@ -1,0 +1,97 @@
+"""Loading a sharded model: the dense part through transformers, experts via a directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgemoe.model.distributed import DistributedExperts
+from edgemoe.model.errors import ModelError
+from edgemoe.model.executor import ExpertDirectory
+from edgemoe.model.families import build_model, experts_modules
+from edgemoe.model.manifest import Manifest
+from edgemoe.model.routing import RoutingTrace
+from edgemoe.model.shard import DENSE_NAME
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_distributed_model(
+    shard_dir: str | Path,
+    directory: ExpertDirectory,
+    *,
+    recorder: Any | None = None,
+    device: str = "cpu",
+    routing: RoutingTrace | None = None,
+) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) with every MoE block's `experts` child a `DistributedExperts`."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    root = Path(shard_dir)
+    manifest = Manifest.load(root)
+    dtype = _DTYPES.get(manifest.dtype)
+    if dtype is None:
+        raise ModelError(f"{root / 'manifest.json'}: unsupported dtype {manifest.dtype!r}")
+    config = AutoConfig.from_pretrained(str(root), local_files_only=True)
+    model = build_model(config, dtype=dtype)
+    found = experts_modules(model, manifest.num_experts)
+    if len(found) != manifest.num_layers:
+        raise ModelError(
+            f"{root / 'manifest.json'}: {manifest.num_layers} MoE layers, model {len(found)}"
+        )
+    for li, (name, _) in enumerate(found):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(
+            parent,
+            child,
+            DistributedExperts(
+                li, manifest.num_experts, directory, recorder=recorder, routing=routing
+            ),
+        )
+    dense_path = root / DENSE_NAME
+    try:
+        dense = load_file(str(dense_path))
+    except Exception as exc:
+        raise ModelError(f"{dense_path}: unreadable dense part ({exc})") from None
+    result = model.load_state_dict(dense, strict=False)
+    if result.unexpected_keys:
+        raise ModelError(f"{dense_path}: unexpected tensor {result.unexpected_keys[0]}")
+    tied = (
+        set(getattr(model, "_tied_weights_keys", None) or {})
+        if config.tie_word_embeddings
+        else set()
+    )
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing:
+        raise ModelError(f"{dense_path}: missing tensor {missing[0]}")
+    if tied:
+        model.tie_weights()
+    model.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True)
+    return model, tokenizer
+
+
+def distributed_blocks(model: nn.Module) -> list[DistributedExperts]:
+    """The model's DistributedExperts modules, by MoE layer index."""
+    return sorted(
+        (m for m in model.modules() if isinstance(m, DistributedExperts)), key=lambda m: m.layer
+    )
+
+
+def set_routing(model: nn.Module, routing: RoutingTrace | None) -> None:
+    """Install (or remove, with None) a routing trace override on every MoE layer."""
+    for block in distributed_blocks(model):
+        block.routing = routing
+
+
+def set_recorder(model: nn.Module, recorder: Any | None) -> None:
+    for block in distributed_blocks(model):
+        block.recorder = recorder
+
+
+__all__ = ["experts_modules", "load_distributed_model"]
