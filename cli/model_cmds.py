@@ -1,9 +1,141 @@
-"""Commands of this group; filled in by the issue that owns it."""
+"""Model commands: `edgemoe model tiny`, `edgemoe shard [verify]`, `edgemoe bench shard`."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+_ARCH_HELP = "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, gpt_oss"
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code=2)
+
+
+def tiny(
+    out_dir: Annotated[Path, typer.Argument(help="Directory to write the checkpoint into.")],
+    arch: Annotated[str, typer.Option("--arch", help=f"HF model_type: {_ARCH_HELP}.")],
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same weights).")] = 0,
+    layout: Annotated[
+        str, typer.Option(help="original: experts as the family's hub files; fused: [E, ...].")
+    ] = "original",
+) -> None:
+    """Write a tiny random MoE checkpoint (config, safetensors, offline byte tokenizer)."""
+    from edgemoe.model.errors import ModelError
+    from edgemoe.model.tiny import write_tiny_model
+
+    try:
+        path = write_tiny_model(arch, out_dir, seed=seed, layout=layout)  # type: ignore[arg-type]
+    except ModelError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"wrote tiny {arch} checkpoint to {path}")
+
+
+def _do_verify(out_dir: Path) -> None:
+    from edgemoe.model.errors import ModelError
+    from edgemoe.model.shard import verify_shards
+
+    try:
+        manifest = verify_shards(out_dir)
+    except ModelError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(
+        f"ok: {len(manifest.files)} files verified ({manifest.architecture}, "
+        f"{manifest.num_layers} MoE layers x {manifest.num_experts} experts, "
+        f"fingerprint {manifest.fingerprint[:16]})"
+    )
+
+
+def _do_shard(model_dir: Path, out_dir: Path) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from edgemoe.model.errors import ModelError
+    from edgemoe.model.shard import shard_checkpoint
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        transient=True,
+    ) as bar:
+        task = bar.add_task("sharding", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        try:
+            manifest, written = shard_checkpoint(model_dir, out_dir, progress=progress)
+        except ModelError as exc:
+            bar.stop()
+            raise _fail(str(exc)) from None
+    state = "wrote" if written else "up to date:"
+    typer.echo(
+        f"{state} {out_dir} ({manifest.architecture}, {manifest.num_layers} MoE layers x "
+        f"{manifest.num_experts} experts, fingerprint {manifest.fingerprint[:16]})"
+    )
+
+
+def shard(
+    paths: Annotated[
+        list[str],
+        typer.Argument(metavar="MODEL_DIR OUT_DIR | verify OUT_DIR", show_default=False),
+    ],
+) -> None:
+    """Split a checkpoint into dense.safetensors + one file per expert + manifest.json.
+
+    `edgemoe shard verify OUT_DIR` checks every shard's size and sha256 instead.
+    (A model directory literally named `verify` must be given as `./verify`.)
+    """
+    if len(paths) == 2 and paths[0] == "verify":
+        _do_verify(Path(paths[1]))
+    elif len(paths) == 2:
+        _do_shard(Path(paths[0]), Path(paths[1]))
+    else:
+        raise _fail("usage: edgemoe shard MODEL_DIR OUT_DIR  |  edgemoe shard verify OUT_DIR")
+
+
+def bench_shard(
+    size_mb: Annotated[
+        int, typer.Option(help="Checkpoint size to scale the model to (MB).")
+    ] = 1024,
+    arch: Annotated[str, typer.Option(help=f"Architecture: {_ARCH_HELP}.")] = "mixtral",
+) -> None:
+    """Shard a tiny model scaled up to SIZE_MB: MB/s and peak RSS against tensor sizes."""
+    from edgemoe.model.bench import run_shard_bench
+    from edgemoe.model.errors import ModelError
+
+    mb = 1e6
+    with tempfile.TemporaryDirectory(prefix="edgemoe-bench-shard-") as tmp:
+        try:
+            r = run_shard_bench(arch, size_mb * 1_000_000, Path(tmp))
+        except (ModelError, RuntimeError) as exc:
+            raise _fail(str(exc)) from None
+    growth = r.peak_rss if r.hwm_reset else r.peak_rss - r.baseline_rss
+    typer.echo(f"architecture            {r.arch}")
+    typer.echo(f"checkpoint              {r.checkpoint_bytes / mb:10.1f} MB")
+    typer.echo(f"largest tensor          {r.largest_tensor_bytes / mb:10.1f} MB")
+    typer.echo(f"dense part              {r.dense_bytes / mb:10.1f} MB")
+    typer.echo(f"shard time              {r.seconds:10.2f} s  ({r.mb_per_s:.1f} MB/s)")
+    typer.echo(
+        f"child RSS before shard  {r.baseline_rss / mb:10.1f} MB (python+torch+transformers)"
+    )
+    typer.echo(f"peak RSS while sharding {growth / mb:10.1f} MB")
+    typer.echo(
+        f"goal 2x largest + dense {r.goal_bytes / mb:10.1f} MB  "
+        f"(peak/goal {growth / r.goal_bytes:.2f}, peak/checkpoint "
+        f"{growth / r.checkpoint_bytes:.2f})"
+    )
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     """Add this group's commands to the application."""
+    model = typer.Typer(help="Model checkpoints: tiny random models for tests and demos.")
+    model.command("tiny")(tiny)
+    app.add_typer(model, name="model")
+    app.command("shard")(shard)
+    bench.command("shard")(bench_shard)
