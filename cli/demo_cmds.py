@@ -1,9 +1,596 @@
-"""Commands of this group; filled in by the issue that owns it."""
+"""`edgemoe demo`: a whole cluster on this machine, from nothing, in a few minutes.
+
+Generates a tiny random MoE model, shards it, starts N real `edgemoe daemon` processes on
+127.0.0.1 (zeroconf bound to 127.0.0.1, free ports, state in a temp dir, only the first node
+given the shards), waits for discovery and the first decided placement, gives every node
+prompts of its own domain, shows placement, latency and bytes; then moves one node to another
+domain and shows the migration that follows. Every process it starts is stopped on the way
+out (process groups, finally blocks, SIGINT/SIGTERM), and no port is left behind.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any
+
 import typer
+
+from edgemoe.cli.client import ClientError, Node
+from edgemoe.cli.config_cmds import new_config, write_config
+from edgemoe.cli.ops_cmds import (
+    held_by_node,
+    holdings_by_node,
+    human_bytes,
+    migration_table,
+    ranges,
+    short,
+)
+
+# Prompts whose bytes differ in kind (the tiny model's tokenizer is byte-level), so each
+# domain drives the router towards its own experts.
+DOMAINS: dict[str, list[str]] = {
+    "code": [
+        "def fib(n):\n    return n if n < 2 else fib(n-1) + fib(n-2)",
+        "for (int i = 0; i < n; ++i) { sum += a[i] * b[i]; }",
+        "SELECT id, name FROM users WHERE age > 30 ORDER BY name;",
+        "fn main() { let v: Vec<u32> = (0..10).map(|x| x * x).collect(); }",
+        'if err != nil { return fmt.Errorf("open %s: %w", path, err) }',
+        "const add = (a, b) => a + b; console.log(add(2, 3));",
+    ],
+    "math": [
+        "17 * 23 = 391; 391 / 17 = 23; 2^10 = 1024",
+        "3.14159 * 2.71828 = 8.53972; sqrt(2) = 1.41421",
+        "12 + 45 + 78 + 90 = 225, 225 / 4 = 56.25",
+        "x^2 - 5x + 6 = 0 => x = 2 or x = 3",
+        "1 1 2 3 5 8 13 21 34 55 89 144 233 377 610",
+        "int_0^1 x^2 dx = 1/3; d/dx sin(x) = cos(x)",
+    ],
+    "cooking": [
+        "Whisk the eggs with sugar until pale, then fold in the flour gently.",
+        "Simmer the tomatoes with garlic, olive oil and basil for twenty minutes.",
+        "Knead the dough, let it rise for an hour, then bake until golden.",
+        "Season the chicken with salt and pepper and roast it with lemon.",
+        "Melt the butter, add the onions and cook them slowly until sweet.",
+        "Serve the soup hot with fresh bread and a little cream on top.",
+    ],
+    "poetry": [
+        "ÜBER ALLEN GIPFELN IST RUH, IN ALLEN WIPFELN SPÜREST DU",
+        "LA LUNE ÉTAIT SEREINE ET JOUAIT SUR LES FLOTS — À L'ÉTÉ",
+        "¡OH NOCHE QUE GUIASTE! ¡OH NOCHE AMABLE MÁS QUE LA ALBORADA!",
+        "ÅH, SOMMARNATT — ØJNE SOM STJÆRNER, HJÄRTA SOM ELD",
+        "ΕΝ ΑΡΧΗ ΗΝ Ο ΛΟΓΟΣ — ЛЮБЛЮ ГРОЗУ В НАЧАЛЕ МАЯ",
+        "ÇA VA, MON CŒUR? ŒUVRE D'ÉTÉ, FÊTE À LA FENÊTRE",
+    ],
+}
+DOMAIN_ORDER = tuple(DOMAINS)
+
+
+def shifted_domain(domains: dict[int, str]) -> str:
+    """Node 0's new domain: one no node uses yet, else the next one after its own."""
+    unused = [d for d in DOMAIN_ORDER if d not in domains.values()]
+    if unused:
+        return unused[0]
+    return DOMAIN_ORDER[(DOMAIN_ORDER.index(domains[0]) + 1) % len(DOMAIN_ORDER)]
+
+
+class DemoError(Exception):
+    """The demo cannot go on; the message says which step failed and why."""
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the daemon binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@dataclass
+class DemoNode:
+    """One daemon process of the demo cluster."""
+
+    index: int
+    port: int
+    state_dir: Path
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    node_id: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class LocalCluster:
+    """N daemons on 127.0.0.1 sharing one secret; a context manager that always stops them."""
+
+    workdir: Path
+    shard_dir: Path
+    nodes_count: int
+    capacity_bytes: int
+    strategy: str = "edgemoe"
+    secret: str = field(default_factory=lambda: secrets.token_hex(32))
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    nodes: list[DemoNode] = field(default_factory=list)
+
+    def client(self, node: DemoNode) -> Node:
+        return Node(node.url, self.token, "demo")
+
+    def start(self) -> None:
+        """Spawn every daemon in its own process group (so stopping reaches its children)."""
+        cluster_id = f"demo-{secrets.token_hex(3)}"
+        for i in range(self.nodes_count):
+            node = DemoNode(
+                index=i, port=free_port(), state_dir=self.workdir / f"node{i}",
+                log_path=self.workdir / f"node{i}.log",
+            )  # fmt: skip
+            node.state_dir.mkdir(parents=True, exist_ok=True)
+            config = self.workdir / f"node{i}.toml"
+            values = new_config(
+                cluster_id=cluster_id, secret=self.secret, api_token=self.token,
+                model_dir=str(self.shard_dir if i == 0 else node.state_dir / "model"),
+                state_dir=str(node.state_dir), host="127.0.0.1", port=node.port,
+                capacity=f"{self.capacity_bytes}B", interface=["127.0.0.1"], device="cpu",
+                strategy=self.strategy, log_level="info",
+            )  # fmt: skip
+            write_config(config, values, force=True)
+            cmd = [sys.executable, "-m", "edgemoe.cli", "daemon", "--config", str(config)]
+            env = {**os.environ, "EDGEMOE_CONFIG": str(config), "OMP_NUM_THREADS": "1",
+                   "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}  # fmt: skip
+            with node.log_path.open("wb") as log:
+                node.proc = subprocess.Popen(
+                    cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    env=env, start_new_session=True, cwd=self.workdir,
+                )  # fmt: skip
+            self.nodes.append(node)
+
+    def check_alive(self) -> None:
+        for node in self.nodes:
+            if node.proc is not None and node.proc.poll() is not None:
+                raise DemoError(
+                    f"node{node.index} (port {node.port}) exited with code "
+                    f"{node.proc.returncode}; its log ends:\n{node.log_tail()}"
+                )
+
+    def wait_healthy(self, timeout: float, tick: Callable[[str], None]) -> None:
+        deadline = time.monotonic() + timeout
+        pending = list(self.nodes)
+        while pending:
+            self.check_alive()
+            for node in list(pending):
+                try:
+                    node.node_id = str(self.client(node).get("/healthz", timeout=1.0)["node_id"])
+                    pending.remove(node)
+                except ClientError:
+                    pass
+            tick(f"{len(self.nodes) - len(pending)}/{len(self.nodes)} daemons answering")
+            if pending and time.monotonic() > deadline:
+                raise DemoError(
+                    f"node{pending[0].index} did not answer /healthz within {timeout:.0f} s; "
+                    f"its log ends:\n{pending[0].log_tail()}"
+                )
+            time.sleep(0.3)
+
+    def cluster(self, node: DemoNode | None = None, timeout: float = 10.0) -> dict[str, Any]:
+        return self.client(node or self.nodes[0]).get("/v1/cluster", timeout=timeout)
+
+    def wait_until(
+        self,
+        what: str,
+        ready: Callable[[dict[str, Any]], bool],
+        timeout: float,
+        tick: Callable[[str], None],
+        node: DemoNode | None = None,
+    ) -> dict[str, Any]:
+        """Poll /v1/cluster of ``node`` until ``ready`` holds (bounded by ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        last: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            self.check_alive()
+            with contextlib.suppress(ClientError):
+                last = self.cluster(node, timeout=5.0)
+                if ready(last):
+                    return last
+            tick(what)
+            time.sleep(0.5)
+        raise DemoError(
+            f"timed out after {timeout:.0f} s waiting for {what}; last epoch "
+            f"{last.get('epoch')}, members {[m.get('state') for m in last.get('members', [])]}; "
+            f"node0 log ends:\n{self.nodes[0].log_tail()}"
+        )
+
+    def stop(self, grace: float = 10.0) -> list[int]:
+        """SIGTERM every process group, SIGKILL what is left after ``grace``; returns the
+        ports still bound afterwards (should be none)."""
+        for node in self.nodes:
+            if node.proc is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(node.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for node in self.nodes:
+            if node.proc is None:
+                continue
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                node.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            # The group may outlive its leader (helper processes): kill what remains.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(node.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                node.proc.wait(timeout=5)
+        busy: list[int] = []
+        for node in self.nodes:
+            for _ in range(20):
+                if port_is_free(node.port):
+                    break
+                time.sleep(0.1)
+            else:
+                busy.append(node.port)
+        return busy
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def all_alive(n: int) -> Callable[[dict[str, Any]], bool]:
+    def ready(c: dict[str, Any]) -> bool:
+        return sum(1 for m in c.get("members", []) if m.get("state") == "alive") >= n
+
+    return ready
+
+
+def placement_decided(n: int, after_epoch: int = 0) -> Callable[[dict[str, Any]], bool]:
+    """Every node alive, a placement epoch newer than ``after_epoch`` covering all members."""
+
+    def ready(c: dict[str, Any]) -> bool:
+        placement = c.get("placement") or {}
+        holders = held_by_node(placement.get("holders", {}))
+        return (
+            all_alive(n)(c) and int(placement.get("epoch") or 0) > after_epoch and len(holders) >= n
+        )
+
+    return ready
+
+
+def migration_done(c: dict[str, Any]) -> bool:
+    """Announced holdings cover the decided placement and nothing is pending."""
+    if int(c.get("migration", {}).get("pending", 0)) > 0:
+        return False
+    decided = held_by_node((c.get("placement") or {}).get("holders", {}))
+    announced = holdings_by_node(c.get("holdings", {}))
+    return all(
+        set(es) <= set(announced.get(n, {}).get(ly, []))
+        for n, per in decided.items()
+        for ly, es in per.items()
+    )
+
+
+@dataclass
+class PhaseResult:
+    """What one round of prompts cost, per node."""
+
+    name: str
+    domains: dict[str, str]
+    latency_ms: dict[str, list[float]]
+    tokens: dict[str, int]
+    remote_bytes: dict[str, int]
+    local_share: dict[str, float]
+
+
+def run_phase(
+    cluster: LocalCluster, name: str, domains: dict[int, str], rounds: int, max_tokens: int
+) -> PhaseResult:
+    """Every node answers its own domain's prompts (nodes in parallel, each one sequential)."""
+    model = cluster.client(cluster.nodes[0]).get("/v1/models")["data"][0]["id"]
+    before = {n.node_id: cluster.cluster(n) for n in cluster.nodes}
+
+    def work(node: DemoNode) -> tuple[list[float], int]:
+        client = cluster.client(node)
+        prompts = DOMAINS[domains[node.index]]
+        latencies: list[float] = []
+        tokens = 0
+        for r in range(rounds):
+            prompt = prompts[r % len(prompts)]
+            t0 = time.perf_counter()
+            out = client.post(
+                "/v1/completions",
+                {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0},
+                timeout=120,
+            )
+            latencies.append((time.perf_counter() - t0) * 1000)
+            tokens += int((out.get("usage") or {}).get("completion_tokens", max_tokens))
+        return latencies, tokens
+
+    with ThreadPoolExecutor(max_workers=len(cluster.nodes)) as pool:
+        results = dict(zip(cluster.nodes, pool.map(work, cluster.nodes), strict=True))
+    after = {n.node_id: cluster.cluster(n) for n in cluster.nodes}
+    ids = {n: n.node_id for n in cluster.nodes}
+    return PhaseResult(
+        name=name,
+        domains={ids[n]: domains[n.index] for n in cluster.nodes},
+        latency_ms={ids[n]: lat for n, (lat, _) in results.items()},
+        tokens={ids[n]: tok for n, (_, tok) in results.items()},
+        remote_bytes={
+            i: int(after[i].get("remote_bytes", 0)) - int(before[i].get("remote_bytes", 0))
+            for i in after
+        },
+        local_share={i: float(after[i].get("local_share", 0.0)) for i in after},
+    )
+
+
+def phases_table(phases: list[PhaseResult]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="requests: latency and bytes between nodes, per phase")
+    for col in ("phase", "node", "domain", "requests", "mean latency", "p50", "tokens/s",
+                "remote bytes", "local share"):  # fmt: skip
+        table.add_column(col, justify="left" if col in ("phase", "node", "domain") else "right")
+    for phase in phases:
+        for i, (nid, lat) in enumerate(phase.latency_ms.items()):
+            srt = sorted(lat)
+            seconds = sum(lat) / 1000 or 1.0
+            table.add_row(
+                phase.name if i == 0 else "", short(nid), phase.domains[nid], str(len(lat)),
+                f"{sum(lat) / len(lat):.0f} ms", f"{srt[len(srt) // 2]:.0f} ms",
+                f"{phase.tokens[nid] / seconds:.1f}", human_bytes(phase.remote_bytes[nid]),
+                f"{phase.local_share[nid]:.0%}",
+            )  # fmt: skip
+        table.add_section()
+    return table
+
+
+def holdings_table(c: dict[str, Any], title: str) -> Any:
+    """Per node: experts held per layer (announced), and the node's local share."""
+    from rich.table import Table
+
+    announced = holdings_by_node(c.get("holdings", {}))
+    layers = int(c["model"]["num_layers"])
+    experts = int(c["model"]["num_experts"])
+    table = Table(title=title)
+    table.add_column("node")
+    for ly in range(layers):
+        table.add_column(f"layer {ly}")
+    table.add_column("held", justify="right")
+    for m in c.get("members", []):
+        nid = m["node_id"]
+        per = announced.get(nid, {})
+        table.add_row(
+            short(nid),
+            *(ranges(per.get(ly, [])) for ly in range(layers)),
+            f"{sum(len(v) for v in per.values())}/{layers * experts}",
+        )
+    return table
+
+
+def placement_moves(
+    old: dict[str, Any], new: dict[str, Any], expert_bytes: int
+) -> list[dict[str, Any]]:
+    """Experts each node gained between two placements (what had to be copied to it)."""
+    old_h = (old.get("placement") or {}).get("holders", {})
+    moves: list[dict[str, Any]] = []
+    for key, holders in sorted((new.get("placement") or {}).get("holders", {}).items()):
+        before = set(old_h.get(key, []))
+        layer, expert = (int(x) for x in key.split("/"))
+        for to in sorted(set(holders) - before):
+            src = sorted(before)[0] if before else None
+            moves.append({"layer": layer, "expert": expert, "from": src, "to": to,
+                          "bytes": expert_bytes})  # fmt: skip
+    return sorted(moves, key=lambda m: (m["layer"], m["expert"], m["to"]))
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGTERM/SIGHUP become KeyboardInterrupt so every finally block runs."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def build_model(workdir: Path, arch: str, say: Callable[[str], None]) -> Path:
+    """Tiny random checkpoint of ``arch``, sharded; returns the shard directory."""
+    from edgemoe.model.shard import shard_checkpoint
+    from edgemoe.model.tiny import write_tiny_model
+
+    model_dir = write_tiny_model(arch, workdir / "model", seed=0)
+    manifest, _ = shard_checkpoint(model_dir, workdir / "shards")
+    say(
+        f"model: tiny {manifest.architecture}, {manifest.num_layers} MoE layers x "
+        f"{manifest.num_experts} experts, top-{manifest.top_k}, expert shard "
+        f"{human_bytes(manifest.expert_bytes)}, {len(manifest.files)} files"
+    )
+    return workdir / "shards"
+
+
+def demo_capacity(nodes: int, layers: int, experts: int, expert_bytes: int) -> int:
+    """Each node may hold ~1.6/N of all experts (+1 per layer): together 1.6x the model, so
+    every expert fits once and there is room to replicate what each workload uses most."""
+    per_node = int(layers * experts * 1.6 / nodes) + layers
+    return min(layers * experts, per_node) * expert_bytes
+
+
+def run_demo(
+    nodes: int, arch: str, rounds: int, max_tokens: int, drift_wait: float, keep: bool,
+    strategy: str,
+) -> int:  # fmt: skip
+    """The demo proper; returns the process exit code."""
+    from rich.console import Console
+
+    out = Console()
+    started = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="edgemoe-demo-"))
+    cluster: LocalCluster | None = None
+    busy: list[int] = []
+    try:
+        with stop_on_signals():
+            with out.status("generating and sharding a tiny model ..."):
+                shard_dir = build_model(workdir, arch, out.print)
+            from edgemoe.model.manifest import Manifest
+
+            manifest = Manifest.load(shard_dir)
+            capacity = demo_capacity(
+                nodes, manifest.num_layers, manifest.num_experts, manifest.expert_bytes
+            )
+            cluster = LocalCluster(workdir, shard_dir, nodes, capacity, strategy=strategy)
+            cluster.start()
+            out.print(
+                f"started {nodes} daemons on 127.0.0.1 ports "
+                f"{', '.join(str(n.port) for n in cluster.nodes)} "
+                f"(capacity {human_bytes(capacity)} each; only node0 has the shards); "
+                f"logs in {workdir}"
+            )
+            with out.status("waiting for the daemons ...") as st:
+                cluster.wait_healthy(180, lambda s: st.update(f"waiting: {s}"))
+                c0 = cluster.wait_until(
+                    "discovery and the first decided placement",
+                    placement_decided(nodes), 120, lambda s: st.update(f"waiting for {s}"),
+                )  # fmt: skip
+                cluster.wait_until("the first migration", migration_done, 120,
+                                   lambda s: st.update(f"waiting for {s}"))  # fmt: skip
+            out.print(
+                f"discovered {nodes} nodes by mDNS; epoch {c0['placement']['epoch']} placement "
+                f"decided ({c0['placement'].get('strategy')}) in "
+                f"{time.monotonic() - started:.0f} s"
+            )
+            domains = {n.index: DOMAIN_ORDER[n.index % len(DOMAIN_ORDER)] for n in cluster.nodes}
+            phases: list[PhaseResult] = []
+            with out.status("phase 1: each node gets prompts of its own domain ..."):
+                phases.append(run_phase(cluster, "1 own domains", domains, rounds, max_tokens))
+            first = cluster.cluster()
+            adapted = rebalance(cluster, out, first, drift_wait, "workload-aware placement")
+            out.print(holdings_table(adapted, "experts held per node and layer (after phase 1)"))
+            with out.status("phase 2: same domains on the adapted placement ..."):
+                phases.append(run_phase(cluster, "2 adapted", domains, rounds, max_tokens))
+            shifted = {**domains, 0: shifted_domain(domains)}
+            out.print(f"shift: node0 ({short(cluster.nodes[0].node_id)}) now gets "
+                      f"{shifted[0]} prompts instead of {domains[0]}")  # fmt: skip
+            with out.status("phase 3: node0's workload shifted ..."):
+                phases.append(run_phase(cluster, "3 shifted", shifted, rounds, max_tokens))
+            before = cluster.cluster()
+            after = rebalance(cluster, out, before, drift_wait, "migration after the shift")
+            out.print(holdings_table(after, "experts held per node and layer (after the shift)"))
+            with out.status("phase 4: shifted workload on the migrated placement ..."):
+                phases.append(run_phase(cluster, "4 migrated", shifted, rounds, max_tokens))
+            out.print(phases_table(phases))
+    except DemoError as exc:
+        out.print(f"[red]demo failed:[/] {exc}")
+        return 1
+    except ClientError as exc:
+        out.print(f"[red]demo failed:[/] {exc}")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        out.print("[yellow]interrupted: stopping the daemons[/]")
+        return 130
+    finally:
+        if cluster is not None:
+            with out.status("stopping every daemon ..."):
+                busy = cluster.stop()
+        if keep:
+            out.print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if busy:
+        out.print(f"[red]ports still bound after stopping: {busy}[/]")
+        return 1
+    out.print(
+        f"demo finished in {time.monotonic() - started:.0f} s; all {nodes} daemons stopped, "
+        "no port left bound"
+    )
+    return 0
+
+
+def rebalance(
+    cluster: LocalCluster, out: Any, before: dict[str, Any], drift_wait: float, what: str
+) -> dict[str, Any]:
+    """Wait for the drift trigger to decide a new epoch; if it is slow, ask for one
+    (POST /v1/cluster/migrate). Show the moves and wait until they are done."""
+    epoch = int((before.get("placement") or {}).get("epoch") or 0)
+    n = len(cluster.nodes)
+    how = "drift trigger"
+    try:
+        with out.status(f"{what}: waiting up to {drift_wait:.0f} s for the drift trigger ..."):
+            cluster.wait_until("drift", placement_decided(n, epoch), drift_wait, lambda s: None)
+    except DemoError:
+        how = "POST /v1/cluster/migrate (drift trigger slower than the demo)"
+        result = cluster.client(cluster.nodes[0]).post(
+            "/v1/cluster/migrate", {"dry_run": False, "members": None}, timeout=120
+        )
+        if not result.get("decided"):
+            raise DemoError("the cluster did not decide a new placement") from None
+    with out.status(f"{what}: moving experts ...") as st:
+        after = cluster.wait_until(
+            "migration to finish", migration_done, 120, lambda s: st.update(f"waiting for {s}")
+        )
+    moves = placement_moves(before, after, int(after["model"]["expert_bytes"]))
+    total = sum(m["bytes"] for m in moves)
+    out.print(
+        migration_table(
+            moves,
+            f"{what}: epoch {epoch} -> {after['placement']['epoch']} by {how}; "
+            f"{len(moves)} expert copies, {human_bytes(total)}",
+        )
+    )
+    return after
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
-    """Add this group's commands to the application."""
+    """Add `edgemoe demo`."""
+
+    @app.command()
+    def demo(
+        nodes: Annotated[int, typer.Option(min=1, max=8, help="Daemons to start")] = 3,
+        arch: Annotated[str, typer.Option(help="Tiny model architecture")] = "mixtral",
+        rounds: Annotated[int, typer.Option(min=1, help="Prompts per node per phase")] = 6,
+        max_tokens: Annotated[int, typer.Option(min=1, help="Tokens per answer")] = 8,
+        drift_wait: Annotated[
+            float, typer.Option(help="Seconds to wait for the drift trigger before asking")
+        ] = 10.0,
+        strategy: Annotated[str, typer.Option(help="Placement strategy")] = "edgemoe",
+        keep: Annotated[bool, typer.Option("--keep", help="Keep the temp dir (logs)")] = False,
+    ) -> None:
+        """A whole cluster on this machine: tiny model, N daemons, placement, migration."""
+        from edgemoe.model.families import TINY_CONFIGS
+
+        if arch not in TINY_CONFIGS:
+            typer.echo(f"error: --arch {arch}: choose one of {', '.join(TINY_CONFIGS)}", err=True)
+            raise typer.Exit(2)
+        code = run_demo(nodes, arch, rounds, max_tokens, drift_wait, keep, strategy)
+        raise typer.Exit(code)
