@@ -182,14 +182,14 @@ def resolve_node(
     from edgemoe.cli.config_cmds import ConfigError, read_config
 
     path = config_path_of(config_path)
-    cfg: dict[str, Any] | None = None
+    cfg: Any = None
     if path.exists() or config_path is not None:
         try:
             cfg = read_config(path)
         except ConfigError as exc:
             if node is None or config_path is not None:
                 raise ClientError(str(exc), EXIT_CONFIG) from None
-    token = api_token or (str(cfg["api_token"]) if cfg and cfg.get("api_token") else None)
+    token = api_token or (cfg.api_token if cfg is not None else None)
     if node:
         return Node(normalise_url(node), token, "--node")
     if cfg is None:
@@ -197,17 +197,15 @@ def resolve_node(
             f"no --node given and no config at {path}; pass --node URL or --config PATH",
             EXIT_UNREACHABLE,
         )
-    local = Node(local_url(str(cfg["host"]), int(cfg["port"])), token, "config")
+    local = Node(local_url(cfg.host, cfg.port), token, "config")
     try:
         local.get("/healthz", timeout=2.0)
         return local
     except ClientError as exc:
         if exc.exit_code != EXIT_UNREACHABLE:
             return local
-    interfaces = [str(i) for i in cfg.get("interface", [])]
-    urls = discover(
-        interfaces, cluster_id=str(cfg.get("cluster_id") or "") or None, timeout=mdns_timeout
-    )
+    interfaces = list(cfg.interface)
+    urls = discover(interfaces, cluster_id=cfg.cluster_id, timeout=mdns_timeout)
     if not urls:
         where = ", ".join(interfaces) or "no interface configured"
         raise ClientError(

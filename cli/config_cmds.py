@@ -6,13 +6,10 @@ Keys are the daemon's flag names with '-' -> '_' (contracts.md); repeatable flag
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
-import re
 import secrets
 import tomllib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -22,13 +19,6 @@ import typer
 from edgemoe.cli.client import EXIT_CONFIG, EXIT_REQUEST_FAILED, EXIT_USAGE
 
 DEFAULT_CONFIG_PATH = Path("/etc/edgemoe/edgemoe.toml")
-DEFAULT_PORT = 7600
-STRATEGIES = ("uniform", "layers", "eplb", "dancemoe", "edgemoe", "optimal")
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-_SIZE_UNITS = {
-    "": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -36,160 +26,94 @@ class ConfigError(ValueError):
 
 
 def parse_capacity(value: object) -> tuple[str, float]:
-    """``"40%"`` -> ("fraction", 0.4); ``"2GB"``/``2000000000`` -> ("bytes", 2e9)."""
-    if isinstance(value, bool):
-        raise ValueError('expected a size like "2GB" or a share like "40%"')
-    if isinstance(value, int | float):
-        if value <= 0:
-            raise ValueError("must be positive")
-        return "bytes", float(value)
-    text = str(value).strip().lower().replace(" ", "")
-    if m := re.fullmatch(r"(\d+(?:\.\d+)?)%", text):
-        share = float(m.group(1)) / 100
-        if not 0 < share <= 1:
-            raise ValueError(f"share must be in (0%, 100%], got {value!r}")
-        return "fraction", share
-    if m := re.fullmatch(r"(\d+(?:\.\d+)?)([kmgt]i?b|b|)", text):
-        amount = float(m.group(1)) * _SIZE_UNITS[m.group(2)]
-        if amount <= 0:
-            raise ValueError("must be positive")
-        return "bytes", amount
-    raise ValueError(f'expected a size like "2GB" or "512MiB" or a share like "40%", got {value!r}')
+    """``"40%"`` -> ("fraction", 0.4); ``"2GB"`` -> ("bytes", 2e9) (the daemon's own parser)."""
+    from edgemoe.daemon.config import ConfigError as DaemonConfigError
+    from edgemoe.daemon.config import parse_capacity as daemon_parse_capacity
 
-
-def _check_port(v: object) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 65535:
-        raise ValueError(f"must be an integer port in 0..65535, got {v!r}")
-
-
-def _check_host(v: object) -> None:
-    if not isinstance(v, str) or not v:
-        raise ValueError('must be an address such as "0.0.0.0" or "10.0.0.2"')
-
-
-def _check_cluster_id(v: object) -> None:
-    if not isinstance(v, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", v):
-        raise ValueError("must be 1-63 letters, digits, '.', '_' or '-'")
-
-
-def _check_secret(v: object) -> None:
-    if not isinstance(v, str) or len(v) < 32:
-        raise ValueError(
-            "must be at least 32 characters (the same on every node); "
-            "`edgemoe config init` generates one"
-        )
-
-
-def _check_token(v: object) -> None:
-    if not isinstance(v, str) or len(v) < 16:
-        raise ValueError("must be at least 16 characters; `edgemoe config init` generates one")
-
-
-def _check_path(v: object) -> None:
-    if not isinstance(v, str) or not v:
-        raise ValueError("must be a path")
-
-
-def _check_capacity(v: object) -> None:
-    parse_capacity(v)
-
-
-def _check_interfaces(v: object) -> None:
-    if not isinstance(v, list):
-        raise ValueError('must be a list of IP addresses, e.g. ["192.168.1.10"]')
-    for item in v:
-        try:
-            ipaddress.ip_address(str(item))
-        except ValueError:
-            raise ValueError(
-                f"{item!r} is not an IP address (give the address mDNS should use)"
-            ) from None
-
-
-def _check_seed_peers(v: object) -> None:
-    if not isinstance(v, list):
-        raise ValueError('must be a list of "host:port" strings')
-    for item in v:
-        host, sep, port = str(item).rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
-            raise ValueError(f"{item!r} is not host:port")
-
-
-def _check_device(v: object) -> None:
-    if not isinstance(v, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
-        raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
-
-
-def _choice(options: tuple[str, ...]) -> Callable[[object], None]:
-    def check(v: object) -> None:
-        if v not in options:
-            raise ValueError(f"must be one of {', '.join(options)}, got {v!r}")
-
-    return check
+    try:
+        cap = daemon_parse_capacity(value)
+    except DaemonConfigError as exc:
+        raise ValueError(str(exc).removeprefix("capacity: ")) from None
+    return cap.kind, cap.amount
 
 
 @dataclass(frozen=True)
 class Key:
-    """One config key: its default (None = required), its check, and the comment above it."""
+    """One key of the written template: its default (None: commented out) and its comment."""
 
     name: str
     default: Any
-    check: Callable[[object], None]
     doc: str
 
 
+# What `config init` writes, in this order; the daemon's loader (edgemoe.daemon.config) is the
+# single authority on what is valid.
 SCHEMA: tuple[Key, ...] = (
-    Key("cluster_id", "edgemoe", _check_cluster_id,
+    Key("cluster_id", "edgemoe",
         "Name of the cluster. Nodes only join peers with the same cluster_id and secret."),
-    Key("secret", None, _check_secret,
+    Key("secret", "",
         "Shared secret of the cluster (HMAC key of every peer message). Identical on every\n"
         "node; never sent over the network. Generated by `edgemoe config init`."),
-    Key("api_token", None, _check_token,
-        "Bearer token clients send to /v1/* (OpenAI-style API and `edgemoe status` etc.)."),
-    Key("model_dir", "/var/lib/edgemoe/model", _check_path,
+    Key("api_token", "",
+        "Bearer token clients send to /v1/* (OpenAI-style API, `edgemoe status`, ...)."),
+    Key("model_dir", "/var/lib/edgemoe/model",
         "Shard directory written by `edgemoe shard`. A node without it fetches the dense part\n"
         "and its experts from peers."),
-    Key("state_dir", "/var/lib/edgemoe", _check_path,
+    Key("state_dir", "/var/lib/edgemoe",
         "Node identity, durable consensus log, fetched shards."),
-    Key("host", "0.0.0.0", _check_host, "Address the HTTP server binds to."),
-    Key("port", DEFAULT_PORT, _check_port, "TCP port of the HTTP server (peers and clients)."),
-    Key("capacity", "80%", _check_capacity,
-        "Accelerator memory for experts: a share of free memory (\"80%\") or a size (\"12GB\")."),
-    Key("interface", [], _check_interfaces,
+    Key("host", "0.0.0.0", "Address the HTTP server binds to."),
+    Key("port", 7600, "TCP port of the HTTP server (peers and clients)."),
+    Key("advertise_host", None,
+        "Address peers use to reach this node (default: the first interface, else host)."),
+    Key("capacity", "100%",
+        "Memory for experts on this node: a share of all the model's expert bytes (\"40%\")\n"
+        "or a size (\"12GB\"). The cluster together needs at least 100%; more allows replicas."),
+    Key("interface", [],
         "Addresses of the interfaces where mDNS announces and discovers peers, e.g.\n"
         "[\"192.168.1.10\"]. Never all interfaces; empty: no mDNS, use seed_peer."),
-    Key("seed_peer", [], _check_seed_peers,
-        "Static peers (\"host:port\") for networks that block multicast."),
-    Key("device", "auto", _check_device, "auto, cpu, cuda, cuda:N or mps."),
-    Key("strategy", "edgemoe", _choice(STRATEGIES),
-        f"Placement strategy: {', '.join(STRATEGIES)}."),
-    Key("log_level", "info", _choice(LOG_LEVELS), f"One of {', '.join(LOG_LEVELS)}."),
+    Key("seed_peer", [], "Static peers (\"host:port\") for networks that block multicast."),
+    Key("device", "auto", "auto, cpu, cuda, cuda:N or mps."),
+    Key("strategy", "edgemoe",
+        "Placement strategy: uniform, layers, eplb, dancemoe, edgemoe or optimal."),
+    Key("log_level", "info", "debug, info, warning, error or critical."),
 )  # fmt: skip
-KEYS = {k.name: k for k in SCHEMA}
 
 
-def validate(values: dict[str, Any], where: str) -> tuple[dict[str, Any], list[str]]:
-    """Fill defaults and check every key; returns (config, problems), one line per problem."""
+def known_keys() -> list[str]:
+    from dataclasses import fields
+
+    from edgemoe.daemon.config import DaemonConfig
+
+    return [f.name for f in fields(DaemonConfig)]
+
+
+def validate(values: dict[str, Any], where: str) -> tuple[Any, list[str]]:
+    """Check every key with the daemon's own loader; returns (DaemonConfig or None, problems),
+    one line per problem, so an operator sees all of them at once."""
+    from edgemoe.daemon.config import ConfigError as DaemonConfigError
+    from edgemoe.daemon.config import load_config
+
+    known = known_keys()
     problems = [
-        f"{where}: unknown key {name!r} (known: {', '.join(KEYS)})"
+        f"{where}: unknown key {name!r} (known: {', '.join(known)})"
         for name in values
-        if name not in KEYS
+        if name not in known
     ]
-    cfg: dict[str, Any] = {}
-    for key in SCHEMA:
-        if key.name not in values:
-            if key.default is None:
-                problems.append(f"{where}: {key.name}: missing (required)")
-                continue
-            cfg[key.name] = key.default
-            continue
-        try:
-            key.check(values[key.name])
-        except ValueError as exc:
-            problems.append(f"{where}: {key.name}: {exc}")
-            continue
-        cfg[key.name] = values[key.name]
-    return cfg, problems
+    placeholder = {"secret": "x" * 32, "state_dir": "/"}  # the keys the loader requires
+    for name, value in values.items():
+        if name in known:
+            try:
+                load_config(None, flags={**placeholder, name: value}, env={})
+            except DaemonConfigError as exc:
+                problems.append(f"{where}: {exc}")
+    problems.extend(
+        f"{where}: {name}: missing (required)"
+        for name in ("secret", "state_dir")
+        if not values.get(name)
+    )
+    if problems:
+        return None, problems
+    return load_config(None, flags={k: v for k, v in values.items() if k in known}, env={}), []
 
 
 def load_toml(path: Path) -> dict[str, Any]:
@@ -206,8 +130,8 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
-def read_config(path: Path) -> dict[str, Any]:
-    """The validated config with defaults filled in, or ConfigError with the first problem."""
+def read_config(path: Path) -> Any:
+    """The daemon's config object for this file, or ConfigError with the first problem."""
     cfg, problems = validate(load_toml(path), str(path))
     if problems:
         more = f" (and {len(problems) - 1} more: edgemoe config check)" if len(problems) > 1 else ""
@@ -230,7 +154,11 @@ def render_config(values: dict[str, Any]) -> str:
     ]
     for key in SCHEMA:
         lines.extend(f"# {line}" for line in key.doc.splitlines())
-        lines.append(f"{key.name} = {_toml_value(values[key.name])}")
+        value = values.get(key.name)
+        if value is None:
+            lines.append(f"# {key.name} = ")
+        else:
+            lines.append(f"{key.name} = {_toml_value(value)}")
         lines.append("")
     return "\n".join(lines)
 
@@ -267,18 +195,18 @@ def local_addresses() -> set[str]:
     return found
 
 
-def environment_problems(cfg: dict[str, Any], where: str) -> list[str]:
+def environment_problems(cfg: Any, where: str) -> list[str]:
     """Checks that need this machine: interfaces that exist, a model directory that is one."""
     problems: list[str] = []
     addresses = local_addresses()
     problems.extend(
         f"{where}: interface: {addr} is not an address of this machine "
         f"(have: {', '.join(sorted(addresses))})"
-        for addr in cfg["interface"]
+        for addr in cfg.interface
         if addr not in addresses
     )
-    model_dir = Path(cfg["model_dir"])
-    if model_dir.exists() and not (model_dir / "manifest.json").is_file():
+    model_dir = cfg.model_dir
+    if model_dir is not None and model_dir.exists() and not (model_dir / "manifest.json").is_file():
         problems.append(
             f"{where}: model_dir: {model_dir} has no manifest.json (write it with edgemoe shard)"
         )
@@ -368,14 +296,20 @@ def register(app: typer.Typer) -> None:
             problems = environment_problems(cfg, str(target))
         if problems:
             _fail(problems, EXIT_CONFIG)
-        kind, amount = parse_capacity(cfg["capacity"])
-        cap = f"{amount:.0%} of free memory" if kind == "fraction" else f"{amount / 1e9:.2f} GB"
-        mdns = ", ".join(cfg["interface"]) or "off"
+        cap = cfg.capacity
+        share = f"{cap.amount:.0%} of the experts" if cap.kind == "fraction" else None
+        mdns = ", ".join(cfg.interface) or "off"
         typer.echo(
-            f"ok: {target}: cluster {cfg['cluster_id']!r}, listens on {cfg['host']}:{cfg['port']}, "
-            f"capacity {cap}, mDNS on {mdns}, {len(cfg['seed_peer'])} seed peer(s), "
-            f"strategy {cfg['strategy']}"
+            f"ok: {target}: cluster {cfg.cluster_id!r}, listens on {cfg.host}:{cfg.port} "
+            f"(peers use {cfg.url}), capacity {share or human_size(cap.amount)}, mDNS on {mdns}, "
+            f"{len(cfg.seed_peer)} seed peer(s), strategy {cfg.strategy}"
         )
+        if not cfg.api_token:
+            typer.echo(f"warning: {target}: api_token: not set, the client API is open", err=True)
+
+
+def human_size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _fail(lines: list[str], code: int) -> NoReturn:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from edgemoe.cli.config_cmds import SCHEMA, parse_capacity, read_config
+from edgemoe.cli.config_cmds import SCHEMA, known_keys, parse_capacity, read_config
 from edgemoe.cli.main import app
 
 runner = CliRunner()
@@ -24,7 +24,8 @@ def test_init_writes_commented_config_with_fresh_secret_that_check_accepts(tmp_p
     text = first.read_text()
     assert text.count("\n# ") >= len(SCHEMA)  # every key documented
     a, b = tomllib.loads(text), tomllib.loads(second.read_text())
-    assert set(a) == {k.name for k in SCHEMA}
+    assert set(a) == {k.name for k in SCHEMA if k.default is not None}
+    assert "# advertise_host = " in text  # optional keys are shown, commented out
     assert len(a["secret"]) == 64 and a["secret"] != b["secret"]
     assert a["api_token"] != b["api_token"]
     assert a["interface"] == ["127.0.0.1"]
@@ -50,12 +51,12 @@ def test_init_joins_existing_cluster_and_refuses_to_overwrite(tmp_path: Path) ->
     ]
     assert runner.invoke(app, args).exit_code == 0
     cfg = read_config(path)
-    assert (cfg["cluster_id"], cfg["secret"], cfg["port"]) == ("lab", secret, 7700)
+    assert (cfg.cluster_id, cfg.secret, cfg.port) == ("lab", secret, 7700)
     again = runner.invoke(app, args)
     assert again.exit_code == 1
     assert "already exists" in again.stderr and "--force" in again.stderr
     assert runner.invoke(app, [*args, "--force", "--port", "7701"]).exit_code == 0
-    assert read_config(path)["port"] == 7701
+    assert read_config(path).port == 7701
 
 
 def test_init_rejects_bad_option_values_before_writing(tmp_path: Path) -> None:
@@ -77,9 +78,7 @@ def test_check_explains_each_problem_in_one_line_and_exits_5(tmp_path: Path) -> 
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 3, lines
     assert any("unknown key 'prot'" in line for line in lines)
-    assert any(
-        line.endswith("port: must be an integer port in 0..65535, got 'abc'") for line in lines
-    )
+    assert any("port: " in line and "'abc'" in line for line in lines)
     assert any("strategy: must be one of" in line and "'fastest'" in line for line in lines)
     assert "Traceback" not in result.output
 
@@ -123,3 +122,7 @@ def test_capacity_accepts_shares_and_sizes() -> None:
         except ValueError:
             continue
         raise AssertionError(f"{bad!r} accepted")
+
+
+def test_template_documents_exactly_the_keys_the_daemon_reads() -> None:
+    assert sorted(k.name for k in SCHEMA) == sorted(known_keys())
