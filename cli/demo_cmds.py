@@ -158,11 +158,13 @@ class LocalCluster:
             config = self.workdir / f"node{i}.toml"
             values = new_config(
                 cluster_id=cluster_id, secret=self.secret, api_token=self.token,
-                model_dir=str(self.shard_dir if i == 0 else node.state_dir / "model"),
+                model_dir=str(self.shard_dir),
                 state_dir=str(node.state_dir), host="127.0.0.1", port=node.port,
                 capacity=f"{self.capacity_bytes}B", interface=["127.0.0.1"], device="cpu",
                 strategy=self.strategy, log_level="info",
             )  # fmt: skip
+            if i > 0:
+                values["model_dir"] = None  # only node0 has the shards; the others fetch
             write_config(config, values, force=True)
             cmd = [sys.executable, "-m", "edgemoe.cli", "daemon", "--config", str(config)]
             env = {**os.environ, "EDGEMOE_CONFIG": str(config), "OMP_NUM_THREADS": "1",
