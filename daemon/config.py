@@ -1,0 +1,197 @@
+"""The daemon's settings: TOML file, then EDGEMOE_* environment, then command-line flags.
+
+Keys are the flag names with '-' -> '_' (contracts.md); repeatable flags are lists. Every value
+is checked here so the daemon fails at start with one line naming the key, never later.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PORT = 7600
+STRATEGIES = ("uniform", "layers", "eplb", "dancemoe", "edgemoe", "optimal")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_SIZE_UNITS = {
+    "": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}  # fmt: skip
+_LIST_KEYS = ("interface", "seed_peer")
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the key and what is expected."""
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """Expert memory: an absolute size, or a share of the model's total expert bytes."""
+
+    kind: str  # "bytes" | "fraction"
+    amount: float
+
+    def resolve(self, model_expert_bytes: int) -> int:
+        """Bytes this node may hold, given the size of all experts of the model together."""
+        if self.kind == "fraction":
+            return int(self.amount * model_expert_bytes)
+        return int(self.amount)
+
+    def __str__(self) -> str:
+        return f"{self.amount:.0%}" if self.kind == "fraction" else f"{int(self.amount)}B"
+
+
+def parse_capacity(value: object) -> Capacity:
+    """``"40%"`` -> share 0.4 of the expert bytes; ``"2GB"``, ``"512MiB"``, ``2000`` -> bytes."""
+    if isinstance(value, bool):
+        raise ConfigError('capacity: expected a size like "2GB" or a share like "40%"')
+    if isinstance(value, int | float):
+        if value <= 0:
+            raise ConfigError("capacity: must be positive")
+        return Capacity("bytes", float(value))
+    text = str(value).strip().lower().replace(" ", "")
+    if m := re.fullmatch(r"(\d+(?:\.\d+)?)%", text):
+        share = float(m.group(1)) / 100
+        if not 0 < share <= 1:
+            raise ConfigError(f"capacity: share must be in (0%, 100%], got {value!r}")
+        return Capacity("fraction", share)
+    if m := re.fullmatch(r"(\d+(?:\.\d+)?)([kmgt]i?b|b|)", text):
+        amount = float(m.group(1)) * _SIZE_UNITS[m.group(2)]
+        if amount <= 0:
+            raise ConfigError("capacity: must be positive")
+        return Capacity("bytes", amount)
+    raise ConfigError(f'capacity: expected a size like "2GB" or a share like "40%", got {value!r}')
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ConfigError(f"seed_peer: {text!r} is not host:port")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """Everything one daemon needs; built by `load_config`."""
+
+    secret: str
+    state_dir: Path
+    model_dir: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    capacity: Capacity = field(default_factory=lambda: Capacity("fraction", 1.0))
+    cluster_id: str = "edgemoe"
+    interface: tuple[str, ...] = ()
+    seed_peer: tuple[tuple[str, int], ...] = ()
+    api_token: str | None = None
+    device: str = "cpu"
+    strategy: str = "edgemoe"
+    log_level: str = "info"
+    advertise_host: str | None = None  # address peers use to reach us; defaults to host
+
+    @property
+    def url(self) -> str:
+        host = self.advertise_host or self.host
+        if host in ("0.0.0.0", ""):
+            host = self.interface[0] if self.interface else "127.0.0.1"
+        return f"http://{host}:{self.port}"
+
+
+_KEYS = {f.name for f in fields(DaemonConfig)} | {"config"}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Turn a raw TOML/env/flag value into the field's type, or raise ConfigError naming it."""
+    try:
+        if key in ("state_dir", "model_dir"):
+            if not isinstance(value, str | Path) or not str(value):
+                raise ConfigError(f"{key}: must be a path")
+            return Path(value).expanduser()
+        if key == "port":
+            if isinstance(value, bool):
+                raise ValueError
+            port = int(value)
+            if not 0 <= port <= 65535:
+                raise ValueError
+            return port
+        if key == "capacity":
+            return parse_capacity(value)
+        if key == "interface":
+            items = _as_list(value)
+            for item in items:
+                ipaddress.ip_address(item)
+            return tuple(items)
+        if key == "seed_peer":
+            return tuple(parse_host_port(item) for item in _as_list(value))
+        if key == "strategy" and value not in STRATEGIES:
+            raise ConfigError(f"strategy: must be one of {', '.join(STRATEGIES)}, got {value!r}")
+        if key == "log_level":
+            value = str(value).lower()
+            if value not in LOG_LEVELS:
+                raise ConfigError(f"log_level: must be one of {', '.join(LOG_LEVELS)}")
+        if key == "device" and not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(value)):
+            raise ConfigError("device: must be auto, cpu, cuda, cuda:N or mps")
+        if key == "cluster_id" and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", str(value)):
+            raise ConfigError("cluster_id: must be 1-63 letters, digits, '.', '_' or '-'")
+        if key == "secret" and len(str(value)) < 16:
+            raise ConfigError("secret: must be at least 16 characters, the same on every node")
+        return str(value)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError):
+        raise ConfigError(f"{key}: invalid value {value!r}") from None
+
+
+def _as_list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, list | tuple):
+        return [str(v) for v in value]
+    raise ConfigError(f"expected a list, got {value!r}")
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in _KEYS - {"config"}:
+        raw = env.get(f"EDGEMOE_{key.upper()}")
+        if raw is not None and raw != "":
+            out[key] = raw
+    return out
+
+
+def load_config(
+    config_file: Path | None = None,
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> DaemonConfig:
+    """Merge defaults < TOML file < EDGEMOE_* env < flags (None/empty flags do not override)."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    path = config_file or (Path(env["EDGEMOE_CONFIG"]) if env.get("EDGEMOE_CONFIG") else None)
+    if path is not None:
+        try:
+            raw.update(tomllib.loads(path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read: {exc}") from None
+        unknown = sorted(set(raw) - _KEYS)
+        if unknown:
+            raise ConfigError(f"{path}: unknown key {unknown[0]!r}")
+    raw.update(_from_env(env))
+    raw.update({k: v for k, v in (flags or {}).items() if v not in (None, (), [])})
+    raw.pop("config", None)
+    values = {k: _coerce(k, v) for k, v in raw.items()}
+    for required in ("secret", "state_dir"):
+        if required not in values:
+            raise ConfigError(
+                f"{required}: missing (flag --{required.replace('_', '-')}, "
+                f"EDGEMOE_{required.upper()} or the config file)"
+            )
+    return DaemonConfig(**values)

@@ -1,0 +1,76 @@
+"""Prometheus metrics of one daemon, in its own registry (no process-global state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+
+class DaemonMetrics:
+    """Every series the daemon exports; one instance per daemon."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "edgemoe_http_requests", "HTTP requests served", ["endpoint", "status"], registry=r
+        )
+        self.generated_tokens = Counter(
+            "edgemoe_generated_tokens", "Tokens generated for this node's clients", registry=r
+        )
+        self.tokens_per_second = Gauge(
+            "edgemoe_tokens_per_second", "Decode speed of the last finished request", registry=r
+        )
+        self.generation_seconds = Histogram(
+            "edgemoe_generation_seconds", "Wall time of one generation request", registry=r
+        )
+        self.remote_calls = Counter(
+            "edgemoe_remote_expert_calls", "Expert RPCs sent, per peer", ["peer"], registry=r
+        )
+        self.remote_failures = Counter(
+            "edgemoe_remote_expert_failures",
+            "Expert RPCs that failed, per peer",
+            ["peer"],
+            registry=r,
+        )
+        self.remote_bytes = Counter(
+            "edgemoe_remote_bytes",
+            "Bytes of expert RPC bodies, per peer and direction",
+            ["peer", "direction"],
+            registry=r,
+        )
+        self.rpc_served = Counter(
+            "edgemoe_expert_rpc_served", "Expert RPC requests served for peers", registry=r
+        )
+        self.rpc_batch_rows = Histogram(
+            "edgemoe_expert_rpc_batch_rows",
+            "Rows per batched expert computation",
+            registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024),
+        )
+        self.local_share = Gauge(
+            "edgemoe_local_share",
+            "Share of routed (token, expert) pairs computed locally",
+            registry=r,
+        )
+        self.gossip_messages = Counter(
+            "edgemoe_gossip_messages", "Cluster protocol messages", ["direction"], registry=r
+        )
+        self.epoch = Gauge("edgemoe_placement_epoch", "Last decided placement epoch", registry=r)
+        self.epochs_decided = Counter(
+            "edgemoe_placement_epochs_decided", "Placement epochs learned", registry=r
+        )
+        self.members_alive = Gauge("edgemoe_members_alive", "Members seen alive", registry=r)
+        self.migration_bytes = Counter(
+            "edgemoe_migration_bytes", "Shard bytes fetched from peers", registry=r
+        )
+        self.shards_served_bytes = Counter(
+            "edgemoe_shard_bytes_served", "Shard bytes streamed to peers", registry=r
+        )
+        self.corrupt_shards = Counter(
+            "edgemoe_corrupt_shards", "Fetched shards refused for size or sha256", registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
