@@ -10,9 +10,10 @@ converter's operations on just that expert's tensors, so no per-family table is 
 from __future__ import annotations
 
 import json
+import os
 import re
+import struct
 from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,12 +284,11 @@ def read_expert(
     """One expert's slice of every fused parameter of a layer, via the family's converter ops."""
     out: dict[str, torch.Tensor] = {}
     for param, ref in plan.fused.items():
-        out[param] = handles.get(ref.file).get_slice(ref.key)[expert].contiguous()
+        out[param] = handles.row(ref, expert)
     for group in plan.groups:
         conv = group.converter
         tensors: dict[str, Any] = {
-            pattern: [handles.get(by_e[expert].file).get_tensor(by_e[expert].key)]
-            for pattern, by_e in group.parts.items()
+            pattern: [handles.read(by_e[expert])] for pattern, by_e in group.parts.items()
         }
         for op in conv.operations:
             tensors = op.convert(
@@ -308,35 +308,84 @@ def read_expert(
     return out
 
 
-class FileHandles:
-    """Open safetensors files once each (they are mmapped, so this holds no tensor memory)."""
+class SafetensorsReader:
+    """Reads tensors of one safetensors file with pread, not mmap.
 
-    def __init__(self) -> None:
-        self._stack = ExitStack()
-        self._open: dict[Path, Any] = {}
+    safe_open maps the file, and every page touched stays in the process's RSS until the
+    file is closed; reading into fresh buffers keeps the sharder's memory to what it holds.
+    """
 
-    def get(self, path: Path) -> Any:
-        from safetensors import safe_open
-
-        fh = self._open.get(path)
-        if fh is None:
-            try:
-                fh = self._stack.enter_context(safe_open(str(path), framework="pt"))
-            except Exception as exc:
-                raise ModelError(f"{path}: unreadable safetensors file ({exc})") from None
-            self._open[path] = fh
-        return fh
-
-    def read(self, ref: TensorRef) -> torch.Tensor:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDONLY)
         try:
-            return self.get(ref.file).get_tensor(ref.key)
-        except ModelError:
-            raise
-        except Exception as exc:
-            raise ModelError(f"{ref.file}: cannot read tensor {ref.key} ({exc})") from None
+            (length,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
+            header = json.loads(os.pread(self._fd, length, 8))
+        except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            os.close(self._fd)
+            raise ModelError(f"{path}: unreadable safetensors header ({exc})") from None
+        header.pop("__metadata__", None)
+        self._base = 8 + length
+        self._entries: dict[str, dict[str, Any]] = header
+
+    def _read(self, key: str, start: int, stop: int, shape: list[int]) -> torch.Tensor:
+        entry = self._entries[key]
+        dtype = _DTYPES[entry["dtype"]]
+        size = stop - start
+        buf = bytearray(size)
+        view = memoryview(buf)
+        got = 0
+        while got < size:
+            n = os.preadv(self._fd, [view[got:]], self._base + start + got)
+            if n <= 0:
+                raise ModelError(f"{self.path}: truncated while reading tensor {key}")
+            got += n
+        if size == 0:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        entry = self._entries[key]
+        start, stop = entry["data_offsets"]
+        return self._read(key, start, stop, entry["shape"])
+
+    def row(self, key: str, index: int) -> torch.Tensor:
+        """tensor[index] of a tensor, reading only that slice's bytes."""
+        entry = self._entries[key]
+        start, stop = entry["data_offsets"]
+        shape = entry["shape"]
+        step = (stop - start) // shape[0]
+        return self._read(key, start + index * step, start + (index + 1) * step, shape[1:])
 
     def close(self) -> None:
-        self._stack.close()
+        os.close(self._fd)
+
+
+class FileHandles:
+    """Open checkpoint files once each and read tensors from them."""
+
+    def __init__(self) -> None:
+        self._open: dict[Path, SafetensorsReader] = {}
+
+    def get(self, path: Path) -> SafetensorsReader:
+        reader = self._open.get(path)
+        if reader is None:
+            try:
+                reader = SafetensorsReader(path)
+            except OSError as exc:
+                raise ModelError(f"{path}: unreadable safetensors file ({exc})") from None
+            self._open[path] = reader
+        return reader
+
+    def read(self, ref: TensorRef) -> torch.Tensor:
+        return self.get(ref.file).tensor(ref.key)
+
+    def row(self, ref: TensorRef, index: int) -> torch.Tensor:
+        return self.get(ref.file).row(ref.key, index)
+
+    def close(self) -> None:
+        for reader in self._open.values():
+            reader.close()
         self._open.clear()
 
     def __enter__(self) -> FileHandles:

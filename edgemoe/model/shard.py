@@ -12,12 +12,14 @@ import json
 import shutil
 import tempfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from edgemoe.model.checkpoint import CheckpointPlan, FileHandles, plan_checkpoint, read_expert
 from edgemoe.model.errors import ModelError
 from edgemoe.model.manifest import MANIFEST_NAME, Manifest
+from edgemoe.model.safetensors_io import PendingTensor, write_streaming
 
 Progress = Callable[[int, int], None]  # (units done, units total)
 DENSE_NAME = "dense.safetensors"
@@ -80,10 +82,11 @@ def shard_checkpoint(
     try:
         files: dict[str, dict[str, Any]] = {}
         with FileHandles() as handles:
-            dense = {name: handles.read(ref).contiguous() for name, ref in plan.dense.items()}
-            save_file(dense, str(staging / DENSE_NAME), metadata={"format": "pt"})
-            del dense
-            files[DENSE_NAME] = _describe(staging / DENSE_NAME)
+            pending = [
+                PendingTensor(name, ref.dtype, ref.shape, partial(handles.read, ref))
+                for name, ref in plan.dense.items()
+            ]
+            files[DENSE_NAME] = write_streaming(staging / DENSE_NAME, pending)
             done += 1
             if progress:
                 progress(done, total)

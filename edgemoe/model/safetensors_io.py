@@ -1,0 +1,77 @@
+"""Streaming safetensors writer: header first, then each tensor as it is read.
+
+`safetensors.torch.save_file` needs every tensor in memory at once (and serialises into one
+buffer); the dense part of a big model is written here tensor by tensor instead, hashing as
+it goes, so the sharder holds at most one tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+_NAMES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+@dataclass
+class PendingTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    load: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def write_streaming(path: Path, tensors: Sequence[PendingTensor]) -> dict[str, int | str]:
+    """Write a safetensors file loading one tensor at a time; returns {bytes, sha256}."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    ordered = sorted(tensors, key=lambda t: t.name)
+    for t in ordered:
+        header[t.name] = {
+            "dtype": _NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    digest = hashlib.sha256()
+    with path.open("wb") as fh:
+        for chunk in (struct.pack("<Q", len(raw)), raw):
+            fh.write(chunk)
+            digest.update(chunk)
+        for t in ordered:
+            tensor = t.load().contiguous()
+            if tensor.dtype != t.dtype or tuple(tensor.shape) != t.shape:
+                raise ValueError(f"{path}: tensor {t.name} changed while writing")
+            data = tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+            fh.write(data)
+            digest.update(data)
+            del tensor, data
+        fh.flush()
+        os.fsync(fh.fileno())
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}

@@ -1,0 +1,146 @@
+"""Sharding: round trip to the checkpoint's tensors, idempotence, verification, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from edgemoe.cli.main import app
+from edgemoe.model.errors import ModelError
+from edgemoe.model.manifest import Manifest
+from edgemoe.model.shard import shard_checkpoint, verify_shards
+
+ROUND_TRIP = ["mixtral", "deepseek_v3", "gpt_oss"]
+
+
+@pytest.mark.parametrize("arch", ROUND_TRIP)
+def test_reassembled_shards_equal_the_checkpoint_tensors(tiny_models, arch: str) -> None:
+    ckpt, shards = tiny_models.get(arch)
+    manifest = Manifest.load(shards)
+    reference = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32)
+    want = reference.state_dict()
+    dense = load_file(str(shards / "dense.safetensors"))
+    experts_names = set()
+    for li, decoder_layer in enumerate(manifest.moe_layers):
+        parts = [
+            load_file(str(shards / Manifest.expert_path(li, e)))
+            for e in range(manifest.num_experts)
+        ]
+        prefix = next(k for k in want if f"layers.{decoder_layer}." in k and ".experts." in k)
+        module = prefix.rpartition(".")[0]
+        for name in parts[0]:
+            stacked = torch.stack([p[name] for p in parts])
+            assert torch.equal(stacked, want[f"{module}.{name}"]), f"{module}.{name}"
+            experts_names.add(f"{module}.{name}")
+    for key, tensor in dense.items():
+        assert torch.equal(tensor, want[key]), key
+    assert set(dense) | experts_names == set(want)
+    assert manifest.architecture == arch
+    assert manifest.top_k == 2 and manifest.num_experts == 8
+
+
+def test_second_run_is_idempotent_and_rewrites_nothing(tiny_models, tmp_path: Path) -> None:
+    ckpt, _ = tiny_models.get("olmoe")
+    out = tmp_path / "shards"
+    first, written = shard_checkpoint(ckpt, out)
+    assert written
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    second, written_again = shard_checkpoint(ckpt, out)
+    assert not written_again
+    assert second.fingerprint == first.fingerprint
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert sorted(os.listdir(tmp_path)) == ["shards"]
+
+
+def test_fingerprint_is_deterministic_and_depends_on_weights(tmp_path: Path) -> None:
+    from edgemoe.model.tiny import write_tiny_model
+
+    prints = []
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        ckpt = write_tiny_model("qwen2_moe", tmp_path / name, seed=seed)
+        prints.append(shard_checkpoint(ckpt, tmp_path / f"{name}-shards")[0].fingerprint)
+    assert prints[0] == prints[1] != prints[2]
+
+
+def _copy_shards(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_verify_detects_truncated_and_corrupt_shards(tiny_models, tmp_path: Path) -> None:
+    _, shards = tiny_models.get("mixtral")
+    assert verify_shards(shards).num_layers == 2
+    bad = _copy_shards(shards, tmp_path / "trunc")
+    victim = bad / Manifest.expert_path(1, 5)
+    victim.write_bytes(victim.read_bytes()[:-10])
+    with pytest.raises(ModelError, match=r"E5\.safetensors.*truncated"):
+        verify_shards(bad)
+    bad = _copy_shards(shards, tmp_path / "flip")
+    victim = bad / Manifest.expert_path(0, 2)
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match=r"L0/E2\.safetensors: sha256 mismatch"):
+        verify_shards(bad)
+    bad = _copy_shards(shards, tmp_path / "gone")
+    (bad / "dense.safetensors").unlink()
+    with pytest.raises(ModelError, match=r"dense\.safetensors: missing"):
+        verify_shards(bad)
+
+
+def test_a_corrupt_shard_is_refused_when_loaded(tiny_models, tmp_path: Path) -> None:
+    from edgemoe.model.local import LocalExperts
+
+    _, shards = tiny_models.get("mixtral")
+    bad = _copy_shards(shards, tmp_path / "bad")
+    victim = bad / Manifest.expert_path(0, 1)
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0x01
+    victim.write_bytes(bytes(data))
+    local = LocalExperts(bad)
+    local.load(0, 0)
+    with pytest.raises(ModelError, match=r"E1\.safetensors"):
+        local.load(0, 1)
+    assert local.held() == {(0, 0)}
+
+
+def test_cli_tiny_shard_verify_in_process(tmp_path: Path) -> None:
+    runner = CliRunner()
+    ckpt = tmp_path / "ck"
+    result = runner.invoke(app, ["model", "tiny", "--arch", "qwen3_moe", str(ckpt), "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((ckpt / "config.json").read_text())["model_type"] == "qwen3_moe"
+    result = runner.invoke(app, ["shard", str(ckpt), str(tmp_path / "sh")])
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output
+    result = runner.invoke(app, ["shard", "verify", str(tmp_path / "sh")])
+    assert result.exit_code == 0 and "ok: " in result.output
+    result = runner.invoke(app, ["shard", "verify", str(tmp_path / "nothing")])
+    assert result.exit_code != 0
+
+
+def test_cli_as_a_subprocess_reports_errors_on_one_line(tiny_models, tmp_path: Path) -> None:
+    _, shards = tiny_models.get("mixtral")
+    bad = _copy_shards(shards, tmp_path / "bad")
+    victim = bad / Manifest.expert_path(0, 0)
+    victim.write_bytes(victim.read_bytes()[:100])
+    cmd = [sys.executable, "-m", "edgemoe.cli", "shard", "verify"]
+    ok = subprocess.run([*cmd, str(shards)], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "ok:" in ok.stdout
+    broken = subprocess.run([*cmd, str(bad)], capture_output=True, text=True, timeout=120)
+    assert broken.returncode != 0
+    lines = broken.stderr.strip().splitlines()
+    assert len(lines) == 1 and "L0/E0.safetensors" in lines[0]
+    assert "Traceback" not in broken.stderr
