@@ -142,6 +142,7 @@ class LocalCluster:
     secret: str = field(default_factory=lambda: secrets.token_hex(32))
     token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     nodes: list[DemoNode] = field(default_factory=list)
+    daemon_argv: tuple[str, ...] = (sys.executable, "-m", "edgemoe.cli", "daemon")
 
     def client(self, node: DemoNode) -> Node:
         return Node(node.url, self.token, "demo")
@@ -166,7 +167,7 @@ class LocalCluster:
             if i > 0:
                 values["model_dir"] = None  # only node0 has the shards; the others fetch
             write_config(config, values, force=True)
-            cmd = [sys.executable, "-m", "edgemoe.cli", "daemon", "--config", str(config)]
+            cmd = [*self.daemon_argv, "--config", str(config)]
             env = {**os.environ, "EDGEMOE_CONFIG": str(config), "OMP_NUM_THREADS": "1",
                    "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}  # fmt: skip
             with node.log_path.open("wb") as log:
