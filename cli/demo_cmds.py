@@ -349,8 +349,18 @@ def run_phase(
             i: int(after[i].get("remote_bytes", 0)) - int(before[i].get("remote_bytes", 0))
             for i in after
         },
-        local_share={i: float(after[i].get("local_share", 0.0)) for i in after},
+        local_share={i: phase_local_share(before[i], after[i]) for i in after},
     )
+
+
+def phase_local_share(before: dict[str, Any], after: dict[str, Any]) -> float:
+    """Share of routed (token, expert) pairs served locally during the phase, from the
+    cumulative counters when the node reports them, else its share since start."""
+    b, a = before.get("routed") or {}, after.get("routed") or {}
+    total = int(a.get("total", 0)) - int(b.get("total", 0))
+    if total > 0:
+        return (int(a.get("local", 0)) - int(b.get("local", 0))) / total
+    return float(after.get("local_share", 0.0))
 
 
 def phases_table(phases: list[PhaseResult]) -> Any:
