@@ -168,8 +168,10 @@ class LocalCluster:
                 values["model_dir"] = None  # only node0 has the shards; the others fetch
             write_config(config, values, force=True)
             cmd = [*self.daemon_argv, "--config", str(config)]
-            env = {**os.environ, "EDGEMOE_CONFIG": str(config), "OMP_NUM_THREADS": "1",
-                   "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}  # fmt: skip
+            # The user's own EDGEMOE_* settings would override the demo's file: drop them.
+            env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEMOE_")}
+            env.update({"EDGEMOE_CONFIG": str(config), "OMP_NUM_THREADS": "1",
+                        "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})  # fmt: skip
             with node.log_path.open("wb") as log:
                 node.proc = subprocess.Popen(
                     cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -203,6 +205,25 @@ class LocalCluster:
                     f"its log ends:\n{pending[0].log_tail()}"
                 )
             time.sleep(0.3)
+
+    def wait_ready(self, timeout: float, tick: Callable[[str], None]) -> None:
+        """Until every node has loaded its part of the model (/healthz "ready")."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_alive()
+            ready = 0
+            for node in self.nodes:
+                with contextlib.suppress(ClientError):
+                    ready += bool(self.client(node).get("/healthz", timeout=2.0).get("ready", True))
+            if ready == len(self.nodes):
+                return
+            tick(f"{ready}/{len(self.nodes)} nodes loaded the model")
+            if time.monotonic() > deadline:
+                raise DemoError(
+                    f"only {ready}/{len(self.nodes)} nodes loaded the model in "
+                    f"{timeout:.0f} s; node0 log ends:\n{self.nodes[0].log_tail()}"
+                )
+            time.sleep(0.5)
 
     def cluster(self, node: DemoNode | None = None, timeout: float = 10.0) -> dict[str, Any]:
         return self.client(node or self.nodes[0]).get("/v1/cluster", timeout=timeout)
@@ -498,6 +519,7 @@ def run_demo(
                 )  # fmt: skip
                 cluster.wait_until("the first migration", migration_done, 120,
                                    lambda s: st.update(f"waiting for {s}"))  # fmt: skip
+                cluster.wait_ready(120, lambda s: st.update(f"waiting: {s}"))
             out.print(
                 f"discovered {nodes} nodes by mDNS; epoch {c0['placement']['epoch']} placement "
                 f"decided ({c0['placement'].get('strategy')}) in "

@@ -30,6 +30,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     try:
         cluster.wait_healthy(120, lambda _: None)
         cluster.wait_until("placement", placement_decided(1), 60, lambda _: None)
+        cluster.wait_ready(60, lambda _: None)
         yield cluster
     finally:
         assert cluster.stop() == []
