@@ -45,6 +45,13 @@ class PendingTensor:
         return n * torch.empty((), dtype=self.dtype).element_size()
 
 
+def in_memory(tensors: dict[str, torch.Tensor]) -> list[PendingTensor]:
+    """Tensors already loaded, as pending entries for write_streaming."""
+    return [
+        PendingTensor(name, t.dtype, tuple(t.shape), lambda t=t: t) for name, t in tensors.items()
+    ]
+
+
 def write_streaming(path: Path, tensors: Sequence[PendingTensor]) -> dict[str, int | str]:
     """Write a safetensors file loading one tensor at a time; returns {bytes, sha256}."""
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
@@ -68,10 +75,12 @@ def write_streaming(path: Path, tensors: Sequence[PendingTensor]) -> dict[str, i
             tensor = t.load().contiguous()
             if tensor.dtype != t.dtype or tuple(tensor.shape) != t.shape:
                 raise ValueError(f"{path}: tensor {t.name} changed while writing")
-            data = tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
-            fh.write(data)
-            digest.update(data)
-            del tensor, data
+            if tensor.numel():
+                data = tensor.reshape(-1).view(torch.uint8).numpy()  # a view: no copy
+                fh.write(data)
+                digest.update(data)
+                del data
+            del tensor
         fh.flush()
         os.fsync(fh.fileno())
     return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}

@@ -19,7 +19,7 @@ from typing import Any
 from edgemoe.model.checkpoint import CheckpointPlan, FileHandles, plan_checkpoint, read_expert
 from edgemoe.model.errors import ModelError
 from edgemoe.model.manifest import MANIFEST_NAME, Manifest
-from edgemoe.model.safetensors_io import PendingTensor, write_streaming
+from edgemoe.model.safetensors_io import PendingTensor, in_memory, write_streaming
 
 Progress = Callable[[int, int], None]  # (units done, units total)
 DENSE_NAME = "dense.safetensors"
@@ -60,8 +60,6 @@ def shard_checkpoint(
     model_dir: str | Path, out_dir: str | Path, *, progress: Progress | None = None
 ) -> tuple[Manifest, bool]:
     """Shard `model_dir` into `out_dir`; returns (manifest, written) (False: already up to date)."""
-    from safetensors.torch import save_file
-
     plan = plan_checkpoint(model_dir)
     out = Path(out_dir)
     source = _source_record(plan)
@@ -96,9 +94,9 @@ def shard_checkpoint(
                 for e in range(plan.num_experts):
                     tensors = read_expert(layer, e, handles)
                     rel = Manifest.expert_path(li, e)
-                    save_file(tensors, str(staging / rel), metadata={"format": "pt"})
                     expert_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-                    files[rel] = _describe(staging / rel)
+                    files[rel] = write_streaming(staging / rel, in_memory(tensors))
+                    del tensors
                     done += 1
                     if progress:
                         progress(done, total)
