@@ -121,9 +121,7 @@ def bench_shard(
     typer.echo(f"largest tensor          {r.largest_tensor_bytes / mb:10.1f} MB")
     typer.echo(f"dense part              {r.dense_bytes / mb:10.1f} MB")
     typer.echo(f"shard time              {r.seconds:10.2f} s  ({r.mb_per_s:.1f} MB/s)")
-    typer.echo(
-        f"child RSS before shard  {r.baseline_rss / mb:10.1f} MB (python+torch+transformers)"
-    )
+    typer.echo(f"child RSS before shard  {r.baseline_rss / mb:10.1f} MB (libraries loaded)")
     typer.echo(f"peak RSS while sharding {r.peak_rss / mb:10.1f} MB (growth {growth / mb:.1f} MB)")
     typer.echo(
         f"goal 2x largest + dense {r.goal_bytes / mb:10.1f} MB  "

@@ -2,7 +2,8 @@
 
 The sharding runs in a child process so its peak RSS is its own; the child resets the
 kernel's high-water mark (/proc/self/clear_refs) after importing torch and transformers, so
-the figure reported as "sharding peak" excludes the interpreter's baseline.
+the growth reported excludes the interpreter's baseline (python, torch, transformers and
+the family's modeling code, imported by a first header-only pass).
 """
 
 from __future__ import annotations
@@ -53,8 +54,10 @@ def _read_status(field: str) -> int:
 
 def child_main(model_dir: str, out_dir: str) -> None:
     """Run in the child: shard and print JSON figures."""
+    from edgemoe.model.checkpoint import plan_checkpoint
     from edgemoe.model.shard import shard_checkpoint
 
+    plan_checkpoint(model_dir)  # imports the family's modeling code: part of the baseline
     baseline = _read_status("VmRSS")
     reset = True
     try:

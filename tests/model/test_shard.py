@@ -144,3 +144,16 @@ def test_cli_as_a_subprocess_reports_errors_on_one_line(tiny_models, tmp_path: P
     lines = broken.stderr.strip().splitlines()
     assert len(lines) == 1 and "L0/E0.safetensors" in lines[0]
     assert "Traceback" not in broken.stderr
+
+
+def test_bench_shard_prints_throughput_and_memory_figures() -> None:
+    result = CliRunner().invoke(app, ["bench", "shard", "--size-mb", "8", "--arch", "olmoe"])
+    assert result.exit_code == 0, result.output
+    figures = {}
+    for line in result.output.splitlines():
+        name, _, rest = line.partition("  ")
+        figures[name.strip()] = rest.strip()
+    checkpoint_mb = float(figures["checkpoint"].split()[0])
+    assert 8 <= checkpoint_mb < 16
+    assert "MB/s" in figures["shard time"]
+    assert float(figures["peak RSS while sharding"].split()[0]) > 0
