@@ -1,0 +1,186 @@
+"""`edgemoe`: our latency-aware placement.
+
+Why not frequency: a decode step of a layer waits for its slowest remote call, so holding 5 of a
+token's 6 experts locally saves (almost) nothing; what matters is how often a (token, layer)
+needs *any* remote call. With the co-activation sample we can count exactly that.
+
+Algorithm (all vectorised with numpy):
+
+1. Value curves. For server s and layer l, order experts (first those s must keep because
+   nobody else holds them, then by s's own activation count). A sample (token, layer) becomes
+   fully local once s holds the first ``need`` experts of that order, ``need`` = 1 + the highest
+   rank among its top-k. A histogram of ``need`` weighted by the sample weight times s's remote
+   call cost (heterogeneity: slow links and slow holders make locality worth more), cumulated,
+   gives ``f[l, n]`` = value of holding the first n experts of layer l.
+2. Per server, an exact dynamic programme over layers picks n_l (sum <= capacity) maximising
+   sum_l f[l, n_l]: it concentrates memory on layers it can make fully local instead of
+   spreading it thin (the knapsack over non-concave curves that a per-layer quota misses).
+3. First pass: servers in ascending capacity choose freely; a server must additionally take
+   uncovered experts when the servers after it cannot hold them all; the last covers the rest.
+4. Coordinate descent sweeps: each server re-solves its DP given the others (its "must keep"
+   set = experts nobody else holds), kept only if the true objective improves.
+5. Routing: nearest holder, ties spread by expert (see `nearest_routes`).
+
+Migration (`migrate`): the objective decomposes by layer, so each layer's new holdings can be
+adopted separately; layers are taken in order of gain per byte while the gain over the horizon
+outweighs the link time the copy costs and capacities hold.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from edgemoe.placement.problem import Placement, Problem, make_placement, objective
+
+
+def _rank(counts_sl: np.ndarray, required: np.ndarray) -> np.ndarray:
+    """int [L, E]: position of every expert in s's order (required first, then by count)."""
+    L, E = counts_sl.shape
+    key = counts_sl + np.where(required, counts_sl.max() + 1.0, 0.0)
+    order = np.lexsort((np.broadcast_to(np.arange(E), (L, E)), -key), axis=-1)
+    rank = np.empty((L, E), dtype=np.int64)
+    np.put_along_axis(rank, order, np.broadcast_to(np.arange(E), (L, E)), axis=-1)
+    return rank
+
+
+def _value_curves(rank: np.ndarray, layers: np.ndarray, sets: np.ndarray,
+                  weights: np.ndarray) -> np.ndarray:
+    """float [L, E+1]: f[l, n] = weight of samples fully local when holding rank < n."""
+    L, E = rank.shape
+    need = rank[layers[:, None], sets].max(1) + 1
+    f = np.zeros((L, E + 1))
+    np.add.at(f, (layers, need), weights)
+    return np.cumsum(f, axis=1)
+
+
+def _dp(f: np.ndarray, lo: np.ndarray, capacity: int) -> np.ndarray:
+    """int [L]: n_l in [lo_l, E] with sum <= capacity maximising sum f[l, n_l] (exact)."""
+    L, E1 = f.shape
+    E = E1 - 1
+    C = int(min(capacity, L * E))
+    neg = -np.inf
+    best = np.full(C + 1, neg)
+    best[0] = 0.0
+    choice = np.zeros((L, C + 1), dtype=np.int64)
+    n_idx = np.arange(E, -1, -1)  # window column j holds n = E - j
+    for l in range(L):
+        fl = np.where(np.arange(E1) >= lo[l], f[l], neg)
+        padded = np.concatenate([np.full(E, neg), best])
+        win = sliding_window_view(padded, E1)[: C + 1]  # win[c, j] = best[c - (E - j)]
+        tot = win + fl[n_idx][None, :]
+        j = np.argmax(tot, axis=1)
+        best = tot[np.arange(C + 1), j]
+        choice[l] = n_idx[j]
+    c = int(np.argmax(best))
+    if best[c] == neg:
+        raise ValueError("required experts exceed the server's capacity")
+    n = np.zeros(L, dtype=np.int64)
+    for l in range(L - 1, -1, -1):
+        n[l] = choice[l, c]
+        c -= int(n[l])
+    return n
+
+
+class LatencyAware:
+    """Latency-aware, co-activation aware, heterogeneity aware placement (see module doc)."""
+
+    name = "edgemoe"
+
+    def __init__(self, sweeps: int = 2) -> None:
+        self.sweeps = sweeps
+
+    def _server_holdings(self, problem: Problem, s: int, required: np.ndarray,
+                         capacity: int) -> np.ndarray:
+        rank = _rank(problem.counts[s], required)
+        m = problem.sample_server == s
+        w = self._weights[m] * self._remote_cost[s]
+        f = _value_curves(rank, problem.sample_layer[m], problem.sample_sets[m], w)
+        # a tiny frequency term breaks ties towards holding more of the hot experts (bytes)
+        c = problem.counts[s]
+        tot = c.sum()
+        if tot > 0:
+            freq = np.take_along_axis(c, np.argsort(rank, axis=1), axis=1) / tot
+            f = f + 1e-6 * (w.sum() + 1e-12) * np.concatenate(
+                [np.zeros((len(f), 1)), np.cumsum(freq, axis=1)], axis=1)
+        n = _dp(f, required.sum(1), capacity)
+        return rank < n[:, None]
+
+    def place(self, problem: Problem) -> Placement:
+        t0 = time.perf_counter()
+        holders = self._solve(problem)
+        return make_placement(problem, holders, self.name, time.perf_counter() - t0)
+
+    def _solve(self, problem: Problem) -> np.ndarray:
+        S, L, E = problem.num_servers, problem.num_layers, problem.num_experts
+        slots = problem.slots
+        cost = problem.call_cost()
+        self._remote_cost = np.array(
+            [cost[s][np.arange(S) != s].min() if S > 1 else 0.0 for s in range(S)])
+        self._weights = problem.sample_weights()
+        holders = np.zeros((S, L, E), dtype=bool)
+        order = np.lexsort((np.arange(S), slots))  # ascending capacity
+        for i, s in enumerate(order):
+            rest = int(slots[order[i + 1:]].sum())
+            required = np.zeros((L, E), dtype=bool)
+            if i == len(order) - 1:
+                required = ~holders.any(0)
+            for _ in range(L * E):
+                h = self._server_holdings(problem, s, required, int(slots[s]))
+                uncovered = ~(holders.any(0) | h)
+                deficit = int(uncovered.sum()) - rest
+                if deficit <= 0:
+                    break
+                # the servers after this one cannot cover the rest: keep the uncovered experts
+                # this server uses most
+                cand = np.flatnonzero(uncovered & ~required)
+                use = problem.counts[s].ravel()[cand]
+                take = cand[np.lexsort((cand, -use))][:deficit]
+                required.ravel()[take] = True
+            holders[s] = h
+        best = objective(problem, make_placement(problem, holders, self.name, 0.0))
+        for _ in range(self.sweeps):
+            improved = False
+            for s in order:
+                others = np.delete(holders, s, axis=0).any(0)
+                trial = holders.copy()
+                trial[s] = self._server_holdings(problem, s, ~others, int(slots[s]))
+                val = objective(problem, make_placement(problem, trial, self.name, 0.0))
+                if val < best - 1e-15:
+                    holders, best, improved = trial, val, True
+            if not improved:
+                break
+        return holders
+
+    def migrate(self, problem: Problem, current: Placement, horizon_s: float,
+                bytes_weight: float = 1.0) -> Placement:
+        """Adopt the target layer by layer where gain over the horizon beats the copy time."""
+        target = self.place(problem)
+        S, L = problem.num_servers, problem.num_layers
+        rate = float(np.sum(problem.request_rate))
+        bw = np.asarray(problem.bandwidth_bps, dtype=np.float64)[~np.eye(S, dtype=bool)]
+        bw_mean = float(bw.mean()) if len(bw) else 1.0
+        w = problem.sample_weights()
+        from edgemoe.placement.problem import nearest_routes, sample_costs
+
+        cur_cost = sample_costs(problem, current.route) * w
+        tgt_cost = sample_costs(problem, target.route) * w
+        gains = np.bincount(problem.sample_layer, cur_cost - tgt_cost, minlength=L)
+        new_bytes = (target.holders & ~current.holders).sum((0, 2)) * problem.expert_bytes
+        # gain in seconds saved over the horizon (per (token, layer) cost x tokens) vs seconds
+        # of link time the copies occupy
+        value = gains * rate * horizon_s - bytes_weight * new_bytes * 8.0 / bw_mean
+        holders = current.holders.copy()
+        order = np.argsort(-(gains / np.maximum(new_bytes, 1)), kind="stable")
+        for l in order:
+            if value[l] <= 0:
+                continue
+            trial = holders.copy()
+            trial[:, l] = target.holders[:, l]
+            if np.all(trial.reshape(S, -1).sum(1) <= problem.slots):
+                holders = trial
+        pl = Placement(holders=holders, route=nearest_routes(problem, holders),
+                       strategy=self.name, solve_s=target.solve_s)
+        return make_placement(problem, pl.holders, self.name, target.solve_s)
