@@ -152,6 +152,9 @@ class LocalExperts:
             params = {
                 n: torch.stack([self._weights[(layer, e)][n] for e in experts]) for n in names
             }
+            # Keep one copy only: the per-expert entries become views of the stacked tensors.
+            for i, e in enumerate(experts):
+                self._weights[(layer, e)] = {n: params[n][i] for n in names}
             cached = _LayerCache(
                 experts, restricted_module(self._template, params, len(experts)), self.device
             )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -157,3 +157,38 @@ def test_bench_shard_prints_throughput_and_memory_figures() -> None:
     assert 8 <= checkpoint_mb < 16
     assert "MB/s" in figures["shard time"]
     assert float(figures["peak RSS while sharding"].split()[0]) > 0
+
+
+def test_multi_file_bf16_tied_checkpoint_shards_and_serves(tmp_path: Path) -> None:
+    from edgemoe.model.executor import StaticDirectory
+    from edgemoe.model.local import LocalExperts
+    from edgemoe.model.runtime import load_distributed_model
+    from edgemoe.model.tiny import write_tiny_model
+
+    ckpt = write_tiny_model("qwen2_moe", tmp_path / "ck", dtype=torch.bfloat16, seed=5)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    (ckpt / "config.json").write_text(json.dumps(config))
+    state = load_file(str(ckpt / "model.safetensors"))
+    del state["lm_head.weight"]
+    (ckpt / "model.safetensors").unlink()
+    keys = sorted(state)
+    weight_map = {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :])):
+        name = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: state[k] for k in part}, str(ckpt / name))
+        weight_map |= dict.fromkeys(part, name)
+    (ckpt / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    manifest, _ = shard_checkpoint(ckpt, tmp_path / "sh")
+    assert manifest.dtype == "bfloat16"
+    local = LocalExperts(tmp_path / "sh").load_all()
+    model, tokenizer = load_distributed_model(tmp_path / "sh", StaticDirectory(local))
+    reference = AutoModelForCausalLM.from_pretrained(str(ckpt)).eval()
+    ids = tokenizer("tied and split across files", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=1e-2)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    gen = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    assert torch.equal(model.generate(ids, **gen), reference.generate(ids, **gen))
