@@ -1,9 +1,145 @@
-"""Commands of this group; filled in by the issue that owns it."""
+"""`edgemoe daemon` (run one node), `edgemoe generate` (ask a node for tokens) and
+`edgemoe bench rpc` (expert RPC, shard streaming and cluster throughput figures)."""
 
 from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
 
+def _daemon_command(app: typer.Typer) -> None:
+    @app.command("daemon")
+    def daemon(
+        config: Annotated[
+            Path | None, typer.Option("--config", "-c", help="TOML config (keys = flag names)")
+        ] = None,
+        model_dir: Annotated[str | None, typer.Option(help="Shard directory")] = None,
+        state_dir: Annotated[str | None, typer.Option(help="Node id, acceptor log, shards")] = None,
+        host: Annotated[str | None, typer.Option(help="Bind address")] = None,
+        port: Annotated[int | None, typer.Option(help="HTTP port (peers and clients)")] = None,
+        capacity: Annotated[
+            str | None, typer.Option(help='Expert memory: "2GB" or "40%" of the expert bytes')
+        ] = None,
+        cluster_id: Annotated[str | None, typer.Option(help="Cluster name")] = None,
+        secret: Annotated[str | None, typer.Option(help="Cluster secret (HMAC key)")] = None,
+        interface: Annotated[
+            list[str] | None, typer.Option(help="mDNS interface address (repeatable)")
+        ] = None,
+        seed_peer: Annotated[
+            list[str] | None, typer.Option(help="Static peer host:port (repeatable)")
+        ] = None,
+        api_token: Annotated[
+            str | None, typer.Option(help="Bearer token of the client API")
+        ] = None,
+        device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N")] = None,
+        strategy: Annotated[str | None, typer.Option(help="Placement strategy")] = None,
+        log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error")] = None,
+    ) -> None:
+        """Run one edgemoe node: discover peers, agree on placement, serve the API."""
+        from edgemoe.daemon.config import ConfigError, load_config
+
+        flags = dict(
+            model_dir=model_dir, state_dir=state_dir, host=host, port=port, capacity=capacity,
+            cluster_id=cluster_id, secret=secret, interface=interface, seed_peer=seed_peer,
+            api_token=api_token, device=device, strategy=strategy, log_level=log_level,
+        )  # fmt: skip
+        try:
+            cfg = load_config(config, flags)
+        except ConfigError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        from edgemoe.daemon.main import run_daemon
+
+        raise typer.Exit(run_daemon(cfg))
+
+
+def _generate_command(app: typer.Typer) -> None:
+    @app.command("generate")
+    def generate(
+        prompt: Annotated[str, typer.Argument(help="Prompt text")],
+        node: Annotated[
+            str, typer.Option("--node", "-n", envvar="EDGEMOE_NODE", help="Daemon URL")
+        ] = "http://127.0.0.1:7600",
+        max_tokens: Annotated[int, typer.Option(min=1, max=2048)] = 32,
+        temperature: Annotated[float, typer.Option(min=0.0, max=2.0)] = 0.0,
+        api_token: Annotated[
+            str | None, typer.Option("--api-token", envvar="EDGEMOE_API_TOKEN")
+        ] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+        stream: Annotated[
+            bool, typer.Option("--stream", help="Stream tokens as they come")
+        ] = False,
+    ) -> None:
+        """Generate from one node; --json prints {"text", "token_ids", "node"}."""
+        from edgemoe.cli.client import ClientError, Node, normalise_url
+
+        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature}
+        try:
+            target = Node(normalise_url(node), api_token, "--node")
+            text, ids, node_id = "", [], ""
+            if stream:
+                for event in target.stream_sse("/v1/completions", {**body, "stream": True}):
+                    choice = event["choices"][0]
+                    node_id = event.get("node_id", node_id)
+                    text += choice.get("text", "")
+                    ids += choice.get("token_ids", [])
+                    if not as_json:
+                        sys.stdout.write(choice.get("text", ""))
+                        sys.stdout.flush()
+            else:
+                out = target.post("/v1/completions", body, timeout=600)
+                choice = out["choices"][0]
+                text, ids, node_id = choice["text"], choice.get("token_ids", []), out["node_id"]
+        except ClientError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except (KeyError, IndexError, TypeError) as exc:
+            typer.echo(f"error: {node}: unexpected answer ({exc!r})", err=True)
+            raise typer.Exit(1) from None
+        if as_json:
+            typer.echo(json.dumps({"text": text, "token_ids": ids, "node": node_id}))
+        elif stream:
+            typer.echo("")
+        else:
+            typer.echo(text)
+
+
+def _bench_command(bench: typer.Typer) -> None:
+    @bench.command("rpc")
+    def bench_rpc(
+        workdir: Annotated[
+            Path | None, typer.Option(help="Scratch directory (default: a temp dir)")
+        ] = None,
+        arch: Annotated[str, typer.Option(help="Tiny model architecture")] = "mixtral",
+        rows: Annotated[int, typer.Option(help="Tokens per expert RPC")] = 16,
+        calls: Annotated[int, typer.Option(help="RPC calls per measurement")] = 300,
+        scale: Annotated[int, typer.Option(help="Width multiplier of the tiny model")] = 8,
+        prompts: Annotated[int, typer.Option(help="Prompts for the tokens/s comparison")] = 4,
+        max_tokens: Annotated[int, typer.Option(help="Tokens per prompt")] = 24,
+        json_out: Annotated[Path | None, typer.Option("--json", help="Write figures here")] = None,
+    ) -> None:
+        """Expert RPC vs bare aiohttp echo; shard streaming vs plain HTTP copy; 3 nodes vs 1."""
+        import tempfile
+
+        from edgemoe.daemon.bench import run_rpc_bench
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        with tempfile.TemporaryDirectory(prefix="edgemoe-bench-") as tmp:
+            figures = run_rpc_bench(
+                workdir or Path(tmp), arch=arch, rows=rows, calls=calls, scale=scale,
+                prompts=prompts, max_tokens=max_tokens, echo=typer.echo,
+            )  # fmt: skip
+        if json_out is not None:
+            json_out.write_text(json.dumps(figures, indent=1))
+
+
 def register(app: typer.Typer, bench: typer.Typer) -> None:
-    """Add this group's commands to the application."""
+    """Add `daemon`, `generate` and `bench rpc`."""
+    _daemon_command(app)
+    _generate_command(app)
+    _bench_command(bench)

@@ -1,0 +1,347 @@
+"""`edgemoe bench rpc`: figures of the daemon's IO paths measured side by side on loopback.
+
+1. Expert RPC (signed msgpack, batching worker, real experts) against a bare aiohttp echo of
+   the same bytes: round trip and throughput, overhead ratio.
+2. Shard streaming (signed, Range-capable, sha256-verified, atomic install) against a plain
+   aiohttp static-file copy of the same files: MB/s.
+3. Tokens/s of a 3-node cluster against one node holding everything, same model and prompts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import torch
+
+from edgemoe.daemon.peers import PeerClient
+from edgemoe.daemon.rpc import tensor_to_wire
+from edgemoe.daemon.store import ShardFetcher, ShardStore
+from edgemoe.daemon.wire import pack
+from edgemoe.model.manifest import Manifest
+
+PROMPTS = ("The edge servers", "Hello world", "Mixture of experts", "Peer to peer")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str, token: str | None = None, body: dict[str, Any] | None = None) -> Any:
+    import json
+
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method="POST" if data else "GET")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        return json.loads(resp.read())
+
+
+class _Proc:
+    """A child process (daemon or plain server) on a free port; stopped with SIGTERM."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEMOE_")}
+        env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+        with log.open("ab") as fh:
+            self.proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        self.log = log
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def _daemon(
+    workdir: Path,
+    name: str,
+    secret: str,
+    token: str,
+    *,
+    model_dir: Path | None,
+    capacity: str,
+    seeds: list[int],
+) -> tuple[_Proc, str]:
+    port = _free_port()
+    args = [sys.executable, "-m", "edgemoe.cli", "daemon", "--state-dir", str(workdir / name),
+            "--host", "127.0.0.1", "--port", str(port), "--secret", secret, "--api-token", token,
+            "--cluster-id", f"bench-{secrets.token_hex(3)}" if not seeds else "bench",
+            "--capacity", capacity, "--device", "cpu", "--log-level", "warning"]  # fmt: skip
+    if model_dir is not None:
+        args += ["--model-dir", str(model_dir)]
+    for s in seeds:
+        args += ["--seed-peer", f"127.0.0.1:{s}"]
+    return _Proc(args, workdir / f"{name}.log"), f"http://127.0.0.1:{port}"
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def _holds_all(url: str, token: str, n: int) -> bool:
+    view = _get(url + "/v1/cluster", token)
+    return sum(len(v) for v in view["holdings"].values()) >= n and bool(view["holdings"])
+
+
+ECHO_SERVER = textwrap.dedent(
+    """
+    import sys
+    from aiohttp import web
+    size = int(sys.argv[2])
+    async def echo(request):
+        await request.read()
+        return web.Response(body=bytes(size))
+    app = web.Application(client_max_size=1 << 28)
+    app.router.add_post("/echo", echo)
+    app.router.add_static("/files", sys.argv[3])
+    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+    """
+)
+
+
+async def _rpc_figures(
+    url: str, echo_url: str, secret: str, manifest: Manifest, rows: int, calls: int
+) -> dict[str, float]:
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(rows, manifest.hidden_size, generator=g)
+    ids = torch.stack([torch.randperm(manifest.num_experts, generator=g)[: manifest.top_k]
+                       for _ in range(rows)])  # fmt: skip
+    weights = torch.full(ids.shape, 1.0 / manifest.top_k)
+    body = {"layer": 0, "hidden": tensor_to_wire(hidden), "expert_ids": tensor_to_wire(ids),
+            "weights": tensor_to_wire(weights)}  # fmt: skip
+    raw = pack(body)
+    answer_bytes = len(pack({"out": tensor_to_wire(hidden)}))
+    client = PeerClient(url, "benchbenchbench0", secret.encode())
+    plain = aiohttp.ClientSession()
+    try:
+        for _ in range(10):
+            await client.post("/v1/experts/forward", body)
+            async with plain.post(echo_url, data=raw) as r:
+                await r.read()
+
+        async def rpc() -> None:
+            await client.post("/v1/experts/forward", body)
+
+        async def echo() -> None:
+            async with plain.post(echo_url, data=raw) as r:
+                await r.read()
+
+        out: dict[str, float] = {"request_bytes": len(raw), "answer_bytes": answer_bytes}
+        for name, fn in (("rpc", rpc), ("echo", echo)):
+            lat = []
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                await fn()
+                lat.append(time.perf_counter() - t0)
+            out[f"{name}_rtt_ms_p50"] = statistics.median(lat) * 1e3
+            out[f"{name}_rtt_ms_mean"] = statistics.fmean(lat) * 1e3
+            t0 = time.perf_counter()
+            gate = asyncio.Semaphore(8)
+
+            async def limited(
+                fn: Callable[[], Any] = fn, gate: asyncio.Semaphore = gate
+            ) -> None:
+                async with gate:
+                    await fn()
+
+            await asyncio.gather(*(limited() for _ in range(calls)))
+            out[f"{name}_calls_per_s"] = calls / (time.perf_counter() - t0)
+        out["rtt_overhead_ratio"] = out["rpc_rtt_ms_p50"] / out["echo_rtt_ms_p50"]
+        out["throughput_ratio"] = out["echo_calls_per_s"] / out["rpc_calls_per_s"]
+        return out
+    finally:
+        await client.close()
+        await plain.close()
+
+
+async def _stream_figures(
+    url: str, files_url: str, secret: str, shard_dir: Path, workdir: Path
+) -> dict[str, float]:
+    manifest = Manifest.load(shard_dir)
+    rels = sorted(manifest.files)
+    total = sum(int(manifest.files[r]["bytes"]) for r in rels)
+    client = PeerClient(url, "benchbenchbench0", secret.encode())
+    try:
+        store = ShardStore(workdir / "fetched")
+        store.install_manifest((shard_dir / "manifest.json").read_bytes(), None)
+        fetcher = ShardFetcher(store)
+        t0 = time.perf_counter()
+        for rel in rels:
+            await fetcher.fetch(rel, [client])
+        ours = time.perf_counter() - t0
+    finally:
+        await client.close()
+    plain_dir = workdir / "plain"
+    async with aiohttp.ClientSession() as session:
+        t0 = time.perf_counter()
+        for rel in rels:
+            target = plain_dir / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            async with session.get(f"{files_url}/{rel}") as resp:
+                with target.open("wb") as fh:
+                    async for chunk in resp.content.iter_chunked(1 << 20):
+                        fh.write(chunk)
+        plain = time.perf_counter() - t0
+    return {
+        "files": len(rels),
+        "bytes": total,
+        "edgemoe_mb_per_s": total / ours / 1e6,
+        "plain_http_mb_per_s": total / plain / 1e6,
+        "ratio": plain / ours,
+    }
+
+
+def _tokens_per_s(
+    urls: list[str], token: str, model: str, prompts: int, max_tokens: int
+) -> dict[str, float]:
+    """Every node answers `prompts` prompts one after another; all nodes at once."""
+
+    def work(url: str) -> tuple[int, float]:
+        n = 0
+        t0 = time.perf_counter()
+        for i in range(prompts):
+            out = _get(url + "/v1/completions", token, {
+                "model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens,
+                "temperature": 0})  # fmt: skip
+            n += len(out["choices"][0]["token_ids"])
+        return n, time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(len(urls)) as pool:
+        results = list(pool.map(work, urls))
+    wall = time.perf_counter() - t0
+    tokens = sum(n for n, _ in results)
+    return {
+        "nodes": len(urls),
+        "tokens": tokens,
+        "aggregate_tokens_per_s": tokens / wall,
+        "per_request_tokens_per_s": statistics.fmean(n / s for n, s in results),
+    }
+
+
+def run_rpc_bench(
+    workdir: Path,
+    *,
+    arch: str,
+    rows: int,
+    calls: int,
+    scale: int,
+    prompts: int,
+    max_tokens: int,
+    echo: Callable[[str], None],
+) -> dict[str, Any]:
+    """Run the three comparisons; print them with `echo` and return the figures."""
+    from edgemoe.model.shard import shard_checkpoint
+    from edgemoe.model.tiny import write_tiny_model
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    secret, token = secrets.token_hex(32), secrets.token_urlsafe(24)
+    model_dir = write_tiny_model(arch, workdir / "model", seed=0, scale=scale)
+    manifest, _ = shard_checkpoint(model_dir, workdir / "shards")
+    shard_dir = workdir / "shards"
+    echo(
+        f"model: {arch} x{scale}, {manifest.num_layers} MoE layers x {manifest.num_experts} "
+        f"experts, expert {manifest.expert_bytes / 1e6:.2f} MB, hidden {manifest.hidden_size}"
+    )
+    solo, url = _daemon(workdir, "solo", secret, token, model_dir=shard_dir, capacity="100%",
+                        seeds=[])  # fmt: skip
+    n_experts = manifest.num_layers * manifest.num_experts
+    echo_port = _free_port()
+    answer = len(pack({"out": tensor_to_wire(torch.zeros(rows, manifest.hidden_size))}))
+    plain = _Proc([sys.executable, "-c", ECHO_SERVER, str(echo_port), str(answer),
+                   str(shard_dir)], workdir / "plain.log")  # fmt: skip
+    procs = [solo, plain]
+    figures: dict[str, Any] = {}
+    try:
+        _wait(lambda: _holds_all(url, token, n_experts), 180, "the single node to load")
+        base = f"http://127.0.0.1:{echo_port}"
+        _wait(lambda: urllib.request.urlopen(base + "/files/manifest.json").status == 200, 30,
+              "the plain HTTP server")  # fmt: skip
+        figures["rpc"] = asyncio.run(
+            _rpc_figures(url, base + "/echo", secret, manifest, rows, calls)
+        )
+        r = figures["rpc"]
+        echo(
+            f"expert RPC, {rows} tokens ({r['request_bytes']} B out, {r['answer_bytes']} B back):"
+            f" p50 {r['rpc_rtt_ms_p50']:.2f} ms vs echo {r['echo_rtt_ms_p50']:.2f} ms "
+            f"(x{r['rtt_overhead_ratio']:.2f}); {r['rpc_calls_per_s']:.0f} vs "
+            f"{r['echo_calls_per_s']:.0f} calls/s at 8 in flight (x{r['throughput_ratio']:.2f})"
+        )
+        figures["streaming"] = asyncio.run(
+            _stream_figures(url, base + "/files", secret, shard_dir, workdir)
+        )
+        s = figures["streaming"]
+        echo(
+            f"shard streaming, {s['files']} files, {s['bytes'] / 1e6:.1f} MB: "
+            f"{s['edgemoe_mb_per_s']:.1f} MB/s verified vs plain HTTP copy "
+            f"{s['plain_http_mb_per_s']:.1f} MB/s (x{s['ratio']:.2f})"
+        )
+        model = _get(url + "/v1/models", token)["data"][0]["id"]
+        one = _tokens_per_s([url], token, model, prompts * 3, max_tokens)
+        solo.stop()
+        port = int(url.rsplit(":", 1)[1])
+        nodes = [_daemon(workdir, "c0", secret, token, model_dir=shard_dir, capacity="40%",
+                         seeds=[])]  # fmt: skip
+        del port
+        seed_port = int(nodes[0][1].rsplit(":", 1)[1])
+        nodes += [_daemon(workdir, f"c{i}", secret, token, model_dir=None, capacity="40%",
+                          seeds=[seed_port]) for i in (1, 2)]  # fmt: skip
+        procs += [p for p, _ in nodes]
+        urls = [u for _, u in nodes]
+        _wait(lambda: all(_get(u + "/healthz")["ready"] for u in urls), 180, "the 3 nodes")
+        _wait(lambda: _placed(urls, token, n_experts), 180, "a placement over 3 nodes")
+        three = _tokens_per_s(urls, token, model, prompts, max_tokens)
+        figures["tokens"] = {"one_node": one, "three_nodes": three}
+        echo(
+            f"tokens/s, {prompts * 3} prompts x {max_tokens} tokens: one node holding all "
+            f"{one['aggregate_tokens_per_s']:.1f} tok/s; 3 nodes (each 40% of the experts, "
+            f"prompts spread) {three['aggregate_tokens_per_s']:.1f} tok/s aggregate, "
+            f"{three['per_request_tokens_per_s']:.1f} tok/s per stream"
+        )
+    finally:
+        for p in procs:
+            p.stop()
+    return figures
+
+
+def _placed(urls: list[str], token: str, n_experts: int) -> bool:
+    views = [_get(u + "/v1/cluster", token) for u in urls]
+    v = views[0]
+    alive = [m for m in v["members"] if m["state"] == "alive"]
+    held = {k for ks in v["holdings"].values() for k in ks}
+    return (
+        len(alive) == 3
+        and v["epoch"] >= 1
+        and len(held) == n_experts
+        and all(v["holdings"].get(m["node_id"]) for m in alive)
+        and bool(np.all([w["epoch"] == v["epoch"] for w in views]))
+    )

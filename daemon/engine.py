@@ -1,0 +1,147 @@
+"""Generation for this node's clients: the transformers model with distributed experts.
+
+Generation runs on worker threads (the model thread blocks on remote futures that the event
+loop completes); tokens are handed back to the loop one at a time for streaming.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgemoe.model.executor import ExpertDirectory
+from edgemoe.model.runtime import load_distributed_model
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    text: str
+    prompt_tokens: int
+    finish_reason: str
+    seconds: float
+
+
+class _Streamer:
+    """transformers streamer: forwards new token ids to the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[int | None]) -> None:
+        self.loop = loop
+        self.queue = queue
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # the first call carries the prompt
+            self._prompt_seen = True
+            return
+        for tok in value.reshape(-1).tolist():
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, int(tok))
+
+    def end(self) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
+
+
+class InferenceEngine:
+    """Holds the model and tokenizer; `generate` and `stream` run on worker threads."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, workers: int = 4) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="generate")
+        self._seed_lock = threading.Lock()
+        self.eos_token_id = getattr(tokenizer, "eos_token_id", None)
+
+    @classmethod
+    async def load(
+        cls, shard_dir: Path, directory: ExpertDirectory, *, recorder: Any, device: str
+    ) -> InferenceEngine:
+        model, tokenizer = await asyncio.to_thread(
+            load_distributed_model, shard_dir, directory, recorder=recorder, device=device
+        )
+        return cls(model, tokenizer)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a chat: the tokenizer's template if it has one, else plain turns."""
+        if getattr(self.tokenizer, "chat_template", None):
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            if hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            return [int(i) for i in ids]
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        return self.encode(text)
+
+    def _run(
+        self, prompt_ids: list[int], params: GenerationParams, streamer: _Streamer | None
+    ) -> GenerationResult:
+        start = time.perf_counter()
+        input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.model.device)
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=params.max_tokens,
+            attention_mask=torch.ones_like(input_ids),
+            pad_token_id=self.tokenizer.pad_token_id,
+            streamer=streamer,
+        )
+        if params.temperature > 0:
+            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        with torch.inference_mode():
+            if params.seed is not None and params.temperature > 0:
+                with self._seed_lock:
+                    torch.manual_seed(params.seed)
+                    out = self.model.generate(input_ids, **kwargs)
+            else:
+                out = self.model.generate(input_ids, **kwargs)
+        new = [int(t) for t in out[0, len(prompt_ids) :].tolist()]
+        finish = "stop" if new and new[-1] == self.eos_token_id else "length"
+        return GenerationResult(
+            new, self.decode(new), len(prompt_ids), finish, time.perf_counter() - start
+        )
+
+    async def generate(self, prompt_ids: list[int], params: GenerationParams) -> GenerationResult:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._run, prompt_ids, params, None)
+
+    async def stream(
+        self,
+        prompt_ids: list[int],
+        params: GenerationParams,
+        on_done: Callable[[GenerationResult], None] | None = None,
+    ) -> AsyncIterator[int]:
+        """Yield new token ids as they are generated."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[int | None] = asyncio.Queue()
+        fut = loop.run_in_executor(
+            self._pool, self._run, prompt_ids, params, _Streamer(loop, queue)
+        )
+        fut.add_done_callback(lambda _: queue.put_nowait(None))  # ends the loop on errors too
+        while (tok := await queue.get()) is not None:
+            yield tok
+        result = await fut
+        if on_done is not None:
+            on_done(result)

@@ -1,0 +1,389 @@
+"""`Daemon`: one edgemoe node, wiring the store, discovery, peers, cluster driver, expert RPC,
+inference engine and the HTTP API together. Lifecycle: ``async with Daemon(config):`` or
+``await start()`` / ``await stop()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from aiohttp import web
+
+from edgemoe.daemon import client_api, peer_api
+from edgemoe.daemon.cluster_driver import ClusterDriver
+from edgemoe.daemon.config import DaemonConfig
+from edgemoe.daemon.discovery import Discovery
+from edgemoe.daemon.engine import GenerationParams, GenerationResult, InferenceEngine
+from edgemoe.daemon.identity import load_or_create_node_id
+from edgemoe.daemon.metrics import DaemonMetrics
+from edgemoe.daemon.peers import PeerClient, PeerError
+from edgemoe.daemon.remote import LocalShareTap, Router
+from edgemoe.daemon.rpc import ExpertService
+from edgemoe.daemon.store import CorruptShard, ShardFetcher, ShardStore
+from edgemoe.daemon.wire import MAX_PEER_BODY, ReplayGuard, unpack
+from edgemoe.model.local import LocalExperts
+from edgemoe.model.manifest import Manifest
+from edgemoe.model.shard import DENSE_NAME
+from edgemoe.stats.recorder import ActivationRecorder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Peer:
+    node_id: str
+    url: str
+    fingerprint: str
+    client: PeerClient
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+class Daemon:
+    """One node; see the module docstring."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.node_id = load_or_create_node_id(config.state_dir)
+        self.secret = config.secret.encode()
+        self.replay = ReplayGuard()
+        self.metrics = DaemonMetrics()
+        self.device = resolve_device(config.device)
+        self.store = ShardStore(config.model_dir or config.state_dir / "model")
+        self.fetcher = ShardFetcher(self.store, on_bytes=self.metrics.migration_bytes.inc)
+        self.peers: dict[str, Peer] = {}
+        self.started = int(time.time())
+        self.url = config.url
+        self.local: LocalExperts | None = None
+        self.router: Router | None = None
+        self.engine: InferenceEngine | None = None
+        self.expert_service: ExpertService | None = None
+        self.recorder: ActivationRecorder | None = None
+        self.tap: LocalShareTap | None = None
+        self.cluster: ClusterDriver | None = None
+        self.discovery: Discovery | None = None
+        self.ready = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._peer_event = asyncio.Event()
+        self._stopping = False
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    async def __aenter__(self) -> Daemon:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=MAX_PEER_BODY + 1024)
+        app[peer_api.DAEMON_KEY] = self
+        peer_api.add_routes(app)
+        client_api.add_routes(app)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.config.host, self.config.port).start()
+        log.info("node %s listening on %s (store %s)", self.node_id, self.url, self.store.root)
+        if self.config.interface:
+            host = self.url.split("//", 1)[1].rsplit(":", 1)[0]
+            self.discovery = Discovery(
+                list(self.config.interface), node_id=self.node_id,
+                cluster_id=self.config.cluster_id, host=host, port=self.config.port,
+                fingerprint=self.fingerprint, on_peer=self.add_peer,
+            )  # fmt: skip
+            await self.discovery.start()
+        for host, port in self.config.seed_peer:
+            self._spawn(self._contact_seed(f"http://{host}:{port}"))
+        self._spawn(self._bootstrap())
+
+    async def stop(self) -> None:
+        """Leave gracefully (announce, hand duties over), then close everything."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self.cluster is not None:
+            try:
+                await asyncio.wait_for(self.cluster.leave(), timeout=5.0)
+            except (TimeoutError, PeerError) as exc:
+                log.warning("graceful leave incomplete: %s", exc)
+            await self.cluster.stop()
+        if self.discovery is not None:
+            await self.discovery.stop()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        for peer in self.peers.values():
+            await peer.client.close()
+        if self.expert_service is not None:
+            await asyncio.to_thread(self.expert_service.stop)
+        if self.engine is not None:
+            self.engine.close()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("background task failed", exc_info=t.exception())
+
+        task.add_done_callback(done)
+        return task
+
+    # ---- identity and peers -----------------------------------------------------------------
+    def fingerprint(self) -> str:
+        return self.store.manifest.fingerprint if self.store.manifest else ""
+
+    @property
+    def model_id(self) -> str:
+        m = self.store.manifest
+        return f"{m.architecture}-{m.fingerprint[:12]}" if m else "edgemoe"
+
+    def hello(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "cluster_id": self.config.cluster_id,
+            "url": self.url,
+            "fingerprint": self.fingerprint(),
+            "ready": self.engine is not None,
+        }
+
+    def add_peer(self, node_id: str, url: str, fingerprint: str = "") -> Peer | None:
+        """A peer found by mDNS, a seed or gossip; (re)creates its pooled client."""
+        if node_id == self.node_id or self._stopping:
+            return None
+        mine = self.fingerprint()
+        if mine and fingerprint and fingerprint != mine:
+            return None
+        peer = self.peers.get(node_id)
+        if peer is not None and peer.url == url:
+            if fingerprint and not peer.fingerprint:
+                peer.fingerprint = fingerprint
+            return peer
+        if peer is not None:
+            self._spawn(peer.client.close())
+        peer = Peer(node_id, url, fingerprint, PeerClient(url, self.node_id, self.secret))
+        self.peers[node_id] = peer
+        log.info("peer %s at %s", node_id, url)
+        self._peer_event.set()
+        if self.cluster is not None:
+            self.cluster.peer_found(node_id, url)
+        return peer
+
+    async def _contact_seed(self, url: str) -> None:
+        probe = PeerClient(url, self.node_id, self.secret)
+        try:
+            for attempt in range(600):
+                try:
+                    raw = await probe.get_bytes("/v1/hello", timeout_s=5.0)
+                    info = unpack(raw)
+                    if info.get("cluster_id") != self.config.cluster_id:
+                        log.warning("seed %s belongs to cluster %r", url, info.get("cluster_id"))
+                        return
+                    self.add_peer(str(info["node_id"]), url, str(info.get("fingerprint", "")))
+                    return
+                except (PeerError, KeyError, TypeError, ValueError, AttributeError) as exc:
+                    if attempt % 10 == 0:
+                        log.info("seed %s not answering yet (%s)", url, exc)
+                    await asyncio.sleep(1.0)
+        finally:
+            await probe.close()
+
+    def client(self, node_id: str) -> PeerClient | None:
+        peer = self.peers.get(node_id)
+        return peer.client if peer else None
+
+    def is_alive(self, node_id: str) -> bool:
+        if node_id not in self.peers:
+            return False
+        return self.cluster.is_alive(node_id) if self.cluster is not None else True
+
+    def report_failure(self, node_id: str) -> None:
+        if self.cluster is not None:
+            self.cluster.suspect(node_id)
+
+    def sources(self, exclude: str | None = None) -> list[PeerClient]:
+        """Peers to fetch files from: live ones first."""
+        peers = [p for p in self.peers.values() if p.node_id != exclude]
+        peers.sort(key=lambda p: not self.is_alive(p.node_id))
+        return [p.client for p in peers]
+
+    # ---- startup ------------------------------------------------------------------------------
+    async def _bootstrap(self) -> None:
+        """Get the manifest and the dense part (from peers if needed), then load and serve."""
+        while not self.store.ready():
+            if not self.peers:
+                self._peer_event.clear()
+                await self._peer_event.wait()
+                continue
+            try:
+                await self._fetch_model_files()
+            except (PeerError, CorruptShard, OSError) as exc:
+                log.warning("fetching the model from peers failed (%s); retrying", exc)
+                await asyncio.sleep(1.0)
+        manifest = self.store.manifest
+        assert manifest is not None
+        if self.discovery is not None:
+            await self.discovery.update()
+        self.local = await asyncio.to_thread(LocalExperts, self.store.root, device=self.device)
+        self.recorder = ActivationRecorder(
+            manifest.num_layers, manifest.num_experts, manifest.top_k
+        )
+        self.tap = LocalShareTap(self.recorder, self.local, self.metrics)
+        loop = asyncio.get_running_loop()
+        self.router = Router(
+            self.node_id, self.local, self, loop, self.metrics, self.fetch_and_load
+        )
+        self.expert_service = ExpertService(
+            self.local, on_batch=self.metrics.rpc_batch_rows.observe
+        )
+        self.expert_service.start()
+        self.engine = await InferenceEngine.load(
+            self.store.root, self.router, recorder=self.tap, device=self.device
+        )
+        self.cluster = ClusterDriver(self)
+        for peer in self.peers.values():
+            self.cluster.peer_found(peer.node_id, peer.url)
+        await self.cluster.start()
+        self.ready.set()
+        log.info("node %s ready: model %s", self.node_id, self.model_id)
+
+    async def _fetch_model_files(self) -> None:
+        if self.store.manifest is None:
+            peer = next(iter(self.peers.values()))
+            raw = await peer.client.get_bytes("/v1/manifest")
+            self.store.install_manifest(raw, peer.fingerprint or None)
+            log.info("manifest from %s", peer.node_id)
+        for rel in self.store.side_files():
+            sources = self.sources()
+            await self.fetcher.fetch(rel, sources, split=rel == DENSE_NAME)
+
+    @property
+    def model_expert_bytes(self) -> int:
+        m = self.store.manifest
+        return m.expert_bytes * m.num_layers * m.num_experts if m else 0
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.config.capacity.resolve(self.model_expert_bytes)
+
+    # ---- experts --------------------------------------------------------------------------------
+    async def fetch_expert(self, layer: int, expert: int, prefer: str | None = None) -> None:
+        """Make the expert's shard present and verified on disk (pulled from peers if needed)."""
+        rel = Manifest.expert_path(layer, expert)
+        if await asyncio.to_thread(self.store.has, rel):
+            return
+        sources = self.sources()
+        if prefer is not None and (client := self.client(prefer)) is not None:
+            sources = [client, *[s for s in sources if s is not client]]
+        await self.fetcher.fetch(rel, sources)
+
+    async def fetch_and_load(self, layer: int, expert: int, prefer: str | None = None) -> None:
+        assert self.local is not None
+        if self.local.holds(layer, expert):
+            return
+        await self.fetch_expert(layer, expert, prefer)
+        await asyncio.to_thread(self.local.load, layer, expert)
+
+    # ---- generation ---------------------------------------------------------------------------
+    def _account(self, result: GenerationResult) -> None:
+        n = len(result.token_ids)
+        self.metrics.generated_tokens.inc(n)
+        self.metrics.generation_seconds.observe(result.seconds)
+        if result.seconds > 0:
+            self.metrics.tokens_per_second.set(n / result.seconds)
+
+    async def generate(self, prompt_ids: list[int], params: GenerationParams) -> GenerationResult:
+        assert self.engine is not None and self.recorder is not None
+        self.recorder.note_request()
+        result = await self.engine.generate(prompt_ids, params)
+        self._account(result)
+        return result
+
+    def stream(
+        self,
+        prompt_ids: list[int],
+        params: GenerationParams,
+        on_done: Callable[[GenerationResult], None],
+    ) -> AsyncIterator[int]:
+        assert self.engine is not None and self.recorder is not None
+        self.recorder.note_request()
+
+        def done(result: GenerationResult) -> None:
+            self._account(result)
+            on_done(result)
+
+        return self.engine.stream(prompt_ids, params, done)
+
+    # ---- cluster ------------------------------------------------------------------------------
+    async def on_gossip(self, sender: str, message: Any) -> Any:
+        if self.cluster is None:
+            from edgemoe.daemon.wire import WireError
+
+            raise WireError("this node is still starting", 503)
+        return await self.cluster.on_message(sender, message)
+
+    def cluster_view(self) -> dict[str, Any]:
+        m = self.store.manifest
+        view: dict[str, Any] = {
+            "node_id": self.node_id,
+            "cluster_id": self.config.cluster_id,
+            "url": self.url,
+            "ready": self.engine is not None,
+            "epoch": 0,
+            "model": None
+            if m is None
+            else {
+                "architecture": m.architecture,
+                "num_layers": m.num_layers,
+                "num_experts": m.num_experts,
+                "top_k": m.top_k,
+                "fingerprint": m.fingerprint,
+                "expert_bytes": m.expert_bytes,
+            },
+            "members": [],
+            "placement": {"epoch": 0, "strategy": self.config.strategy, "holders": {}},
+            "holdings": {},
+            "stats": {},
+            "local_share": self.tap.share if self.tap else 1.0,
+            "routed": {
+                "local": self.tap.local_pairs if self.tap else 0,
+                "total": self.tap.total_pairs if self.tap else 0,
+            },
+            "remote_bytes": int(
+                sum(
+                    s.value
+                    for metric in self.metrics.remote_bytes.collect()
+                    for s in metric.samples
+                    if s.name.endswith("_total")
+                )
+            ),
+            "migration": {"pending": 0, "bytes_moved": 0},
+        }
+        if self.cluster is not None:
+            view.update(self.cluster.view())
+        return view
+
+    async def request_migration(self, *, dry_run: bool, members: list[str] | None) -> Any:
+        if self.cluster is None:
+            raise ValueError("this node is still starting")
+        return await self.cluster.request_migration(dry_run=dry_run, members=members)
+
+
+def store_root(config: DaemonConfig) -> Path:
+    return config.model_dir or config.state_dir / "model"

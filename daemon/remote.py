@@ -1,0 +1,261 @@
+"""The daemon's `ExpertDirectory`: local experts, one remote executor per peer, and failover.
+
+Routing follows announced holdings (`Router.set_holdings`). A remote call runs on the event
+loop (`asyncio.run_coroutine_threadsafe`) and completes the future the model thread waits
+on. If the peer fails, the rows go to other live holders of their experts; an expert with no
+live holder is fetched from any peer that has its file and computed here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import Future
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from edgemoe.daemon.metrics import DaemonMetrics
+from edgemoe.daemon.peers import PeerClient, PeerError
+from edgemoe.daemon.rpc import tensor_from_wire, tensor_to_wire
+from edgemoe.model.executor import ExpertExecutor
+from edgemoe.model.local import LocalExperts
+
+log = logging.getLogger(__name__)
+FORWARD_PATH = "/v1/experts/forward"
+
+
+class PeerBook(Protocol):
+    """What the router needs to know about peers (the daemon implements it)."""
+
+    def client(self, node_id: str) -> PeerClient | None: ...
+
+    def is_alive(self, node_id: str) -> bool: ...
+
+    def report_failure(self, node_id: str) -> None: ...
+
+
+class Router:
+    """Maps (layer, expert) to an executor; owns the remote executors and the failover."""
+
+    def __init__(
+        self,
+        node_id: str,
+        local: LocalExperts,
+        peers: PeerBook,
+        loop: asyncio.AbstractEventLoop,
+        metrics: DaemonMetrics,
+        fetch_and_load: Callable[[int, int], Awaitable[None]],
+        *,
+        call_timeout_s: float = 20.0,
+    ) -> None:
+        self.node_id = node_id
+        self.local = local
+        self.peers = peers
+        self.loop = loop
+        self.metrics = metrics
+        self.fetch_and_load = fetch_and_load
+        self.call_timeout_s = call_timeout_s
+        self._holdings: dict[tuple[int, int], tuple[str, ...]] = {}
+        self._preferred: dict[tuple[int, int], str] = {}
+        self._remotes: dict[str, RemoteExecutor] = {}
+        self._lock = threading.Lock()
+        self._orphans = _OrphanExecutor(self)
+
+    # ---- routing table (written from the event loop, read by model threads) -----------------
+    def set_holdings(
+        self,
+        holdings: Mapping[tuple[int, int], list[str] | tuple[str, ...]],
+        preferred: Mapping[tuple[int, int], str] | None = None,
+    ) -> None:
+        """Announced holders per expert, and the placement's routing choice where it has one."""
+        table = {k: tuple(v) for k, v in holdings.items()}
+        with self._lock:
+            self._holdings = table
+            self._preferred = dict(preferred or {})
+
+    def holders(self, layer: int, expert: int, exclude: frozenset[str] = frozenset()) -> list[str]:
+        with self._lock:
+            found = self._holdings.get((layer, expert), ())
+            first = self._preferred.get((layer, expert))
+        alive = [
+            n for n in found if n != self.node_id and n not in exclude and self.peers.is_alive(n)
+        ]
+        if first in alive:
+            alive.remove(first)
+            alive.insert(0, first)
+        return alive
+
+    def remote(self, node_id: str) -> RemoteExecutor:
+        with self._lock:
+            ex = self._remotes.get(node_id)
+            if ex is None:
+                ex = self._remotes[node_id] = RemoteExecutor(self, node_id)
+            return ex
+
+    def executor_for(self, layer: int, expert: int) -> ExpertExecutor:
+        if self.local.holds(layer, expert):
+            return self.local
+        alive = self.holders(layer, expert)
+        if alive:
+            return self.remote(alive[0])
+        return self._orphans
+
+    # ---- failover ---------------------------------------------------------------------------
+    async def compute(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        ids: torch.Tensor,
+        weights: torch.Tensor,
+        target: str | None,
+        failed: frozenset[str] = frozenset(),
+    ) -> torch.Tensor:
+        """Rows of `ids` (>= 0 slots) computed by `target`, or by whoever can after failures."""
+        if target is not None:
+            try:
+                return await self._call(target, layer, hidden, ids, weights)
+            except PeerError as exc:
+                log.warning("expert call to %s failed (%s); trying other holders", target, exc)
+                self.metrics.remote_failures.labels(peer=target).inc()
+                self.peers.report_failure(target)
+                failed = failed | {target}
+        out = torch.zeros_like(hidden)
+        groups: dict[str | None, list[int]] = {}
+        for e in {int(x) for x in torch.unique(ids).tolist() if x >= 0}:
+            if self.local.holds(layer, e):
+                groups.setdefault(self.node_id, []).append(e)
+                continue
+            alive = self.holders(layer, e, failed)
+            groups.setdefault(alive[0] if alive else None, []).append(e)
+        parts = []
+        for who, experts in groups.items():
+            masked = _mask(ids, experts)
+            if who == self.node_id:
+                parts.append(asyncio.to_thread(self.local.forward, layer, hidden, masked, weights))
+            elif who is None:
+                parts.append(self._fetch_then_local(layer, experts, hidden, masked, weights))
+            else:
+                parts.append(self.compute(layer, hidden, masked, weights, who, failed))
+        for part in await asyncio.gather(*parts):
+            out += part
+        return out
+
+    async def _fetch_then_local(
+        self,
+        layer: int,
+        experts: list[int],
+        hidden: torch.Tensor,
+        ids: torch.Tensor,
+        weights: torch.Tensor,
+    ) -> torch.Tensor:
+        for e in experts:
+            if not self.local.holds(layer, e):
+                log.warning("no live holder of expert %d/%d: fetching it to run here", layer, e)
+                await self.fetch_and_load(layer, e)
+        return await asyncio.to_thread(self.local.forward, layer, hidden, ids, weights)
+
+    async def _call(
+        self,
+        node_id: str,
+        layer: int,
+        hidden: torch.Tensor,
+        ids: torch.Tensor,
+        weights: torch.Tensor,
+    ) -> torch.Tensor:
+        client = self.peers.client(node_id)
+        if client is None:
+            raise PeerError(f"{node_id}: unknown peer")
+        rows = torch.nonzero((ids >= 0).any(dim=1), as_tuple=True)[0]
+        out = torch.zeros_like(hidden)
+        if rows.numel() == 0:
+            return out
+        body = {
+            "layer": layer,
+            "hidden": tensor_to_wire(hidden[rows]),
+            "expert_ids": tensor_to_wire(ids[rows].to(torch.int64)),
+            "weights": tensor_to_wire(weights[rows].to(hidden.dtype)),
+        }
+        sent = sum(len(v["data"]) for k, v in body.items() if k != "layer")
+        self.metrics.remote_calls.labels(peer=node_id).inc()
+        self.metrics.remote_bytes.labels(peer=node_id, direction="sent").inc(sent)
+        answer = await client.post(FORWARD_PATH, body, timeout_s=self.call_timeout_s)
+        if not isinstance(answer, dict) or "out" not in answer:
+            raise PeerError(f"{node_id}: malformed expert answer")
+        try:
+            part = tensor_from_wire(
+                answer["out"],
+                dtypes=(body["hidden"]["dtype"],),
+                ndim=2,
+                max_elements=hidden[rows].numel(),
+                name="out",
+            )
+        except ValueError as exc:
+            raise PeerError(f"{node_id}: bad expert answer: {exc}") from None
+        if tuple(part.shape) != (rows.numel(), hidden.shape[1]):
+            raise PeerError(f"{node_id}: answer shape {list(part.shape)} is wrong")
+        self.metrics.remote_bytes.labels(peer=node_id, direction="received").inc(
+            len(answer["out"]["data"])
+        )
+        out[rows] = part.to(hidden.device)
+        return out
+
+
+def _mask(ids: torch.Tensor, experts: list[int]) -> torch.Tensor:
+    keep = torch.isin(ids, torch.tensor(experts, dtype=ids.dtype, device=ids.device))
+    return torch.where(keep, ids, torch.full_like(ids, -1))
+
+
+class RemoteExecutor:
+    """Executor for one peer: a pending future the event loop completes."""
+
+    def __init__(self, router: Router, node_id: str) -> None:
+        self.router = router
+        self.node_id = node_id
+
+    def submit(
+        self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> Future[torch.Tensor]:
+        coro = self.router.compute(layer, hidden, expert_ids, weights, self.node_id)
+        return asyncio.run_coroutine_threadsafe(coro, self.router.loop)
+
+
+class _OrphanExecutor:
+    """Experts nobody alive announces: fetch their shards and compute them here."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def submit(
+        self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> Future[torch.Tensor]:
+        coro = self.router.compute(layer, hidden, expert_ids, weights, None)
+        return asyncio.run_coroutine_threadsafe(coro, self.router.loop)
+
+
+class LocalShareTap:
+    """Wraps the activation recorder: also counts how many routed pairs were held locally."""
+
+    def __init__(self, recorder: object, local: LocalExperts, metrics: DaemonMetrics) -> None:
+        self.recorder = recorder
+        self.local = local
+        self.metrics = metrics
+        self.local_pairs = 0
+        self.total_pairs = 0
+        self.remote_bytes = 0
+
+    def record(self, layer: int, topk_ids: np.ndarray) -> None:
+        self.recorder.record(layer, topk_ids)  # type: ignore[attr-defined]
+        held = self.local.held()
+        flat = [int(e) for e in topk_ids.reshape(-1) if e >= 0]
+        self.local_pairs += sum((layer, e) in held for e in flat)
+        self.total_pairs += len(flat)
+        if self.total_pairs:
+            self.metrics.local_share.set(self.local_pairs / self.total_pairs)
+
+    @property
+    def share(self) -> float:
+        return self.local_pairs / self.total_pairs if self.total_pairs else 1.0

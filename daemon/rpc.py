@@ -1,0 +1,187 @@
+"""Expert RPC: tensors on the wire, and the server side that computes held experts for peers.
+
+`ExpertService` runs the computation on one worker thread so the event loop stays free;
+requests that arrive while it is busy are grouped per layer and computed in one call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgemoe.daemon.wire import WireError, decode_array, encode_array
+from edgemoe.model.local import LocalExperts
+
+MAX_ROWS = 8192
+_TORCH_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def tensor_to_wire(t: torch.Tensor) -> dict[str, Any]:
+    t = t.detach().to("cpu").contiguous()
+    if t.dtype == torch.bfloat16:
+        return encode_array(t.view(torch.int16).numpy().view(np.uint16), "bfloat16")
+    if t.dtype == torch.int64:
+        return encode_array(t.numpy(), "int64")
+    return encode_array(t.numpy(), _TORCH_NAMES[t.dtype])
+
+
+def tensor_from_wire(
+    obj: Any, *, dtypes: tuple[str, ...], ndim: int, max_elements: int, name: str
+) -> torch.Tensor:
+    arr, dtype = decode_array(obj, dtypes=dtypes, ndim=ndim, max_elements=max_elements, name=name)
+    if dtype == "bfloat16":
+        return torch.from_numpy(arr.astype(np.int16, copy=True)).view(torch.bfloat16)
+    return torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="), copy=True))
+
+
+@dataclass(frozen=True)
+class ForwardRequest:
+    layer: int
+    hidden: torch.Tensor
+    expert_ids: torch.Tensor
+    weights: torch.Tensor
+
+
+def parse_forward(
+    body: Any, *, num_layers: int, num_experts: int, hidden_size: int, dtype: str
+) -> ForwardRequest:
+    """Validate a decoded /v1/experts/forward body; WireError (4xx) names what is wrong."""
+    if not isinstance(body, dict):
+        raise WireError("body must be a map {layer, hidden, expert_ids, weights}")
+    layer = body.get("layer")
+    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < num_layers:
+        raise WireError(f"layer must be an integer in 0..{num_layers - 1}", 404)
+    hidden = tensor_from_wire(
+        body.get("hidden"),
+        dtypes=(dtype,),
+        ndim=2,
+        max_elements=MAX_ROWS * hidden_size,
+        name="hidden",
+    )
+    rows = hidden.shape[0]
+    if hidden.shape[1] != hidden_size:
+        raise WireError(f"hidden: width {hidden.shape[1]} != model hidden size {hidden_size}")
+    ids = tensor_from_wire(
+        body.get("expert_ids"),
+        dtypes=("int64",),
+        ndim=2,
+        max_elements=MAX_ROWS * 64,
+        name="expert_ids",
+    )
+    weights = tensor_from_wire(
+        body.get("weights"),
+        dtypes=(dtype, "float32"),
+        ndim=2,
+        max_elements=MAX_ROWS * 64,
+        name="weights",
+    )
+    if ids.shape[0] != rows or weights.shape != ids.shape:
+        raise WireError(
+            f"expert_ids {list(ids.shape)} and weights {list(weights.shape)} "
+            f"must both be [{rows}, K]"
+        )
+    if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= num_experts):
+        raise WireError(f"expert_ids must be in -1..{num_experts - 1}", 404)
+    if not bool(torch.isfinite(hidden).all()) or not bool(torch.isfinite(weights).all()):
+        raise WireError("hidden and weights must be finite")
+    return ForwardRequest(layer, hidden, ids, weights)
+
+
+@dataclass
+class _Job:
+    request: ForwardRequest
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[torch.Tensor] = field(repr=False)
+
+
+class ExpertService:
+    """Computes forward requests on a worker thread, batching concurrent ones per layer."""
+
+    def __init__(self, experts: LocalExperts, *, on_batch: Any = None) -> None:
+        self.experts = experts
+        self.on_batch = on_batch
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="expert-rpc", daemon=True)
+        self.batches = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    async def forward(self, request: ForwardRequest) -> torch.Tensor:
+        held = self.experts.held()
+        wanted = {int(e) for e in torch.unique(request.expert_ids).tolist() if e >= 0}
+        missing = sorted(e for e in wanted if (request.layer, e) not in held)
+        if missing:
+            raise WireError(f"layer {request.layer} experts {missing} are not held here", 409)
+        loop = asyncio.get_running_loop()
+        job = _Job(request, loop, loop.create_future())
+        self._queue.put(job)
+        return await job.future
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            jobs = [job]
+            while True:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)
+                    break
+                jobs.append(nxt)
+            by_layer: dict[int, list[_Job]] = {}
+            for j in jobs:
+                by_layer.setdefault(j.request.layer, []).append(j)
+            for layer, group in by_layer.items():
+                self._compute(layer, group)
+
+    def _compute(self, layer: int, group: list[_Job]) -> None:
+        width = max(j.request.expert_ids.shape[1] for j in group)
+        hidden = torch.cat([j.request.hidden for j in group])
+        ids = torch.cat([_pad(j.request.expert_ids, width, -1) for j in group])
+        weights = torch.cat([_pad(j.request.weights.to(hidden.dtype), width, 0) for j in group])
+        self.batches += 1
+        if self.on_batch is not None:
+            self.on_batch(hidden.shape[0])
+        try:
+            out = self.experts.forward(layer, hidden, ids, weights)
+        except Exception as exc:
+            for j in group:
+                j.loop.call_soon_threadsafe(_set_exc, j.future, exc)
+            return
+        start = 0
+        for j in group:
+            n = j.request.hidden.shape[0]
+            j.loop.call_soon_threadsafe(_set_result, j.future, out[start : start + n])
+            start += n
+
+
+def _pad(t: torch.Tensor, width: int, value: float) -> torch.Tensor:
+    if t.shape[1] == width:
+        return t
+    pad = torch.full((t.shape[0], width - t.shape[1]), value, dtype=t.dtype)
+    return torch.cat([t, pad], dim=1)
+
+
+def _set_result(fut: asyncio.Future[torch.Tensor], value: torch.Tensor) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exc(fut: asyncio.Future[torch.Tensor], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

@@ -1,0 +1,261 @@
+"""Shard files on disk: verified by size and sha256, installed atomically, fetched resumably.
+
+The store's root is a shard directory (the layout of `edgemoe shard`): the node's own
+``--model-dir`` when it has one, else ``STATE_DIR/model`` filled from peers. A fetch writes
+into ``.partial/`` and resumes from what is there with an HTTP Range request; only a file whose
+size and sha256 match the manifest is renamed into place, so a corrupt or cut transfer is
+never loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from edgemoe.daemon.peers import PeerClient, PeerError
+from edgemoe.model.manifest import MANIFEST_NAME, Manifest
+from edgemoe.model.shard import DENSE_NAME
+
+log = logging.getLogger(__name__)
+_CHUNK = 1 << 20
+_PARTIAL = ".partial"
+_EXPERT_RE = re.compile(r"experts/L(\d+)/E(\d+)\.safetensors")
+
+
+class CorruptShard(Exception):
+    """A fetched file's size or sha256 differs from the manifest."""
+
+
+class ShardStore:
+    """The node's shard directory; all paths come from the manifest (no path from the network)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.manifest: Manifest | None = None
+        self._verified: set[str] = set()
+        if (root / MANIFEST_NAME).is_file():
+            self.manifest = Manifest.load(root)
+
+    # ---- what is here -------------------------------------------------------------------
+    def side_files(self) -> list[str]:
+        """Non-expert files of the manifest (dense part, config, tokenizer)."""
+        assert self.manifest is not None
+        return sorted(r for r in self.manifest.files if not _EXPERT_RE.fullmatch(r))
+
+    def info(self, rel: str) -> dict[str, Any]:
+        if self.manifest is None or rel not in self.manifest.files:
+            raise KeyError(rel)
+        return self.manifest.files[rel]
+
+    def path(self, rel: str) -> Path:
+        self.info(rel)
+        return self.root / rel
+
+    def has(self, rel: str) -> bool:
+        """True when the file is present with the manifest's size and sha256 (cached)."""
+        if rel in self._verified:
+            return True
+        try:
+            info, path = self.info(rel), self.root / rel
+        except KeyError:
+            return False
+        if not path.is_file() or path.stat().st_size != info["bytes"]:
+            return False
+        if _sha256(path) != info["sha256"]:
+            log.warning("%s: sha256 differs from the manifest; will refetch", path)
+            return False
+        self._verified.add(rel)
+        return True
+
+    def has_expert(self, layer: int, expert: int) -> bool:
+        return self.has(Manifest.expert_path(layer, expert))
+
+    def ready(self) -> bool:
+        """Manifest, dense part and side files present: the model can be loaded."""
+        return self.manifest is not None and all(self.has(r) for r in self.side_files())
+
+    def experts_on_disk(self) -> set[tuple[int, int]]:
+        if self.manifest is None:
+            return set()
+        found = set()
+        for rel in self.manifest.files:
+            m = _EXPERT_RE.fullmatch(rel)
+            if m and (self.root / rel).is_file():
+                found.add((int(m.group(1)), int(m.group(2))))
+        return found
+
+    def forget(self, rel: str) -> None:
+        self._verified.discard(rel)
+
+    # ---- installing -----------------------------------------------------------------------
+    def install_manifest(self, raw: bytes, expect_fingerprint: str | None) -> Manifest:
+        """Check and write a manifest received from a peer."""
+        try:
+            data = json.loads(raw)
+            manifest = Manifest(**data)
+        except (ValueError, TypeError) as exc:
+            raise CorruptShard(f"manifest from peer is malformed: {exc}") from None
+        if expect_fingerprint and manifest.fingerprint != expect_fingerprint:
+            raise CorruptShard("manifest fingerprint differs from the one the peer announced")
+        for rel in manifest.files:
+            if rel.startswith(("/", ".")) or ".." in Path(rel).parts:
+                raise CorruptShard(f"manifest names an unsafe path {rel!r}")
+        self.root.mkdir(parents=True, exist_ok=True)
+        manifest.save(self.root)
+        self.manifest = manifest
+        return manifest
+
+    def partial_path(self, rel: str, segment: int = 0) -> Path:
+        return self.root / _PARTIAL / f"{rel.replace('/', '__')}.{segment}"
+
+    def install_from(self, rel: str, parts: Sequence[Path]) -> None:
+        """Verify the concatenation of `parts`; move it into place (temp + fsync + rename)."""
+        info, target = self.info(rel), self.root / rel
+        tmp = self.root / _PARTIAL / f"{rel.replace('/', '__')}.assembled"
+        digest = hashlib.sha256()
+        size = 0
+        with tmp.open("wb") as out:
+            for part in parts:
+                with part.open("rb") as fh:
+                    while chunk := fh.read(_CHUNK):
+                        digest.update(chunk)
+                        size += len(chunk)
+                        if len(parts) > 1:
+                            out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        source = tmp if len(parts) > 1 else parts[0]
+        if size != info["bytes"] or digest.hexdigest() != info["sha256"]:
+            for p in (tmp, *parts):
+                p.unlink(missing_ok=True)
+            raise CorruptShard(f"{rel}: size {size} or sha256 differs from the manifest")
+        if len(parts) == 1:
+            with source.open("rb+") as fh:
+                os.fsync(fh.fileno())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, target)
+        _fsync_dir(target.parent)
+        for p in (tmp, *parts):
+            p.unlink(missing_ok=True)
+        self._verified.add(rel)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def url_path(rel: str) -> str:
+    """The peer endpoint serving a manifest file."""
+    m = _EXPERT_RE.fullmatch(rel)
+    if m:
+        return f"/v1/shards/{m.group(1)}/{m.group(2)}"
+    if rel == DENSE_NAME:
+        return "/v1/dense"
+    return f"/v1/files/{rel}"
+
+
+class ShardFetcher:
+    """Pulls manifest files from peers into a `ShardStore`, resuming and verifying."""
+
+    def __init__(
+        self,
+        store: ShardStore,
+        *,
+        on_bytes: Callable[[int], None] | None = None,
+        attempts: int = 3,
+    ) -> None:
+        self.store = store
+        self.on_bytes = on_bytes or (lambda n: None)
+        self.attempts = attempts
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def fetch(self, rel: str, sources: Sequence[PeerClient], *, split: bool = False) -> None:
+        """Make `rel` present and verified, from `sources` (several at once when `split`)."""
+        if not sources:
+            raise PeerError(f"{rel}: no peer to fetch it from")
+        lock = self._locks.setdefault(rel, asyncio.Lock())
+        async with lock:
+            if await asyncio.to_thread(self.store.has, rel):
+                return
+            last: Exception | None = None
+            for attempt in range(self.attempts):
+                order = list(sources[attempt % len(sources) :]) + list(
+                    sources[: attempt % len(sources)]
+                )
+                try:
+                    await self._fetch_once(rel, order, split=split)
+                    return
+                except CorruptShard as exc:
+                    log.warning("%s: %s; fetching again", rel, exc)
+                    last = exc
+                except PeerError as exc:
+                    log.info("%s: transfer failed (%s); will resume", rel, exc)
+                    last = exc
+            raise PeerError(f"{rel}: could not fetch after {self.attempts} attempts: {last}")
+
+    async def _fetch_once(self, rel: str, sources: Sequence[PeerClient], *, split: bool) -> None:
+        size = int(self.store.info(rel)["bytes"])
+        n = max(1, min(len(sources), size // _CHUNK + 1)) if split else 1
+        bounds = [(size * i // n, size * (i + 1) // n) for i in range(n)]
+        (self.store.root / _PARTIAL).mkdir(parents=True, exist_ok=True)
+        parts = [self.store.partial_path(rel, i) for i in range(n)]
+        for stale in (self.store.root / _PARTIAL).glob(f"{rel.replace('/', '__')}.*"):
+            if stale not in parts:
+                stale.unlink(missing_ok=True)
+
+        async def segment(i: int) -> None:
+            errors: list[str] = []
+            for k in range(len(sources)):
+                peer = sources[(i + k) % len(sources)]
+                try:
+                    await self._fetch_range(peer, rel, parts[i], *bounds[i])
+                    return
+                except PeerError as exc:
+                    errors.append(str(exc))
+            raise PeerError("; ".join(errors))
+
+        await asyncio.gather(*(segment(i) for i in range(n)))
+        await asyncio.to_thread(self.store.install_from, rel, parts)
+
+    async def _fetch_range(self, peer: PeerClient, rel: str, part: Path, lo: int, hi: int) -> None:
+        have = part.stat().st_size if part.exists() else 0
+        if have > hi - lo:
+            part.unlink()
+            have = 0
+        if have == hi - lo:
+            return
+        async with peer.stream(url_path(rel), start=lo + have, end=hi - 1) as resp:
+            if resp.status == 200 and lo + have != 0:
+                raise PeerError(f"{peer.url}: ignored the Range request")
+            with part.open("ab") as fh:
+                try:
+                    async for chunk in resp.content.iter_chunked(_CHUNK):
+                        fh.write(chunk)
+                        self.on_bytes(len(chunk))
+                except Exception as exc:
+                    fh.flush()
+                    raise PeerError(f"{peer.url}: transfer of {rel} cut: {exc!r}") from None
+                fh.flush()
+                os.fsync(fh.fileno())
+        got = part.stat().st_size
+        if got != hi - lo:
+            raise PeerError(f"{peer.url}: {rel} ended after {got} of {hi - lo} bytes")
