@@ -142,3 +142,32 @@ def test_snapshot_wire_round_trip_through_msgpack() -> None:
         ActivationSnapshot.from_wire(broken)
     with pytest.raises(ValueError):
         ActivationSnapshot.from_wire({"wire": 1})
+
+
+def test_replaying_the_real_deepseek_trace_drives_the_tiny_model(tiny_models) -> None:
+    from pathlib import Path
+
+    path = (
+        Path(__file__).resolve().parents[3]
+        / "shared/traces/esft_deepseek_v2_lite_4tasks_routing.npz"
+    )
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    z = np.load(path)
+    ids, weights = z["law_expert_ids"][:40], z["law_weights"][:40]
+    _, shards = tiny_models.get("deepseek_v2")
+    local = LocalExperts(shards).load_all()
+    recorder = ActivationRecorder(2, 8, 2, clock=FakeClock())
+    trace = RoutingTrace(ids, num_experts=8, top_k=2, weights=weights)
+    model, _ = load_distributed_model(
+        shards, StaticDirectory(local), recorder=recorder, routing=trace
+    )
+    prompt = torch.arange(3, 43)[None, :]
+    with torch.no_grad():
+        model(prompt)
+    expected = np.zeros((2, 8))
+    for layer in (0, 1):
+        for row in trace.ids[:, layer]:
+            expected[layer, row] += 1
+    np.testing.assert_array_equal(recorder.snapshot("x").counts, expected)
+    assert np.allclose(trace.weights.sum(axis=2), 1.0)
