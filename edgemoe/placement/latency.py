@@ -31,9 +31,13 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
-from edgemoe.placement.problem import Placement, Problem, make_placement, objective
+from edgemoe.placement.problem import (
+    Placement,
+    Problem,
+    make_placement,
+    sample_costs,
+)
 
 
 def _rank(counts_sl: np.ndarray, required: np.ndarray) -> np.ndarray:
@@ -57,23 +61,27 @@ def _value_curves(rank: np.ndarray, layers: np.ndarray, sets: np.ndarray,
 
 
 def _dp(f: np.ndarray, lo: np.ndarray, capacity: int) -> np.ndarray:
-    """int [L]: n_l in [lo_l, E] with sum <= capacity maximising sum f[l, n_l] (exact)."""
+    """int [L]: n_l in [lo_l, E] with sum <= capacity maximising sum f[l, n_l] (exact).
+
+    Only values of n where f rises (and lo_l) are candidates: holding more for the same value is
+    dominated, and the leftover capacity is filled afterwards. With few samples per layer this
+    shrinks the inner dimension from E+1 to the number of distinct "need" values.
+    """
     L, E1 = f.shape
-    E = E1 - 1
-    C = int(min(capacity, L * E))
+    C = int(min(capacity, L * (E1 - 1)))
     neg = -np.inf
     best = np.full(C + 1, neg)
     best[0] = 0.0
     choice = np.zeros((L, C + 1), dtype=np.int64)
-    n_idx = np.arange(E, -1, -1)  # window column j holds n = E - j
+    cs = np.arange(C + 1)
     for l in range(L):
-        fl = np.where(np.arange(E1) >= lo[l], f[l], neg)
-        padded = np.concatenate([np.full(E, neg), best])
-        win = sliding_window_view(padded, E1)[: C + 1]  # win[c, j] = best[c - (E - j)]
-        tot = win + fl[n_idx][None, :]
+        rises = np.flatnonzero(np.diff(f[l]) > 0) + 1
+        cand = np.unique(np.concatenate([[lo[l]], rises[rises > lo[l]]]))
+        prev = cs[:, None] - cand[None, :]  # [C+1, n_cand]
+        tot = np.where(prev >= 0, best[np.maximum(prev, 0)], neg) + f[l, cand][None, :]
         j = np.argmax(tot, axis=1)
-        best = tot[np.arange(C + 1), j]
-        choice[l] = n_idx[j]
+        best = tot[cs, j]
+        choice[l] = cand[j]
     c = int(np.argmax(best))
     if best[c] == neg:
         raise ValueError("required experts exceed the server's capacity")
@@ -94,19 +102,29 @@ class LatencyAware:
 
     def _server_holdings(self, problem: Problem, s: int, required: np.ndarray,
                          capacity: int) -> np.ndarray:
-        rank = _rank(problem.counts[s], required)
+        counts = problem.counts[s]
+        rank = _rank(counts, required)
         m = problem.sample_server == s
         w = self._weights[m] * self._remote_cost[s]
         f = _value_curves(rank, problem.sample_layer[m], problem.sample_sets[m], w)
-        # a tiny frequency term breaks ties towards holding more of the hot experts (bytes)
-        c = problem.counts[s]
-        tot = c.sum()
-        if tot > 0:
-            freq = np.take_along_axis(c, np.argsort(rank, axis=1), axis=1) / tot
-            f = f + 1e-6 * (w.sum() + 1e-12) * np.concatenate(
-                [np.zeros((len(f), 1)), np.cumsum(freq, axis=1)], axis=1)
         n = _dp(f, required.sum(1), capacity)
-        return rank < n[:, None]
+        held = rank < n[:, None]
+        left = capacity - int(held.sum())
+        if left > 0:  # spare slots: the most used experts not yet held (fewer remote bytes)
+            score = np.where(held, -np.inf, counts + 1e-9).ravel()
+            take = np.argsort(-score, kind="stable")[:left]
+            take = take[np.isfinite(score[take])]
+            held.ravel()[take] = True
+        return held
+
+    def _own_cost(self, problem: Problem, s: int, holders: np.ndarray) -> float:
+        """Server s's weighted sample cost with nearest holders (the part s's choice drives)."""
+        m = problem.sample_server == s
+        if not m.any():
+            return 0.0
+        c = np.where(holders, self._cost[s][:, None, None], np.inf).min(0)  # [L, E]
+        per = c[problem.sample_layer[m][:, None], problem.sample_sets[m]].max(1)
+        return float((per * self._weights[m]).sum())
 
     def place(self, problem: Problem) -> Placement:
         t0 = time.perf_counter()
@@ -116,7 +134,7 @@ class LatencyAware:
     def _solve(self, problem: Problem) -> np.ndarray:
         S, L, E = problem.num_servers, problem.num_layers, problem.num_experts
         slots = problem.slots
-        cost = problem.call_cost()
+        cost = self._cost = problem.call_cost()
         self._remote_cost = np.array(
             [cost[s][np.arange(S) != s].min() if S > 1 else 0.0 for s in range(S)])
         self._weights = problem.sample_weights()
@@ -140,16 +158,14 @@ class LatencyAware:
                 take = cand[np.lexsort((cand, -use))][:deficit]
                 required.ravel()[take] = True
             holders[s] = h
-        best = objective(problem, make_placement(problem, holders, self.name, 0.0))
         for _ in range(self.sweeps):
             improved = False
             for s in order:
                 others = np.delete(holders, s, axis=0).any(0)
                 trial = holders.copy()
                 trial[s] = self._server_holdings(problem, s, ~others, int(slots[s]))
-                val = objective(problem, make_placement(problem, trial, self.name, 0.0))
-                if val < best - 1e-15:
-                    holders, best, improved = trial, val, True
+                if self._own_cost(problem, s, trial) < self._own_cost(problem, s, holders) - 1e-15:
+                    holders, improved = trial, True
             if not improved:
                 break
         return holders
@@ -163,8 +179,6 @@ class LatencyAware:
         bw = np.asarray(problem.bandwidth_bps, dtype=np.float64)[~np.eye(S, dtype=bool)]
         bw_mean = float(bw.mean()) if len(bw) else 1.0
         w = problem.sample_weights()
-        from edgemoe.placement.problem import nearest_routes, sample_costs
-
         cur_cost = sample_costs(problem, current.route) * w
         tgt_cost = sample_costs(problem, target.route) * w
         gains = np.bincount(problem.sample_layer, cur_cost - tgt_cost, minlength=L)
@@ -181,6 +195,4 @@ class LatencyAware:
             trial[:, l] = target.holders[:, l]
             if np.all(trial.reshape(S, -1).sum(1) <= problem.slots):
                 holders = trial
-        pl = Placement(holders=holders, route=nearest_routes(problem, holders),
-                       strategy=self.name, solve_s=target.solve_s)
-        return make_placement(problem, pl.holders, self.name, target.solve_s)
+        return make_placement(problem, holders, self.name, target.solve_s)
