@@ -8,6 +8,7 @@ first, local ones compute while the remote calls are in flight, then results are
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -60,22 +61,33 @@ class DistributedExperts(nn.Module):
         calls = []
         for executor, experts in groups.values():
             if len(groups) == 1:
-                masked = ids
-            else:
-                mine = torch.isin(ids, torch.tensor(experts, device=ids.device))
-                masked = torch.where(mine, ids, torch.full_like(ids, -1))
-            calls.append((executor, masked))
+                calls.append((executor, None, ids, top_k_weights, hidden_states))
+                continue
+            mine = torch.isin(ids, torch.tensor(experts, device=ids.device))
+            # Only the rows with a slot for this executor travel (fewer bytes to remote peers).
+            rows = torch.nonzero(mine.any(dim=1), as_tuple=True)[0]
+            masked = torch.where(mine, ids, torch.full_like(ids, -1))[rows]
+            calls.append((executor, rows, masked, top_k_weights[rows], hidden_states[rows]))
         # Remote calls first, so the network works while local experts compute.
         calls.sort(key=lambda call: bool(getattr(call[0], "is_local", False)))
-        futures = []
-        results: list[torch.Tensor] = []
-        for executor, masked in calls:
+        pending = []
+        for executor, rows, masked, weights, hidden in calls:
             if getattr(executor, "is_local", False):
-                results.append(executor.forward(self.layer, hidden_states, masked, top_k_weights))
+                result = executor.forward(self.layer, hidden, masked, weights)
+                pending.append((rows, _done(result)))
             else:
-                futures.append(executor.submit(self.layer, hidden_states, masked, top_k_weights))
-        results += [f.result() for f in futures]
+                pending.append((rows, executor.submit(self.layer, hidden, masked, weights)))
         out = torch.zeros_like(hidden_states)
-        for part in results:
-            out += part.to(device=out.device, dtype=out.dtype)
+        for rows, future in pending:
+            part = future.result().to(device=out.device, dtype=out.dtype)
+            if rows is None:
+                out += part
+            else:
+                out.index_add_(0, rows, part)
         return out
+
+
+def _done(value: torch.Tensor) -> Future[torch.Tensor]:
+    future: Future[torch.Tensor] = Future()
+    future.set_result(value)
+    return future
