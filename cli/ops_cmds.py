@@ -100,6 +100,16 @@ def holdings_by_node(holdings: dict[str, list[str]]) -> dict[str, dict[int, list
     return out
 
 
+def model_of(cluster: dict[str, Any]) -> dict[str, Any]:
+    """The model block of /v1/cluster; a node still fetching its shards has none yet."""
+    model = cluster.get("model")
+    if not model:
+        raise ClientError(
+            f"node {cluster.get('node_id', '?')} has no model yet (still fetching its shards?)"
+        )
+    return model
+
+
 def member_ids(cluster: dict[str, Any]) -> list[str]:
     ids = [m["node_id"] for m in cluster.get("members", [])]
     return ids or [cluster["node_id"]]
@@ -128,7 +138,7 @@ def placement_table(cluster: dict[str, Any], layer: int | None = None) -> Any:
     """Rows = MoE layers, one column per node: the experts it holds (decided placement)."""
     from rich.table import Table
 
-    model = cluster["model"]
+    model = model_of(cluster)
     placement = cluster.get("placement") or {}
     per_node = held_by_node(placement.get("holders", {}))
     nodes = member_ids(cluster)
@@ -157,7 +167,7 @@ def node_summary_table(
     """One row per node: state, capacity, experts held (announced), local hit from its stats."""
     from rich.table import Table
 
-    model = cluster["model"]
+    model = cluster.get("model") or {}
     announced = holdings_by_node(cluster.get("holdings", {}))
     stats = cluster.get("stats", {})
     extra = extra or {}
@@ -165,7 +175,7 @@ def node_summary_table(
     table = Table(title=f"cluster {cluster.get('cluster_id', '')} — epoch {cluster.get('epoch')}")
     for col in ("node", "url", "state", "capacity", "experts held", "local hit", *extra_cols):
         table.add_column(col, justify="right" if col in ("capacity", "experts held") else "left")
-    total = model["num_layers"] * model["num_experts"]
+    total = model.get("num_layers", 0) * model.get("num_experts", 0)
     for member in cluster.get("members", []):
         nid = member["node_id"]
         held = announced.get(nid, {})
@@ -208,7 +218,7 @@ def explain_table(cluster: dict[str, Any], layer: int | None) -> Any:
     is (entropy), how many experts it holds there and how much of its traffic they serve."""
     from rich.table import Table
 
-    model = cluster["model"]
+    model = model_of(cluster)
     k = int(model.get("top_k", 1))
     per_node = held_by_node((cluster.get("placement") or {}).get("holders", {}))
     stats = cluster.get("stats", {})
@@ -305,13 +315,17 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                 {"node": target.url, "via": target.how, "cluster": cluster, "health": health}
             )
             return
-        model = cluster["model"]
+        model = cluster.get("model")
         mig = cluster.get("migration", {})
+        what = (
+            f"model {model['architecture']} {model['num_layers']}x{model['num_experts']} "
+            f"top-{model['top_k']}, expert {human_bytes(model['expert_bytes'])}"
+            if model
+            else "no model yet"
+        )
         out = console()
         out.print(
-            f"node [bold]{cluster['node_id']}[/] at {target.url} (via {target.how}); "
-            f"model {model['architecture']} {model['num_layers']}x{model['num_experts']} "
-            f"top-{model['top_k']}, expert {human_bytes(model['expert_bytes'])}; "
+            f"node [bold]{cluster['node_id']}[/] at {target.url} (via {target.how}); {what}; "
             f"local share {cluster.get('local_share', 0):.0%}, "
             f"remote {human_bytes(cluster.get('remote_bytes', 0))}; "
             f"migration: {mig.get('pending', 0)} pending, "
@@ -366,7 +380,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         """Who holds which experts (the decided placement) and, with --explain, why."""
         target = resolve_node(node, config, api_token)
         cluster = target.get("/v1/cluster")
-        num_layers = cluster["model"]["num_layers"]
+        num_layers = model_of(cluster)["num_layers"]
         if layer is not None and not 0 <= layer < num_layers:
             raise ClientError(f"--layer {layer}: the model has MoE layers 0..{num_layers - 1}", 2)
         if json_out:

@@ -47,6 +47,7 @@ def cluster_state(url: str) -> dict[str, Any]:
 class FakeNode(ThreadingHTTPServer):
     daemon_threads = True
     token = TOKEN
+    no_model = False  # True: like a node still fetching its shards
     requests: list[tuple[str, str, Any]]
 
     @property
@@ -82,7 +83,10 @@ class Handler(BaseHTTPRequestHandler):
         if not self._authorised():
             return None
         if self.path == "/v1/cluster":
-            return self._send(200, cluster_state(self.server.url))
+            state = cluster_state(self.server.url)
+            if self.server.no_model:
+                state["model"] = None
+            return self._send(200, state)
         if self.path == "/v1/models":
             return self._send(200, {"object": "list", "data": [{"id": "tiny-mixtral"}]})
         return self._send(404, {"error": f"no route {self.path}"})

@@ -88,6 +88,17 @@ def test_placement_rejects_layer_outside_model(fake_node: Any) -> None:
     assert result.stderr.strip() == "error: --layer 9: the model has MoE layers 0..1"
 
 
+def test_node_without_model_yet(fake_node: Any) -> None:
+    fake_node.no_model = True
+    status = run("status", *node_args(fake_node))
+    assert status.exit_code == 0 and "no model yet" in status.stdout
+    result = run("placement", *node_args(fake_node))
+    assert result.exit_code == 1
+    assert (
+        result.stderr.strip() == "error: node node-a has no model yet (still fetching its shards?)"
+    )
+
+
 def test_stats_draws_a_heatmap_per_node(fake_node: Any) -> None:
     result = run("stats", *node_args(fake_node))
     assert result.exit_code == 0, result.output
