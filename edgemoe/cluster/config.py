@@ -1,0 +1,83 @@
+"""Tunables of the cluster cores, in one place, with LAN defaults in the spirit of memberlist.
+
+Every time is in seconds of the node's own clock. `ClusterConfig.lan()` mirrors memberlist's
+DefaultLANConfig; `ClusterConfig.fast()` scales it for the simulator and tests.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Protocol tunables; see each field's comment for what it trades."""
+
+    # How often a node probes one peer (SWIM protocol period). Lower finds failures sooner
+    # at the cost of more traffic.
+    probe_interval: float = 1.0
+    # How long to wait for a direct ack before asking `indirect_checks` peers to probe.
+    probe_timeout: float = 0.5
+    # Peers asked to probe indirectly when a direct probe times out.
+    indirect_checks: int = 3
+    # Suspicion timeout = suspicion_mult * log10(max(N, 1)) * probe_interval (Lifeguard's
+    # minimum); with no confirmations it starts at suspicion_max_timeout_mult times that and
+    # shrinks as independent suspicions arrive.
+    suspicion_mult: float = 4.0
+    suspicion_max_timeout_mult: float = 6.0
+    # Lifeguard local health: a node that misses acks scales its probe interval and timeout by
+    # (awareness + 1), up to awareness_max - 1.
+    awareness_max: int = 8
+    # Piggybacked broadcasts are retransmitted retransmit_mult * ceil(log10(N + 1)) times.
+    retransmit_mult: int = 4
+    # How often a node pushes pending broadcasts to `gossip_nodes` random peers.
+    gossip_interval: float = 0.2
+    gossip_nodes: int = 3
+    # Most piggybacked updates in one message (memberlist bounds by UDP packet size).
+    max_piggyback: int = 24
+    # Full-state anti-entropy with one random peer (also the path by which partitions re-merge).
+    push_pull_interval: float = 30.0
+    # Dead members are still gossiped to for this long (lets a wrongly-declared node refute).
+    gossip_to_dead: float = 30.0
+    # Consensus: a proposer that has not heard a quorum within this time retries with a
+    # higher ballot after a random backoff in [0, consensus_backoff] * attempt (capped).
+    consensus_timeout: float = 1.0
+    consensus_backoff: float = 0.5
+    # A trigger (membership change, drift) waits this long, plus rank * propose_stagger for
+    # the node's rank among live acceptors, so that usually one node proposes.
+    propose_delay: float = 2.0
+    propose_stagger: float = 0.5
+    # Statistics drift above this (injected measure) starts a new epoch; inf disables.
+    drift_threshold: float = math.inf
+    # Catch-up requests to a peer whose decision log is longer: at most one per this interval.
+    catchup_interval: float = 1.0
+    # Migration: a fetch not confirmed within this time is reissued (maybe from another source).
+    fetch_timeout: float = 30.0
+
+    @classmethod
+    def lan(cls) -> ClusterConfig:
+        """memberlist's DefaultLANConfig timings."""
+        return cls()
+
+    @classmethod
+    def fast(cls) -> ClusterConfig:
+        """Timings for the simulator: same ratios as LAN, push-pull and timeouts shortened."""
+        return replace(
+            cls(),
+            push_pull_interval=5.0,
+            gossip_to_dead=10.0,
+            propose_delay=1.0,
+            propose_stagger=0.25,
+            fetch_timeout=5.0,
+        )
+
+    def retransmit_limit(self, n: int) -> int:
+        """How many times one broadcast is piggybacked (memberlist's retransmitLimit)."""
+        return self.retransmit_mult * max(1, math.ceil(math.log10(n + 1)))
+
+    def suspicion_bounds(self, n: int) -> tuple[float, float]:
+        """(min, max) suspicion timeout for a cluster of n members (memberlist's formula)."""
+        scale = max(1.0, math.log10(max(n, 1)))
+        lo = self.suspicion_mult * scale * self.probe_interval
+        return lo, lo * self.suspicion_max_timeout_mult
