@@ -167,9 +167,7 @@ async def _rpc_figures(
             t0 = time.perf_counter()
             gate = asyncio.Semaphore(8)
 
-            async def limited(
-                fn: Callable[[], Any] = fn, gate: asyncio.Semaphore = gate
-            ) -> None:
+            async def limited(fn: Callable[[], Any] = fn, gate: asyncio.Semaphore = gate) -> None:
                 async with gate:
                     await fn()
 

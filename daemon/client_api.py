@@ -252,8 +252,14 @@ async def _completion(request: web.Request, chat: bool) -> web.StreamResponse:
     async for tok in d.stream(ids, params, done.append):
         produced.append(tok)
         text = d.engine.decode(produced)
-        delta, text_so_far = text[len(text_so_far) :], text
+        # hold back a trailing replacement char: it may be half of a multi-byte character
+        stable = text.rstrip("\ufffd") if text.startswith(text_so_far) else text
+        delta = stable[len(text_so_far) :] if stable.startswith(text_so_far) else ""
+        text_so_far += delta
         await send(delta, [tok], None)
+    rest = d.engine.decode(produced)[len(text_so_far) :]
+    if rest:
+        await send(rest, [], None)
     await send("", [], done[0].finish_reason if done else "length")
     await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()

@@ -1,37 +1,358 @@
-"""Temporary: replaced by the driver of edgemoe.cluster's cores."""
+"""Drives the sans-IO cluster core (`edgemoe.cluster.node.Node`) with real time and sockets.
+
+Timers: one task sleeps until the core's next deadline (or a message wakes it) and ticks it.
+Messages: every (destination, message) of an `Outbox` is POSTed to the destination's
+``/v1/gossip`` (signed msgpack); received ones go to `Node.handle`. Effects: members found or
+lost update the peer set and routing; `FetchShard` runs the migration executor (pull, verify,
+load) and reports `shard_loaded`; `DropShard` frees memory the core says is safe to free.
+The placement function is an `edgemoe.placement` strategy over the members' capacities and
+activation snapshots (deterministic, so acceptors can recompute proposals).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from edgemoe.cluster.config import ClusterConfig
+from edgemoe.cluster.consensus import PlacementInputs, build_proposal
+from edgemoe.cluster.effects import (
+    AnnounceHolding,
+    Decided,
+    DropShard,
+    FetchShard,
+    MemberAlive,
+    MemberDead,
+    MemberSuspect,
+)
+from edgemoe.cluster.messages import Proposal, Snapshot, from_wire, to_wire
+from edgemoe.cluster.node import Node
+from edgemoe.cluster.outbox import Outbox
+from edgemoe.cluster.storage import SqliteStorage
+from edgemoe.daemon.migration import MigrationExecutor
+from edgemoe.daemon.peers import PeerError
+from edgemoe.daemon.placement_fn import ModelShape, place
+from edgemoe.daemon.wire import WireError
+from edgemoe.stats.snapshot import ActivationSnapshot
+
+if TYPE_CHECKING:
+    from edgemoe.daemon.node import Daemon
+
+log = logging.getLogger(__name__)
+GOSSIP_PATH = "/v1/gossip"
+STATS_INTERVAL_S = 3.0
+MAX_SENDS_IN_FLIGHT = 64
+
+
+def _snapshot(payload: Any) -> ActivationSnapshot | None:
+    try:
+        return ActivationSnapshot.from_wire(payload)
+    except Exception:  # a malformed statistics payload counts as no statistics
+        return None
 
 
 class ClusterDriver:
-    def __init__(self, daemon: Any) -> None:
+    """Owns the core of one daemon; `start()` / `leave()` / `stop()`."""
+
+    def __init__(self, daemon: Daemon, *, genesis: Iterable[str] = (),
+                 config: ClusterConfig | None = None) -> None:  # fmt: skip
+        manifest = daemon.store.manifest
+        assert manifest is not None and daemon.local is not None
         self.d = daemon
+        self.strategy = daemon.config.strategy
+        self.shape = ModelShape(
+            manifest.num_layers, manifest.num_experts, manifest.top_k, manifest.expert_bytes,
+            manifest.hidden_size,
+        )  # fmt: skip
+        self.storage = SqliteStorage(daemon.config.state_dir / "consensus.sqlite")
+        self.core = Node(
+            daemon.node_id, daemon.url, daemon.capacity_bytes, storage=self.storage,
+            placement=self._placement, genesis=genesis, config=config or ClusterConfig.lan(),
+        )  # fmt: skip
+        self.migration = MigrationExecutor(daemon.local, daemon.fetch_and_load,
+                                           manifest.expert_bytes)  # fmt: skip
+        self._routes: dict[int, dict[str, dict[tuple[int, int], str]]] = {}
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._sends = asyncio.Semaphore(MAX_SENDS_IN_FLIGHT)
+        self._decided = asyncio.Condition()
+        self._stopped = False
+        self._left = False
 
-    def peer_found(self, node_id: str, url: str) -> None:
-        pass
+    # ---- placement (called by the core, also to verify others' proposals) -------------------
+    def _placement(self, inputs: PlacementInputs) -> Mapping[str, Iterable[tuple[int, int]]]:
+        snaps = {}
+        for s in inputs.snapshots:
+            snap = _snapshot(s.payload)
+            if snap is not None:
+                snaps[s.origin] = snap
+        caps = dict(inputs.members)
+        assignment, routes = place(self.strategy, self.shape, caps, snaps)
+        self._routes[inputs.epoch] = routes
+        for old in [e for e in self._routes if e < inputs.epoch - 2]:
+            del self._routes[old]
+        return assignment
 
-    def is_alive(self, node_id: str) -> bool:
-        return True
-
-    def suspect(self, node_id: str) -> None:
-        pass
+    # ---- lifecycle ------------------------------------------------------------------------
+    @staticmethod
+    def now() -> float:
+        return time.monotonic()
 
     async def start(self) -> None:
-        pass
+        self.apply(self.core.start(self.now()))
+        self._spawn(self._timer())
+        self._spawn(self._publish_stats())
 
     async def leave(self) -> None:
-        pass
+        """Hand our experts over (a new epoch without us, bounded wait), then say goodbye."""
+        if self._left:
+            return
+        self._left = True
+        others = [n for n in self.core.alive_members() if n != self.d.node_id]
+        if others and self.core.epoch > 0:
+            try:
+                await asyncio.wait_for(self._handover(others), timeout=4.0)
+            except TimeoutError:
+                log.warning("handover not finished in time; leaving anyway")
+        out = self.core.leave(self.now())
+        await asyncio.gather(*(self._send(dest, msg) for dest, msg in out.messages))
+
+    async def _handover(self, others: list[str]) -> None:
+        start = self.core.epoch
+        self.apply(self.core.request_epoch(self.now(), others, reason="leave"))
+        await self.wait_decided(start + 1, timeout=3.0)
+        mine = set(self.core.routing.holdings_of(self.d.node_id))
+        while mine:
+            table = self.core.routing_table()
+            mine = {s for s in mine if not [h for h in table.get(s, []) if h != self.d.node_id]}
+            await asyncio.sleep(0.1)
 
     async def stop(self) -> None:
-        pass
+        self._stopped = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.storage.close()
 
-    async def on_message(self, sender: str, message: Any) -> Any:
-        return {}
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
+    async def _timer(self) -> None:
+        while not self._stopped:
+            wait = min(max(self.core.next_deadline() - self.now(), 0.005), 0.25)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
+            self._wake.clear()
+            if self._left:
+                return
+            self.apply(self.core.tick(self.now()))
+            self._refresh_routes()
+
+    async def _publish_stats(self) -> None:
+        assert self.d.recorder is not None
+        while not self._stopped:
+            if not self._left:
+                payload = self.d.recorder.snapshot(self.d.node_id).to_wire()
+                self.apply(self.core.publish_stats(self.now(), payload))
+            await asyncio.sleep(STATS_INTERVAL_S)
+
+    # ---- inputs from the daemon -------------------------------------------------------------
+    def peer_found(self, node_id: str, url: str) -> None:
+        if not self._left and not self.core.is_alive(node_id):
+            self.apply(self.core.join(self.now(), [(node_id, url)]))
+
+    def is_alive(self, node_id: str) -> bool:
+        return self.core.is_alive(node_id)
+
+    def suspect(self, node_id: str) -> None:
+        """A call to `node_id` failed: probe soon (the core's SWIM decides, not us)."""
+        self._wake.set()
+
+    async def on_message(self, sender: str, raw: Any) -> Any:
+        try:
+            msg = from_wire(raw)
+        except ValueError as exc:
+            raise WireError(f"bad cluster message: {exc}") from None
+        if getattr(msg, "sender", sender) != sender:
+            raise WireError("message sender differs from the signed sender", 403)
+        if self._left:
+            return {"ok": False}
+        self.d.metrics.gossip_messages.labels(direction="in").inc()
+        self.apply(self.core.handle(self.now(), msg))
+        return {"ok": True}
+
+    # ---- outputs of the core ----------------------------------------------------------------
+    def apply(self, out: Outbox) -> None:
+        for dest, msg in out.messages:
+            self._spawn(self._send(dest, msg))
+        for eff in out.effects:
+            self._effect(eff)
+        if out.effects:
+            self._refresh_routes()
+
+    async def _send(self, dest: str, msg: Any) -> None:
+        client = self.d.client(dest)
+        if client is None:
+            addr = self.core.address_of(dest)
+            if addr is None or (peer := self.d.add_peer(dest, addr)) is None:
+                return
+            client = peer.client
+        async with self._sends:
+            try:
+                await client.post(GOSSIP_PATH, to_wire(msg), timeout_s=2.0)
+                self.d.metrics.gossip_messages.labels(direction="out").inc()
+            except PeerError as exc:
+                log.debug("gossip to %s failed: %s", dest, exc)
+
+    def _effect(self, eff: Any) -> None:
+        if isinstance(eff, MemberAlive):
+            if eff.node != self.d.node_id:
+                self.d.add_peer(eff.node, eff.addr)
+        elif isinstance(eff, MemberSuspect | MemberDead):
+            log.info("member %s is %s", eff.node, type(eff).__name__.removeprefix("Member"))
+        elif isinstance(eff, Decided):
+            self._on_decided(eff.value)
+        elif isinstance(eff, FetchShard):
+            self._spawn(self._fetch(eff))
+        elif isinstance(eff, DropShard):
+            log.info("dropping expert %d/%d (epoch %d)", eff.layer, eff.expert, eff.epoch)
+            self.migration.drop([(eff.layer, eff.expert)])
+        elif isinstance(eff, AnnounceHolding):
+            self._drop_strays(eff.shards)
+        self.d.metrics.members_alive.set(len(self.core.alive_members()))
+
+    def _on_decided(self, value: Proposal) -> None:
+        log.info("epoch %d decided (%s, proposer %s): %d members", value.epoch, value.reason,
+                 value.proposer, len(value.members))  # fmt: skip
+        self.d.metrics.epoch.set(value.epoch)
+        self.d.metrics.epochs_decided.inc()
+        self._spawn(self._notify_decided())
+
+    async def _notify_decided(self) -> None:
+        async with self._decided:
+            self._decided.notify_all()
+
+    async def wait_decided(self, epoch: int, timeout: float) -> bool:
+        async def wait() -> None:
+            async with self._decided:
+                await self._decided.wait_for(lambda: self.core.epoch >= epoch)
+
+        try:
+            await asyncio.wait_for(wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def _fetch(self, eff: FetchShard) -> None:
+        key = (eff.layer, eff.expert)
+        prefer = eff.sources[0] if eff.sources else None
+        done = await self.migration.acquire([key], source=lambda _: prefer)
+        if self._left:
+            return
+        if key in done or (self.d.local is not None and self.d.local.holds(*key)):
+            self.apply(self.core.shard_loaded(self.now(), *key))
+        else:
+            self.apply(self.core.shard_failed(self.now(), *key))
+
+    def _drop_strays(self, announced: frozenset[tuple[int, int]]) -> None:
+        """Experts loaded only to serve a request while their holder was gone: free them once
+        they are neither announced nor being fetched by the migration."""
+        local = self.d.local
+        if local is None:
+            return
+        pending = set(self.core.migration.pending) | self.migration.pending
+        for key in local.held() - set(announced) - pending - set(self.core.migration.target):
+            local.drop(*key)
+
+    def _refresh_routes(self) -> None:
+        router = self.d.router
+        if router is None:
+            return
+        routes = self._routes.get(self.core.epoch, {}).get(self.d.node_id, {})
+        router.set_holdings(self.core.routing_table(), routes)
+
+    # ---- views for the API ------------------------------------------------------------------
     def view(self) -> dict[str, Any]:
-        return {}
+        core = self.core
+        cur = core.consensus.current
+        holders: dict[str, list[str]] = {}
+        if cur is not None:
+            for node, shards in cur.assignment:
+                for layer, expert in shards:
+                    holders.setdefault(f"{layer}/{expert}", []).append(node)
+        members = [
+            {
+                "node_id": m.node,
+                "url": m.addr,
+                "state": m.state,
+                "capacity_bytes": m.capacity,
+                "incarnation": m.incarnation,
+            }
+            for m in sorted(core.membership.members.values(), key=lambda m: m.node)
+        ]
+        holdings = {
+            n: [f"{l}/{e}" for l, e in sorted(core.routing.holdings_of(n))]
+            for n in core.alive_members()
+        }
+        stats = {}
+        for origin, (version, payload) in core.stats_snapshots().items():
+            snap = _snapshot(payload)
+            if snap is not None:
+                stats[origin] = {"version": version, "request_rate": snap.request_rate,
+                                 "counts": snap.counts.tolist()}  # fmt: skip
+        return {
+            "epoch": core.epoch,
+            "members": members,
+            "placement": {
+                "epoch": cur.epoch if cur else 0,
+                "strategy": self.strategy,
+                "holders": dict(sorted(holders.items())),
+            },
+            "holdings": holdings,
+            "stats": stats,
+            "migration": {
+                "pending": len(core.migration.pending | dict.fromkeys(self.migration.pending)),
+                "bytes_moved": self.d.bytes_fetched,
+            },
+        }
 
-    async def request_migration(self, *, dry_run: bool, members: Any) -> Any:
-        return {}
+    async def request_migration(self, *, dry_run: bool, members: list[str] | None) -> Any:
+        core = self.core
+        known = core.membership.members
+        if members is not None:
+            unknown = sorted(set(members) - set(known))
+            if unknown or not members:
+                raise ValueError(f"unknown members {unknown}" if unknown else "members is empty")
+        chosen = sorted(set(members)) if members else core.alive_members()
+        epoch = core.epoch
+        if dry_run:
+            snaps = [Snapshot(o, v, p) for o, (v, p) in sorted(core.stats_snapshots().items())
+                     if o in chosen]  # fmt: skip
+            value = build_proposal(
+                epoch + 1, [(n, known[n].capacity) for n in chosen], snaps, self._placement,
+                core.consensus.current, self.d.node_id, "operator-dry-run",
+            )  # fmt: skip
+            return {"epoch": epoch + 1, "plan": self._plan(value), "decided": False}
+        self.apply(core.request_epoch(self.now(), members, reason="operator"))
+        decided = await self.wait_decided(epoch + 1, timeout=30.0)
+        value = core.consensus.log[epoch] if decided else None
+        return {"epoch": core.epoch, "plan": self._plan(value) if value else [],
+                "decided": decided}  # fmt: skip
+
+    def _plan(self, value: Proposal) -> list[dict[str, Any]]:
+        return [
+            {
+                "layer": l,
+                "expert": e,
+                "from": src or None,
+                "to": dst,
+                "bytes": self.shape.expert_bytes,
+            }
+            for l, e, src, dst in value.plan
+        ]

@@ -61,7 +61,11 @@ class Daemon:
         self.metrics = DaemonMetrics()
         self.device = resolve_device(config.device)
         self.store = ShardStore(config.model_dir or config.state_dir / "model")
-        self.fetcher = ShardFetcher(self.store, on_bytes=self.metrics.migration_bytes.inc)
+        self.fetcher = ShardFetcher(self.store, on_bytes=self._fetched)
+        self.bytes_fetched = 0
+        # A node started with the whole model decides the first epoch (the genesis acceptor);
+        # nodes that fetch the model learn epochs from their peers.
+        self.seeded = self.store.ready()
         self.peers: dict[str, Peer] = {}
         self.started = int(time.time())
         self.url = config.url
@@ -146,6 +150,10 @@ class Daemon:
         return task
 
     # ---- identity and peers -----------------------------------------------------------------
+    def _fetched(self, n: int) -> None:
+        self.bytes_fetched += n
+        self.metrics.migration_bytes.inc(n)
+
     def fingerprint(self) -> str:
         return self.store.manifest.fingerprint if self.store.manifest else ""
 
@@ -256,7 +264,7 @@ class Daemon:
         self.engine = await InferenceEngine.load(
             self.store.root, self.router, recorder=self.tap, device=self.device
         )
-        self.cluster = ClusterDriver(self)
+        self.cluster = ClusterDriver(self, genesis=[self.node_id] if self.seeded else [])
         for peer in self.peers.values():
             self.cluster.peer_found(peer.node_id, peer.url)
         await self.cluster.start()

@@ -76,6 +76,20 @@ def build_problem(
     )
 
 
+def feasible_capacities(shape: ModelShape, capacities: Mapping[str, int]) -> dict[str, int]:
+    """Capacities scaled up (deterministically) until every expert fits once: a cluster too
+    small for the model still serves, its members over-committed, rather than not at all."""
+    need = shape.num_layers * shape.num_experts
+    caps = {n: max(0, int(c)) for n, c in capacities.items()}
+    slots = sum(c // shape.expert_bytes for c in caps.values())
+    if slots >= need or not caps:
+        return caps
+    total = sum(caps.values())
+    share = {n: (c / total if total > 0 else 1 / len(caps)) for n, c in caps.items()}
+    grown = {n: int(np.ceil(need * share[n]) + 1) * shape.expert_bytes for n in caps}
+    return {n: max(caps[n], grown[n]) for n in caps}
+
+
 def place(
     strategy: str,
     shape: ModelShape,
@@ -85,7 +99,7 @@ def place(
     """(node -> held experts, node -> {expert: node it calls}) from the named strategy."""
     from edgemoe.placement import get_strategy
 
-    problem = build_problem(shape, capacities, snapshots)
+    problem = build_problem(shape, feasible_capacities(shape, capacities), snapshots)
     result = get_strategy(strategy).place(problem)
     names = problem.server_names
     assignment = {name: result.held_by(i) for i, name in enumerate(names)}
