@@ -97,8 +97,11 @@ class LatencyAware:
 
     name = "edgemoe"
 
-    def __init__(self, sweeps: int = 2) -> None:
+    def __init__(self, sweeps: int = 2, search_s: float = 0.5,
+                 multistart_max: int = 2048) -> None:
         self.sweeps = sweeps
+        self.search_s = search_s
+        self.multistart_max = multistart_max
 
     def _server_holdings(self, problem: Problem, s: int, required: np.ndarray,
                          capacity: int) -> np.ndarray:
@@ -168,6 +171,107 @@ class LatencyAware:
                     holders, improved = trial, True
             if not improved:
                 break
+        if self.search_s > 0:
+            holders = self._local_search(problem, holders)
+            if self.multistart_max >= S * L * E:
+                # small instances: also polish the baselines' placements, keep the best
+                from edgemoe.placement.dancemoe import DanceMoE
+                from edgemoe.placement.eplb import Eplb
+                from edgemoe.placement.layers import Layers
+
+                best = self._total(problem, holders)
+                for other in (DanceMoE(), Eplb(), Layers()):
+                    h = self._local_search(problem, other.place(problem).holders)
+                    v = self._total(problem, h)
+                    if v < best - 1e-15:
+                        holders, best = h, v
+        return holders
+
+    def _total(self, problem: Problem, holders: np.ndarray) -> float:
+        return sum(self._layer_cost(problem, holders[:, l], l) for l in range(holders.shape[1]))
+
+    def _layer_cost(self, problem: Problem, holders_l: np.ndarray, l: int) -> float:
+        """Weighted sample cost of layer l given its holders bool [S, E] (nearest holder)."""
+        idx = self._by_layer[l]
+        if len(idx) == 0:
+            return 0.0
+        c = np.where(holders_l[None, :, :], self._cost[:, :, None], np.inf).min(1)  # [S, E]
+        per = c[problem.sample_server[idx][:, None], problem.sample_sets[idx]].max(1)
+        return float((per * self._weights[idx]).sum())
+
+    def _local_search(self, problem: Problem, holders: np.ndarray) -> np.ndarray:
+        """Replace and exchange moves on the exact objective, first improvement, bounded.
+
+        replace: server s drops a copy that someone else also holds and takes an expert it
+        lacks; exchange: servers s and t trade one expert each (moves sole copies).
+        """
+        S, L, E = holders.shape
+        self._by_layer = [np.flatnonzero(problem.sample_layer == l) for l in range(L)]
+        layer_cost = np.array([self._layer_cost(problem, holders[:, l], l) for l in range(L)])
+        deadline = time.perf_counter() + self.search_s
+        improved = True
+        while improved and time.perf_counter() < deadline:
+            improved = False
+            for s in range(S):
+                held = np.argwhere(holders[s])
+                lacks = np.argwhere(~holders[s])
+                # most promising first: drop least used, add most used by s
+                held = held[np.argsort(problem.counts[s][held[:, 0], held[:, 1]], kind="stable")]
+                lacks = lacks[np.argsort(-problem.counts[s][lacks[:, 0], lacks[:, 1]],
+                                         kind="stable")][: 4 * E]
+                if holders[s].sum() < problem.slots[s]:  # a free slot: plain additions
+                    for li, ei in lacks:
+                        trial = holders.copy()
+                        trial[s, li, ei] = True
+                        v = self._layer_cost(problem, trial[:, li], li)
+                        if v < layer_cost[li] - 1e-15:
+                            holders, layer_cost[li], improved = trial, v, True
+                            break
+                    if improved:
+                        break
+                for lo, eo in held[: 4 * E]:
+                    sole = holders[:, lo, eo].sum() == 1
+                    free_t = [int(t) for t in np.flatnonzero(
+                        holders.reshape(S, -1).sum(1) < problem.slots) if t != s]
+                    if sole and free_t:  # relocate the sole copy to a server with room
+                        for t in free_t:
+                            trial = holders.copy()
+                            trial[s, lo, eo] = False
+                            trial[t, lo, eo] = True
+                            v = self._layer_cost(problem, trial[:, lo], lo)
+                            if v < layer_cost[lo] - 1e-15:
+                                holders, layer_cost[lo], improved = trial, v, True
+                                break
+                        if improved:
+                            break
+                    for li, ei in lacks:
+                        if time.perf_counter() > deadline:
+                            return holders
+                        movable = holders[:, li, ei] & ~holders[:, lo, eo]
+                        partners = [None] if not sole else [int(t) for t in np.flatnonzero(movable)]
+                        for t in partners:
+                            trial = holders.copy()
+                            trial[s, lo, eo] = False
+                            trial[s, li, ei] = True
+                            if t is not None:  # exchange: t gives (li, ei), takes (lo, eo)
+                                trial[t, li, ei] = False
+                                trial[t, lo, eo] = True
+                                if not trial[:, li, ei].any():
+                                    continue
+                            layers = {int(lo), int(li)}
+                            new = {l: self._layer_cost(problem, trial[:, l], l) for l in layers}
+                            if sum(new.values()) < sum(layer_cost[l] for l in layers) - 1e-15:
+                                holders = trial
+                                for l, v in new.items():
+                                    layer_cost[l] = v
+                                improved = True
+                                break
+                        if improved:
+                            break
+                    if improved:
+                        break
+                if improved:
+                    break
         return holders
 
     def migrate(self, problem: Problem, current: Placement, horizon_s: float,

@@ -3,7 +3,8 @@
 Shapes (S servers, L MoE layers, E routed experts per layer, K top-k, R co-activation samples):
 
 - ``capacity_bytes`` float [S]: expert memory of each server.
-- ``compute_speed`` float [S]: relative speed (1.0 = reference); expert and dense times divide by it.
+- ``compute_speed`` float [S]: relative speed (1.0 = reference); expert and dense times
+  divide by it.
 - ``rtt_s`` float [S, S], ``bandwidth_bps`` float [S, S] (bits/s): links; the diagonal is ignored.
 - ``counts`` float [S, L, E]: each server's (decayed) expert activation counts.
 - ``sample_server`` int [R], ``sample_layer`` int [R], ``sample_sets`` int [R, K]: the

@@ -68,7 +68,7 @@ def preset(name: str, servers: int = 64) -> Scenario:
     raise ValueError(f"unknown scenario {name!r}; choose paper, paper4, drift or scale")
 
 
-def _problem(sc: Scenario, profile: list[Stream], rng: np.random.Generator) -> Problem:
+def build_problem(sc: Scenario, profile: list[Stream], rng: np.random.Generator) -> Problem:
     S = len(profile)
     L, K = profile[0].expert_ids.shape[1:]
     E = int(sc.synthetic["experts"]) if sc.synthetic else int(
@@ -144,7 +144,7 @@ def run(sc: Scenario, timing: Timing | None = None) -> dict[str, Any]:
     splits = [st.split(0.5) for st in streams]
     profile = [p for p, _ in splits]
     test = [t for _, t in splits]
-    problem = _problem(sc, profile, rng)
+    problem = build_problem(sc, profile, rng)
     tm = timing or Timing()
     cluster = Cluster(problem.compute_speed, problem.rtt_s, problem.bandwidth_bps,
                       problem.hidden_size)
@@ -157,7 +157,7 @@ def run(sc: Scenario, timing: Timing | None = None) -> dict[str, Any]:
             p2, t2 = st.split(0.5)
             new_profile[s] = p2
             reqs[s] = reqs[s] + _requests([t2])[0]
-        after = _problem(sc, new_profile, np.random.default_rng(sc.seed + 1))
+        after = build_problem(sc, new_profile, np.random.default_rng(sc.seed + 1))
     requests = poisson_requests(reqs, np.full(problem.num_servers, sc.request_rate), sc.seed)
     if drifted:
         s0 = next(iter(drifted))
@@ -218,7 +218,7 @@ def scale_solve_times(sizes: list[int], seed: int = 0,
         sc = replace(preset("scale", n), seed=seed)
         rng = np.random.default_rng(seed)
         streams, _ = _streams(sc)
-        problem = _problem(sc, streams, rng)
+        problem = build_problem(sc, streams, rng)
         row: dict[str, Any] = {"servers": n}
         for name in strategies:
             t0 = time.perf_counter()

@@ -121,7 +121,7 @@ class _Plan:
 
     def __init__(self, ids: np.ndarray, prompt: int, route_s: np.ndarray, s: int,
                  transport: str, S: int) -> None:
-        T, L, K = ids.shape
+        _T, L, K = ids.shape
         dest = route_s[np.arange(L)[None, :, None], ids]  # [T, L, K]
         # prefill: (tokens, local distinct, local pairs, dests, fully local tokens) per layer
         self.prefill: list[tuple[int, int, int, list[tuple[int, int, int, int, int, int]], int]]
@@ -236,7 +236,8 @@ def simulate(cluster: Cluster, placement: Placement, requests: list[Request], *,
             done = max(done, tb + rtt[d][s] / 2)
             total_bytes += nbytes + back
         if loc:
-            tl = max(t0, free[s]) + (loc_distinct * tm.expert_s + loc * tm.expert_token_s) / speed[s]
+            work = loc_distinct * tm.expert_s + loc * tm.expert_token_s
+            tl = max(t0, free[s]) + work / speed[s]
             free[s] = tl
             done = max(done, tl)
         local_pairs += fully

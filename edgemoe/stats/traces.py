@@ -44,7 +44,7 @@ class Stream:
         if self.num_requests < 2:
             raise TraceError(f"stream {self.name!r} has {self.num_requests} requests; "
                              "need 2 to split into profiling and test windows")
-        k = min(max(int(round(self.num_requests * fraction)), 1), self.num_requests - 1)
+        k = min(max(round(self.num_requests * fraction), 1), self.num_requests - 1)
         return self.requests(0, k), self.requests(k, self.num_requests)
 
 

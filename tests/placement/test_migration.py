@@ -1,0 +1,60 @@
+"""The migration plan keeps every expert held at every step and respects budget and capacity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgemoe.placement import PlacementError, get_strategy, plan_migration
+from tests.placement.conftest import random_problem
+
+
+def _replay(cur: np.ndarray, plan, cap: np.ndarray, budget: int) -> np.ndarray:
+    h = cur.copy()
+    for epoch in plan.epochs:
+        assert sum(m.bytes for m in epoch) <= budget
+        for m in epoch:
+            if m.kind == "copy":
+                assert h[m.src, m.layer, m.expert], "copy from a server that lacks the expert"
+                h[m.dst, m.layer, m.expert] = True
+            else:
+                h[m.src, m.layer, m.expert] = False
+            assert h.any(0).all(), "an expert lost its last holder"
+            assert (h.reshape(len(h), -1).sum(1) <= cap).all(), "capacity exceeded"
+    return h
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), budget_experts=st.integers(1, 5))
+def test_plan_between_two_strategies_is_make_before_break(seed: int, budget_experts: int) -> None:
+    p1 = random_problem(seed, S=3, L=3, E=6, K=2, memory_ratio=1.4)
+    p2 = random_problem(seed + 1, S=3, L=3, E=6, K=2, memory_ratio=1.4)
+    cap = np.maximum(p1.slots, p2.slots)
+    cur = get_strategy("dancemoe").place(p1).holders
+    tgt = get_strategy("edgemoe").place(p2).holders
+    budget = budget_experts * 1000
+    plan = plan_migration(cur, tgt, 1000, budget, capacity_slots=cap)
+    final = _replay(cur, plan, cap, budget)
+    assert np.array_equal(final, tgt)
+    assert plan.bytes_total == 1000 * sum(1 for m in plan.moves if m.kind == "copy")
+
+
+def test_full_swap_cycle_parks_an_expert_on_a_free_server() -> None:
+    cur = np.zeros((3, 1, 2), dtype=bool)
+    cur[0, 0, 0] = cur[1, 0, 1] = True
+    tgt = np.zeros_like(cur)
+    tgt[0, 0, 1] = tgt[1, 0, 0] = True
+    cap = np.array([1, 1, 1])
+    plan = plan_migration(cur, tgt, 10, 10, capacity_slots=cap)
+    assert np.array_equal(_replay(cur, plan, cap, 10), tgt)
+    assert any(m.dst == 2 for m in plan.moves if m.kind == "copy")
+    with pytest.raises(PlacementError, match="no make-before-break order"):
+        plan_migration(cur[:2], tgt[:2], 10, 10, capacity_slots=np.array([1, 1]))
+
+
+def test_budget_below_one_expert_is_refused() -> None:
+    h = np.ones((1, 1, 1), dtype=bool)
+    with pytest.raises(PlacementError, match="below one expert"):
+        plan_migration(h, h, 100, 50)
