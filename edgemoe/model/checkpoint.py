@@ -187,7 +187,7 @@ def plan_checkpoint(model_dir: str | Path) -> CheckpointPlan:
     groups: dict[tuple[str, int], ConvertedGroup] = {}
 
     for ref in refs:
-        if ref.dtype != dtype:
+        if ref.dtype != dtype and not (ref.dtype == torch.float32 and _kept_fp32(meta, ref.key)):
             raise ModelError(
                 f"{ref.file}: tensor {ref.key} has dtype {ref.dtype}, expected {dtype}"
             )
@@ -255,6 +255,14 @@ def plan_checkpoint(model_dir: str | Path) -> CheckpointPlan:
         if lacking_params:
             raise ModelError(f"{_where(files)}: missing tensor {plan.module}.{lacking_params[0]}")
     return CheckpointPlan(root, config, dtype, num_experts, top_k_of(config), dense, layers, files)
+
+
+def _kept_fp32(model: torch.nn.Module, key: str) -> bool:
+    """Whether the family keeps this tensor in float32 (e.g. DeepSeek-V3's correction bias)."""
+    names = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    names += list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    parts = key.split(".")
+    return any(name in parts for name in names)
 
 
 def _where(files: list[Path]) -> str:

@@ -58,6 +58,7 @@ def load_distributed_model(
         dense = load_file(str(dense_path))
     except Exception as exc:
         raise ModelError(f"{dense_path}: unreadable dense part ({exc})") from None
+    _keep_fp32_params(model, dtype)
     result = model.load_state_dict(dense, strict=False)
     if result.unexpected_keys:
         raise ModelError(f"{dense_path}: unexpected tensor {result.unexpected_keys[0]}")
@@ -74,6 +75,23 @@ def load_distributed_model(
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True)
     return model, tokenizer
+
+
+def _keep_fp32_params(model: nn.Module, dtype: torch.dtype) -> None:
+    """Follow from_pretrained: the family's keep-in-fp32 parameters stay float32 in half dtypes."""
+    names: list[str] = []
+    if dtype in (torch.float16, torch.bfloat16):
+        names += list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    if dtype == torch.float16:
+        names += list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    if not names:
+        return
+    for module_name, module in model.named_modules():
+        inside = any(part in names for part in module_name.split("."))
+        for store in (module._parameters, module._buffers):
+            for name, tensor in store.items():
+                if tensor is not None and tensor.is_floating_point() and (inside or name in names):
+                    tensor.data = tensor.data.float()
 
 
 def distributed_blocks(model: nn.Module) -> list[DistributedExperts]:

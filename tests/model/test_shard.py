@@ -192,3 +192,27 @@ def test_multi_file_bf16_tied_checkpoint_shards_and_serves(tmp_path: Path) -> No
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     gen = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False)
     assert torch.equal(model.generate(ids, **gen), reference.generate(ids, **gen))
+
+
+def test_float32_tensors_the_family_keeps_in_fp32_are_accepted(tmp_path: Path) -> None:
+    from edgemoe.model.executor import StaticDirectory
+    from edgemoe.model.local import LocalExperts
+    from edgemoe.model.runtime import load_distributed_model
+    from edgemoe.model.tiny import write_tiny_model
+
+    ckpt = write_tiny_model("deepseek_v3", tmp_path / "ck", dtype=torch.bfloat16)
+    state = load_file(str(ckpt / "model.safetensors"))
+    biases = [k for k in state if k.endswith("e_score_correction_bias")]
+    assert biases
+    for key in biases:
+        state[key] = torch.randn(state[key].shape) * 0.01
+    save_file(state, str(ckpt / "model.safetensors"))
+    shard_checkpoint(ckpt, tmp_path / "sh")
+    local = LocalExperts(tmp_path / "sh").load_all()
+    model, tokenizer = load_distributed_model(tmp_path / "sh", StaticDirectory(local))
+    loaded = model.get_buffer(biases[0])
+    assert loaded.dtype == torch.float32 and torch.equal(loaded, state[biases[0]])
+    reference = AutoModelForCausalLM.from_pretrained(str(ckpt)).eval()
+    ids = tokenizer("kept in float32", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=1e-2)
