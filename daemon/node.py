@@ -273,13 +273,26 @@ class Daemon:
 
     async def _fetch_model_files(self) -> None:
         if self.store.manifest is None:
-            peer = next(iter(self.peers.values()))
-            raw = await peer.client.get_bytes("/v1/manifest")
-            self.store.install_manifest(raw, peer.fingerprint or None)
-            log.info("manifest from %s", peer.node_id)
+            await self._fetch_manifest()
         for rel in self.store.side_files():
             sources = self.sources()
             await self.fetcher.fetch(rel, sources, split=rel == DENSE_NAME)
+
+    async def _fetch_manifest(self) -> None:
+        """Ask every known peer in turn, those announcing a model fingerprint first: a peer that
+        is itself still bootstrapping answers 503, and must not hide the one that has it."""
+        peers = sorted(self.peers.values(), key=lambda p: not p.fingerprint)
+        errors: list[str] = []
+        for peer in peers:
+            try:
+                raw = await peer.client.get_bytes("/v1/manifest")
+            except PeerError as exc:
+                errors.append(str(exc))
+                continue
+            self.store.install_manifest(raw, peer.fingerprint or None)
+            log.info("manifest from %s", peer.node_id)
+            return
+        raise PeerError("; ".join(errors) or "no peer to ask")
 
     @property
     def model_expert_bytes(self) -> int:
