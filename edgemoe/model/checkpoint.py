@@ -13,6 +13,7 @@ import json
 import os
 import re
 import struct
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,6 +251,7 @@ def plan_checkpoint(model_dir: str | Path) -> CheckpointPlan:
                         f"{_where(files)}: missing tensor for {plan.module} pattern {pattern!r} "
                         f"expert {lacking[0]}"
                     )
+            _check_group_shapes(plan, group)
             covered |= set(_converted_params(plan, group))
         lacking_params = sorted(set(plan.shapes) - covered)
         if lacking_params:
@@ -294,19 +296,8 @@ def read_expert(
     for param, ref in plan.fused.items():
         out[param] = handles.row(ref, expert)
     for group in plan.groups:
-        conv = group.converter
-        tensors: dict[str, Any] = {
-            pattern: [handles.read(by_e[expert])] for pattern, by_e in group.parts.items()
-        }
-        for op in conv.operations:
-            tensors = op.convert(
-                tensors, source_patterns=conv.source_patterns, target_patterns=conv.target_patterns
-            )
-        for key, value in tensors.items():
-            param = key.rpartition(".")[2]
-            if param not in plan.shapes:
-                raise ModelError(f"{plan.module}: converter produced unknown parameter {key!r}")
-            out[param] = value.squeeze(0).contiguous() if value.shape[0] == 1 else value
+        tensors = {pattern: handles.read(by_e[expert]) for pattern, by_e in group.parts.items()}
+        out.update(_convert(plan, group, tensors))
     for param, shape in plan.shapes.items():
         if tuple(out[param].shape) != shape[1:]:
             raise ModelError(
@@ -314,6 +305,62 @@ def read_expert(
                 f"expected {list(shape[1:])}"
             )
     return out
+
+
+def _convert(
+    plan: ExpertLayerPlan, group: ConvertedGroup, tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """One expert's disk tensors (pattern -> tensor) through the family's converter ops."""
+    conv = group.converter
+    state: dict[str, Any] = {pattern: [t] for pattern, t in tensors.items()}
+    for op in conv.operations:
+        state = op.convert(
+            state, source_patterns=conv.source_patterns, target_patterns=conv.target_patterns
+        )
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        param = key.rpartition(".")[2]
+        if param not in plan.shapes:
+            raise ModelError(f"{plan.module}: converter produced unknown parameter {key!r}")
+        out[param] = value.squeeze(0).contiguous() if value.shape[0] == 1 else value
+    return out
+
+
+def _check_group_shapes(plan: ExpertLayerPlan, group: ConvertedGroup) -> None:
+    """Every expert's disk tensors have one shape per pattern, and convert to the slice shape.
+
+    Checked on meta tensors from the headers, so a bad shape is refused (naming the file)
+    before anything is written, not halfway through sharding.
+    """
+    for by_e in group.parts.values():
+        shapes = Counter(ref.shape for ref in by_e.values())
+        common = shapes.most_common(1)[0][0]
+        for ref in by_e.values():
+            if ref.shape != common:
+                raise ModelError(
+                    f"{ref.file}: tensor {ref.key} has shape {list(ref.shape)}, expected "
+                    f"{list(common)} like the other experts"
+                )
+    refs = {pattern: by_e[min(by_e)] for pattern, by_e in group.parts.items()}
+    where = next(iter(refs.values())).file
+    keys = ", ".join(ref.key for ref in refs.values())
+    try:
+        converted = _convert(
+            plan,
+            group,
+            {p: torch.empty(r.shape, dtype=r.dtype, device="meta") for p, r in refs.items()},
+        )
+    except (RuntimeError, ValueError, IndexError) as exc:
+        raise ModelError(
+            f"{where}: tensors {keys} do not combine into {plan.module} ({exc})"
+        ) from None
+    for param, value in converted.items():
+        want = plan.shapes[param][1:]
+        if tuple(value.shape) != want:
+            raise ModelError(
+                f"{where}: tensors {keys} give {plan.module}.{param} of shape "
+                f"{list(value.shape)}, expected {list(want)}"
+            )
 
 
 class SafetensorsReader:

@@ -19,7 +19,7 @@ from torch import nn
 from edgemoe.model.errors import ModelError
 from edgemoe.model.families import build_model, experts_modules
 from edgemoe.model.manifest import Manifest
-from edgemoe.model.shard import sha256_file
+from edgemoe.model.shard import file_problem
 
 
 def template_experts(shard_dir: Path, manifest: Manifest) -> nn.Module:
@@ -97,10 +97,9 @@ class LocalExperts:
         info = self.manifest.files.get(rel)
         if info is None or not path.is_file():
             raise ModelError(f"{path}: missing expert shard")
-        if self.verify and (
-            path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]
-        ):
-            raise ModelError(f"{path}: size or sha256 differs from the manifest (corrupt shard)")
+        problem = file_problem(path, info) if self.verify else None
+        if problem:
+            raise ModelError(f"{problem}; the expert shard differs from the manifest")
         try:
             tensors = load_file(str(path), device=str(self.device))
         except Exception as exc:
@@ -164,7 +163,19 @@ class LocalExperts:
     def forward(
         self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
-        """Sum over slots with ids >= 0 of weights * expert(hidden); [N, H] like hidden."""
+        """Sum over slots with ids >= 0 of weights * expert(hidden); [N, H] like hidden.
+
+        Inputs may live on another device than the held weights (an RPC request arrives on
+        the CPU while the experts sit on a GPU): they are moved here, the result moved back.
+        """
+        caller = hidden.device
+        hidden, expert_ids = hidden.to(self.device), expert_ids.to(self.device)
+        weights = weights.to(self.device)
+        return self._forward(layer, hidden, expert_ids, weights).to(caller)
+
+    def _forward(
+        self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
         out = torch.zeros_like(hidden)
         rows, slots = torch.nonzero(expert_ids >= 0, as_tuple=True)
         if rows.numel() == 0:

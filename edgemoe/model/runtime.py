@@ -14,7 +14,7 @@ from edgemoe.model.executor import ExpertDirectory
 from edgemoe.model.families import build_model, experts_modules
 from edgemoe.model.manifest import Manifest
 from edgemoe.model.routing import RoutingTrace
-from edgemoe.model.shard import DENSE_NAME
+from edgemoe.model.shard import DENSE_NAME, file_problem
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -26,8 +26,13 @@ def load_distributed_model(
     recorder: Any | None = None,
     device: str = "cpu",
     routing: RoutingTrace | None = None,
+    verify: bool = True,
 ) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) with every MoE block's `experts` child a `DistributedExperts`."""
+    """(model, tokenizer) with every MoE block's `experts` child a `DistributedExperts`.
+
+    With `verify`, the dense part, config and tokenizer files are checked against the
+    manifest's sizes and sha256 first (experts are checked when an executor loads them).
+    """
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer
 
@@ -36,6 +41,11 @@ def load_distributed_model(
     dtype = _DTYPES.get(manifest.dtype)
     if dtype is None:
         raise ModelError(f"{root / 'manifest.json'}: unsupported dtype {manifest.dtype!r}")
+    if verify:
+        for rel, info in sorted(manifest.files.items()):
+            problem = None if rel.startswith("experts/") else file_problem(root / rel, info)
+            if problem:
+                raise ModelError(problem)
     config = AutoConfig.from_pretrained(str(root), local_files_only=True)
     model = build_model(config, dtype=dtype)
     found = experts_modules(model, manifest.num_experts)

@@ -150,6 +150,18 @@ def _swap_in(staging: Path, out: Path) -> None:
         staging.rename(out)
 
 
+def file_problem(path: Path, info: dict[str, Any]) -> str | None:
+    """What is wrong with one shard file against its manifest entry, or None."""
+    if not path.is_file():
+        return f"{path}: missing"
+    size = path.stat().st_size
+    if size != info["bytes"]:
+        return f"{path}: {size} bytes, expected {info['bytes']} (truncated?)"
+    if sha256_file(path) != info["sha256"]:
+        return f"{path}: sha256 mismatch (corrupt)"
+    return None
+
+
 def verify_shards(shard_dir: str | Path) -> Manifest:
     """Check every file of the manifest (present, size, sha256) and that no expert is missing."""
     root = Path(shard_dir)
@@ -164,15 +176,9 @@ def verify_shards(shard_dir: str | Path) -> Manifest:
         f"{root / rel}: not listed in the manifest" for rel in sorted(wanted - set(manifest.files))
     ]
     for rel, info in sorted(manifest.files.items()):
-        path = root / rel
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-            continue
-        size = path.stat().st_size
-        if size != info["bytes"]:
-            problems.append(f"{path}: {size} bytes, expected {info['bytes']} (truncated?)")
-        elif sha256_file(path) != info["sha256"]:
-            problems.append(f"{path}: sha256 mismatch (corrupt)")
+        problem = file_problem(root / rel, info)
+        if problem:
+            problems.append(problem)
     if problems:
         more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
         raise ModelError(problems[0] + more)

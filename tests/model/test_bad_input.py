@@ -19,7 +19,9 @@ Mutation = Callable[[dict[str, torch.Tensor]], None]
 
 
 def _expert_key(state: dict[str, torch.Tensor]) -> str:
-    return next(k for k in state if ".experts.3." in k)
+    """One expert tensor: expert 3's first on disk, or a fused [E, ...] one."""
+    per_expert = [k for k in state if ".experts.3." in k]
+    return (per_expert or [k for k in state if ".experts." in k])[0]
 
 
 def _dense_key(state: dict[str, torch.Tensor]) -> str:
@@ -43,6 +45,17 @@ def _misnamed(state: dict[str, torch.Tensor]) -> None:
     state[key.replace("o_proj", "out_proj")] = state.pop(key)
 
 
+def _misnamed_expert(state: dict[str, torch.Tensor]) -> None:
+    key = _expert_key(state)
+    head, _, tail = key.rpartition(".experts.")
+    state[f"{head}.expert.{tail}"] = state.pop(key)
+
+
+def _wrong_expert_shape(state: dict[str, torch.Tensor]) -> None:
+    key = _expert_key(state)
+    state[key] = state[key][..., :-1].contiguous()
+
+
 def _wrong_dtype(state: dict[str, torch.Tensor]) -> None:
     key = _expert_key(state)
     state[key] = state[key].to(torch.float16)
@@ -58,6 +71,8 @@ CASES: dict[str, tuple[Mutation, str]] = {
     "missing-dense-tensor": (_missing_dense, "missing tensor .*o_proj"),
     "extra-tensor": (_extra, "unexpected tensor model.layers.0.surprise.weight"),
     "misnamed-tensor": (_misnamed, "unexpected tensor .*out_proj"),
+    "misnamed-expert-tensor": (_misnamed_expert, r"unexpected tensor .*\.expert\."),
+    "wrong-expert-shape": (_wrong_expert_shape, "has shape"),
     "wrong-dtype": (_wrong_dtype, "dtype torch.float16, expected torch.float32"),
     "wrong-shape": (_wrong_shape, "has shape"),
 }
@@ -70,9 +85,13 @@ def _assert_nothing_written(parent: Path, out: Path) -> None:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
-def test_bad_tensors_are_refused(tiny_models, tmp_path: Path, arch: str, case: str) -> None:
-    ckpt, _ = tiny_models.get(arch)
+@pytest.mark.parametrize(
+    ("arch", "layout"), [("mixtral", "original"), ("qwen2_moe", "original"), ("olmoe", "fused")]
+)
+def test_bad_tensors_are_refused(
+    tiny_models, tmp_path: Path, arch: str, layout: str, case: str
+) -> None:
+    ckpt, _ = tiny_models.get(arch, layout)
     bad = tmp_path / "ckpt"
     shutil.copytree(ckpt, bad)
     state = load_file(str(bad / "model.safetensors"))

@@ -77,12 +77,32 @@ def test_experts_split_over_three_executors_matches_hf_model(tiny_models, arch: 
     assert all(len(e.held()) > 0 for e in executors)
 
 
-def test_fused_checkpoint_layout_gives_the_same_model(tiny_models) -> None:
-    ckpt, shards = tiny_models.get("mixtral", "fused")
+def test_fused_checkpoint_layout_gives_the_same_model(tiny_models, arch: str) -> None:
+    ckpt, shards = tiny_models.get(arch, "fused")
     model, tokenizer = load_distributed_model(
         shards, StaticDirectory(LocalExperts(shards).load_all())
     )
     _compare(_reference(ckpt), model, tokenizer)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_model_and_experts_on_cuda_match_the_cpu_reference(tiny_models) -> None:
+    ckpt, shards = tiny_models.get("deepseek_v3")
+    local = LocalExperts(shards, device="cuda").load_all()
+    model, tokenizer = load_distributed_model(shards, StaticDirectory(local), device="cuda")
+    assert model.device.type == "cuda"
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        got = model(ids.cuda()).logits.cpu()
+        want = _reference(ckpt)(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    # An RPC request arrives on the CPU: the answer comes back on the CPU.
+    hidden = torch.randn(4, local.manifest.hidden_size)
+    out = local.forward(0, hidden, torch.tensor([[0, 1]] * 4), torch.full((4, 2), 0.5))
+    assert out.device.type == "cpu"
+    cpu = LocalExperts(shards).load_all()
+    want_out = cpu.forward(0, hidden, torch.tensor([[0, 1]] * 4), torch.full((4, 2), 0.5))
+    torch.testing.assert_close(out, want_out, rtol=1e-3, atol=1e-3)
 
 
 def test_a_missing_expert_is_an_error_not_a_silent_zero(tiny_models) -> None:

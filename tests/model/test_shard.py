@@ -19,12 +19,12 @@ from edgemoe.model.errors import ModelError
 from edgemoe.model.manifest import Manifest
 from edgemoe.model.shard import shard_checkpoint, verify_shards
 
-ROUND_TRIP = ["mixtral", "deepseek_v3", "gpt_oss"]
 
-
-@pytest.mark.parametrize("arch", ROUND_TRIP)
-def test_reassembled_shards_equal_the_checkpoint_tensors(tiny_models, arch: str) -> None:
-    ckpt, shards = tiny_models.get(arch)
+@pytest.mark.parametrize("layout", ["original", "fused"])
+def test_reassembled_shards_equal_the_checkpoint_tensors(
+    tiny_models, arch: str, layout: str
+) -> None:
+    ckpt, shards = tiny_models.get(arch, layout)
     manifest = Manifest.load(shards)
     reference = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32)
     want = reference.state_dict()
@@ -51,8 +51,11 @@ def test_reassembled_shards_equal_the_checkpoint_tensors(tiny_models, arch: str)
 def test_second_run_is_idempotent_and_rewrites_nothing(tiny_models, tmp_path: Path) -> None:
     ckpt, _ = tiny_models.get("olmoe")
     out = tmp_path / "shards"
-    first, written = shard_checkpoint(ckpt, out)
+    reports: list[tuple[int, int]] = []
+    first, written = shard_checkpoint(ckpt, out, progress=lambda *r: reports.append(r))
     assert written
+    total = 1 + first.num_layers * first.num_experts  # dense part, then each expert
+    assert reports == [(i, total) for i in range(1, total + 1)]
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     second, written_again = shard_checkpoint(ckpt, out)
     assert not written_again
@@ -113,6 +116,22 @@ def test_a_corrupt_shard_is_refused_when_loaded(tiny_models, tmp_path: Path) -> 
     with pytest.raises(ModelError, match=r"E1\.safetensors"):
         local.load(0, 1)
     assert local.held() == {(0, 0)}
+
+
+def test_a_corrupt_dense_part_is_refused_when_the_model_loads(tiny_models, tmp_path: Path) -> None:
+    from edgemoe.model.executor import StaticDirectory
+    from edgemoe.model.local import LocalExperts
+    from edgemoe.model.runtime import load_distributed_model
+
+    _, shards = tiny_models.get("qwen2_moe")
+    bad = _copy_shards(shards, tmp_path / "bad")
+    victim = bad / "dense.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01  # a flipped bit in a weight: still a valid safetensors file
+    victim.write_bytes(bytes(data))
+    local = LocalExperts(bad).load_all()
+    with pytest.raises(ModelError, match=rf"{victim}: sha256 mismatch"):
+        load_distributed_model(bad, StaticDirectory(local))
 
 
 def test_cli_tiny_shard_verify_in_process(tmp_path: Path) -> None:
