@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from edgemoe.daemon.peers import PeerClient
-from edgemoe.daemon.rpc import tensor_to_wire
+from edgemoe.daemon.rpc import tensor_from_wire, tensor_to_wire
 from edgemoe.daemon.store import ShardFetcher, ShardStore
 from edgemoe.daemon.wire import pack
 from edgemoe.model.manifest import Manifest
@@ -81,12 +81,13 @@ def _daemon(
     *,
     model_dir: Path | None,
     capacity: str,
+    cluster_id: str,
     seeds: list[int],
 ) -> tuple[_Proc, str]:
     port = _free_port()
     args = [sys.executable, "-m", "edgemoe.cli", "daemon", "--state-dir", str(workdir / name),
             "--host", "127.0.0.1", "--port", str(port), "--secret", secret, "--api-token", token,
-            "--cluster-id", f"bench-{secrets.token_hex(3)}" if not seeds else "bench",
+            "--cluster-id", cluster_id,
             "--capacity", capacity, "--device", "cpu", "--log-level", "warning"]  # fmt: skip
     if model_dir is not None:
         args += ["--model-dir", str(model_dir)]
@@ -128,8 +129,36 @@ ECHO_SERVER = textwrap.dedent(
 )
 
 
+def _compute_ms(shard_dir: Path, body: dict[str, Any], calls: int) -> float:
+    """Median time of the same expert computation in-process: the part of the RPC that is
+    not transport."""
+    from edgemoe.model.local import LocalExperts
+
+    local = LocalExperts(shard_dir).load_all()
+    args = [tensor_from_wire(body[k], dtypes=(body[k]["dtype"],), ndim=2, max_elements=1 << 30,
+                             name=k) for k in ("hidden", "expert_ids", "weights")]  # fmt: skip
+    lat = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the daemons run (OMP_NUM_THREADS=1)
+    try:
+        with torch.inference_mode():
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                local.forward(body["layer"], *args)
+                lat.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(lat) * 1e3
+
+
 async def _rpc_figures(
-    url: str, echo_url: str, secret: str, manifest: Manifest, rows: int, calls: int
+    url: str,
+    echo_url: str,
+    secret: str,
+    manifest: Manifest,
+    shard_dir: Path,
+    rows: int,
+    calls: int,
 ) -> dict[str, float]:
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(rows, manifest.hidden_size, generator=g)
@@ -173,6 +202,7 @@ async def _rpc_figures(
 
             await asyncio.gather(*(limited() for _ in range(calls)))
             out[f"{name}_calls_per_s"] = calls / (time.perf_counter() - t0)
+        out["compute_ms_p50"] = await asyncio.to_thread(_compute_ms, shard_dir, body, calls)
         out["rtt_overhead_ratio"] = out["rpc_rtt_ms_p50"] / out["echo_rtt_ms_p50"]
         out["throughput_ratio"] = out["echo_calls_per_s"] / out["rpc_calls_per_s"]
         return out
@@ -270,8 +300,9 @@ def run_rpc_bench(
         f"model: {arch} x{scale}, {manifest.num_layers} MoE layers x {manifest.num_experts} "
         f"experts, expert {manifest.expert_bytes / 1e6:.2f} MB, hidden {manifest.hidden_size}"
     )
+    run_id = secrets.token_hex(3)
     solo, url = _daemon(workdir, "solo", secret, token, model_dir=shard_dir, capacity="100%",
-                        seeds=[])  # fmt: skip
+                        cluster_id=f"bench-solo-{run_id}", seeds=[])  # fmt: skip
     n_experts = manifest.num_layers * manifest.num_experts
     echo_port = _free_port()
     answer = len(pack({"out": tensor_to_wire(torch.zeros(rows, manifest.hidden_size))}))
@@ -285,13 +316,14 @@ def run_rpc_bench(
         _wait(lambda: urllib.request.urlopen(base + "/files/manifest.json").status == 200, 30,
               "the plain HTTP server")  # fmt: skip
         figures["rpc"] = asyncio.run(
-            _rpc_figures(url, base + "/echo", secret, manifest, rows, calls)
+            _rpc_figures(url, base + "/echo", secret, manifest, shard_dir, rows, calls)
         )
         r = figures["rpc"]
         echo(
             f"expert RPC, {rows} tokens ({r['request_bytes']} B out, {r['answer_bytes']} B back):"
             f" p50 {r['rpc_rtt_ms_p50']:.2f} ms vs echo {r['echo_rtt_ms_p50']:.2f} ms "
-            f"(x{r['rtt_overhead_ratio']:.2f}); {r['rpc_calls_per_s']:.0f} vs "
+            f"(x{r['rtt_overhead_ratio']:.2f}; the expert computation alone takes "
+            f"{r['compute_ms_p50']:.2f} ms); {r['rpc_calls_per_s']:.0f} vs "
             f"{r['echo_calls_per_s']:.0f} calls/s at 8 in flight (x{r['throughput_ratio']:.2f})"
         )
         figures["streaming"] = asyncio.run(
@@ -306,13 +338,12 @@ def run_rpc_bench(
         model = _get(url + "/v1/models", token)["data"][0]["id"]
         one = _tokens_per_s([url], token, model, prompts * 3, max_tokens)
         solo.stop()
-        port = int(url.rsplit(":", 1)[1])
+        cid = f"bench-{run_id}"
         nodes = [_daemon(workdir, "c0", secret, token, model_dir=shard_dir, capacity="40%",
-                         seeds=[])]  # fmt: skip
-        del port
+                         cluster_id=cid, seeds=[])]  # fmt: skip
         seed_port = int(nodes[0][1].rsplit(":", 1)[1])
         nodes += [_daemon(workdir, f"c{i}", secret, token, model_dir=None, capacity="40%",
-                          seeds=[seed_port]) for i in (1, 2)]  # fmt: skip
+                          cluster_id=cid, seeds=[seed_port]) for i in (1, 2)]  # fmt: skip
         procs += [p for p, _ in nodes]
         urls = [u for _, u in nodes]
         _wait(lambda: all(_get(u + "/healthz")["ready"] for u in urls), 180, "the 3 nodes")

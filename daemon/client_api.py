@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,7 @@ from edgemoe.daemon.peer_api import DAEMON_KEY, error
 if TYPE_CHECKING:
     from edgemoe.daemon.node import Daemon
 
+log = logging.getLogger(__name__)
 MAX_CLIENT_BODY = 1 << 20
 MAX_PROMPT_TOKENS = 4096
 MAX_NEW_TOKENS = 2048
@@ -162,6 +164,9 @@ def _guard(handler):  # type: ignore[no-untyped-def]
         except BadRequest as exc:
             status = exc.status
             return error(exc.status, str(exc))
+        except Exception as exc:  # one failing request never takes the daemon down
+            log.exception("%s failed", handler.__name__)
+            return error(500, f"internal error: {type(exc).__name__}: {exc}")
         finally:
             d.metrics.requests.labels(endpoint=handler.__name__, status=str(status)).inc()
 
@@ -249,18 +254,25 @@ async def _completion(request: web.Request, chat: bool) -> web.StreamResponse:
     done: list[GenerationResult] = []
     produced: list[int] = []
     text_so_far = ""
-    async for tok in d.stream(ids, params, done.append):
-        produced.append(tok)
-        text = d.engine.decode(produced)
-        # hold back a trailing replacement char: it may be half of a multi-byte character
-        stable = text.rstrip("\ufffd") if text.startswith(text_so_far) else text
-        delta = stable[len(text_so_far) :] if stable.startswith(text_so_far) else ""
-        text_so_far += delta
-        await send(delta, [tok], None)
-    rest = d.engine.decode(produced)[len(text_so_far) :]
-    if rest:
-        await send(rest, [], None)
-    await send("", [], done[0].finish_reason if done else "length")
+    try:
+        async for tok in d.stream(ids, params, done.append):
+            produced.append(tok)
+            text = d.engine.decode(produced)
+            # hold back a trailing replacement char: it may be half of a multi-byte character
+            stable = text.rstrip("\ufffd") if text.startswith(text_so_far) else text
+            delta = stable[len(text_so_far) :] if stable.startswith(text_so_far) else ""
+            text_so_far += delta
+            await send(delta, [tok], None)
+        rest = d.engine.decode(produced)[len(text_so_far) :]
+        if rest:
+            await send(rest, [], None)
+        await send("", [], done[0].finish_reason if done else "length")
+    except ConnectionError:  # the client went away: nothing left to tell it
+        return resp
+    except Exception as exc:  # headers are out: the failure goes into the stream
+        log.exception("streamed generation failed")
+        message = {"error": {"message": f"{type(exc).__name__}: {exc}", "code": 500}}
+        await resp.write(f"data: {json.dumps(message)}\n\n".encode())
     await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()
     return resp

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 GOSSIP_PATH = "/v1/gossip"
 STATS_INTERVAL_S = 3.0
 MAX_SENDS_IN_FLIGHT = 64
+HANDOVER_TIMEOUT_S = 10.0
 
 
 def _snapshot(payload: Any) -> ActivationSnapshot | None:
@@ -81,7 +82,8 @@ class ClusterDriver:
         self._sends = asyncio.Semaphore(MAX_SENDS_IN_FLIGHT)
         self._decided = asyncio.Condition()
         self._stopped = False
-        self._left = False
+        self._leaving = False  # handing over: still driving the core
+        self._left = False  # goodbye said: the core is no longer driven
 
     # ---- placement (called by the core, also to verify others' proposals) -------------------
     def _placement(self, inputs: PlacementInputs) -> Mapping[str, Iterable[tuple[int, int]]]:
@@ -108,23 +110,29 @@ class ClusterDriver:
         self._spawn(self._publish_stats())
 
     async def leave(self) -> None:
-        """Hand our experts over (a new epoch without us, bounded wait), then say goodbye."""
-        if self._left:
+        """Hand our experts over (a new epoch without us, bounded wait), then say goodbye.
+        The core keeps running during the handover: it must hear the acceptors' replies."""
+        if self._leaving:
             return
-        self._left = True
+        self._leaving = True
         others = [n for n in self.core.alive_members() if n != self.d.node_id]
         if others and self.core.epoch > 0:
             try:
-                await asyncio.wait_for(self._handover(others), timeout=4.0)
+                await asyncio.wait_for(self._handover(others), timeout=HANDOVER_TIMEOUT_S)
+                log.info("handover done: epoch %d holds our experts elsewhere", self.core.epoch)
             except TimeoutError:
                 log.warning("handover not finished in time; leaving anyway")
+        self._left = True
         out = self.core.leave(self.now())
         await asyncio.gather(*(self._send(dest, msg) for dest, msg in out.messages))
 
     async def _handover(self, others: list[str]) -> None:
-        start = self.core.epoch
-        self.apply(self.core.request_epoch(self.now(), others, reason="leave"))
-        await self.wait_decided(start + 1, timeout=3.0)
+        while (cur := self.core.consensus.current) is None or self.d.node_id in cur.member_ids():
+            # another epoch with us in it may win the race; then ask again
+            start = self.core.epoch
+            others = [n for n in self.core.alive_members() if n != self.d.node_id] or others
+            self.apply(self.core.request_epoch(self.now(), others, reason="leave"))
+            await self.wait_decided(start + 1, timeout=HANDOVER_TIMEOUT_S)
         mine = set(self.core.routing.holdings_of(self.d.node_id))
         while mine:
             table = self.core.routing_table()

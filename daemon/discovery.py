@@ -128,7 +128,7 @@ class Discovery:
         if reason is not None:
             if node_id not in self._ignored:
                 self._ignored.add(node_id)
-                log.info("mDNS: ignoring node %s (%s)", node_id, reason)
+                log.info("mDNS on %s: ignoring node %s (%s)", self.node_id, node_id, reason)
             return
         addresses = info.parsed_addresses(IPVersion.V4Only)
         if not addresses or not info.port:

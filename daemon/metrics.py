@@ -66,7 +66,10 @@ class DaemonMetrics:
             "edgemoe_migration_bytes", "Shard bytes fetched from peers", registry=r
         )
         self.shards_served_bytes = Counter(
-            "edgemoe_shard_bytes_served", "Shard bytes streamed to peers", registry=r
+            "edgemoe_shard_bytes_served",
+            "Bytes of model files streamed to peers, per kind (dense, expert, other)",
+            ["kind"],
+            registry=r,
         )
         self.corrupt_shards = Counter(
             "edgemoe_corrupt_shards", "Fetched shards refused for size or sha256", registry=r

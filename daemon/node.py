@@ -17,7 +17,7 @@ import torch
 from aiohttp import web
 
 from edgemoe.daemon import client_api, peer_api
-from edgemoe.daemon.cluster_driver import ClusterDriver
+from edgemoe.daemon.cluster_driver import HANDOVER_TIMEOUT_S, ClusterDriver
 from edgemoe.daemon.config import DaemonConfig
 from edgemoe.daemon.discovery import Discovery
 from edgemoe.daemon.engine import GenerationParams, GenerationResult, InferenceEngine
@@ -34,6 +34,7 @@ from edgemoe.model.shard import DENSE_NAME
 from edgemoe.stats.recorder import ActivationRecorder
 
 log = logging.getLogger(__name__)
+SEED_WAIT_S = 3.0
 
 
 @dataclass
@@ -82,6 +83,8 @@ class Daemon:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._peer_event = asyncio.Event()
         self._stopping = False
+        self._seed_tasks: list[asyncio.Task[Any]] = []
+        self._ignored: set[str] = set()
 
     # ---- lifecycle ----------------------------------------------------------------------------
     async def __aenter__(self) -> Daemon:
@@ -108,8 +111,10 @@ class Daemon:
                 fingerprint=self.fingerprint, on_peer=self.add_peer,
             )  # fmt: skip
             await self.discovery.start()
-        for host, port in self.config.seed_peer:
+        self._seed_tasks = [
             self._spawn(self._contact_seed(f"http://{host}:{port}"))
+            for host, port in self.config.seed_peer
+        ]
         self._spawn(self._bootstrap())
 
     async def stop(self) -> None:
@@ -119,7 +124,7 @@ class Daemon:
         self._stopping = True
         if self.cluster is not None:
             try:
-                await asyncio.wait_for(self.cluster.leave(), timeout=5.0)
+                await asyncio.wait_for(self.cluster.leave(), timeout=HANDOVER_TIMEOUT_S + 2.0)
             except (TimeoutError, PeerError) as exc:
                 log.warning("graceful leave incomplete: %s", exc)
             await self.cluster.stop()
@@ -177,6 +182,10 @@ class Daemon:
             return None
         mine = self.fingerprint()
         if mine and fingerprint and fingerprint != mine:
+            if node_id not in self._ignored:
+                self._ignored.add(node_id)
+                log.warning("ignoring node %s at %s: model fingerprint %s differs from ours",
+                            node_id, url, fingerprint[:12])  # fmt: skip
             return None
         peer = self.peers.get(node_id)
         if peer is not None and peer.url == url:
@@ -234,6 +243,9 @@ class Daemon:
     # ---- startup ------------------------------------------------------------------------------
     async def _bootstrap(self) -> None:
         """Get the manifest and the dense part (from peers if needed), then load and serve."""
+        if not self.store.ready() and self._seed_tasks:
+            # let every answering seed be known first, so the dense part comes from all of them
+            await asyncio.wait(self._seed_tasks, timeout=SEED_WAIT_S)
         while not self.store.ready():
             if not self.peers:
                 self._peer_event.clear()

@@ -78,7 +78,13 @@ async def _serve_file(request: web.Request, rel: str) -> web.StreamResponse:
         return error(404, "no such file in the manifest")
     if not d.store.has(rel):
         return error(404, f"{rel} is not on this node's disk")
-    d.metrics.shards_served_bytes.inc(int(d.store.manifest.files[rel]["bytes"]))
+    size = int(d.store.manifest.files[rel]["bytes"])
+    try:
+        start, stop, _ = request.http_range.indices(size)
+    except ValueError:  # a malformed Range header: FileResponse answers it with a 416
+        start, stop = 0, 0
+    kind = "dense" if rel == DENSE_NAME else "expert" if rel.startswith("experts/") else "other"
+    d.metrics.shards_served_bytes.labels(kind=kind).inc(max(0, stop - start))
     return web.FileResponse(d.store.path(rel), chunk_size=1 << 18)
 
 

@@ -25,6 +25,8 @@ from edgemoe.model.shard import DENSE_NAME
 
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
+# A file fetched from several peers at once is cut into segments of at least this many bytes.
+_MIN_SEGMENT = 1 << 16
 _PARTIAL = ".partial"
 _EXPERT_RE = re.compile(r"experts/L(\d+)/E(\d+)\.safetensors")
 
@@ -118,10 +120,13 @@ class ShardStore:
     def install_from(self, rel: str, parts: Sequence[Path]) -> None:
         """Verify the concatenation of `parts`; move it into place (temp + fsync + rename)."""
         info, target = self.info(rel), self.root / rel
-        tmp = self.root / _PARTIAL / f"{rel.replace('/', '__')}.assembled"
+        # one part is verified and renamed in place; several are concatenated into a new file
+        source = self.root / _PARTIAL / f"{rel.replace('/', '__')}.assembled"
+        if len(parts) == 1:
+            source = parts[0]
         digest = hashlib.sha256()
         size = 0
-        with tmp.open("wb") as out:
+        with source.open("rb+" if len(parts) == 1 else "wb") as out:
             for part in parts:
                 with part.open("rb") as fh:
                     while chunk := fh.read(_CHUNK):
@@ -131,18 +136,14 @@ class ShardStore:
                             out.write(chunk)
             out.flush()
             os.fsync(out.fileno())
-        source = tmp if len(parts) > 1 else parts[0]
         if size != info["bytes"] or digest.hexdigest() != info["sha256"]:
-            for p in (tmp, *parts):
+            for p in {source, *parts}:
                 p.unlink(missing_ok=True)
             raise CorruptShard(f"{rel}: size {size} or sha256 differs from the manifest")
-        if len(parts) == 1:
-            with source.open("rb+") as fh:
-                os.fsync(fh.fileno())
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(source, target)
         _fsync_dir(target.parent)
-        for p in (tmp, *parts):
+        for p in parts:
             p.unlink(missing_ok=True)
         self._verified.add(rel)
 
@@ -214,7 +215,7 @@ class ShardFetcher:
 
     async def _fetch_once(self, rel: str, sources: Sequence[PeerClient], *, split: bool) -> None:
         size = int(self.store.info(rel)["bytes"])
-        n = max(1, min(len(sources), size // _CHUNK + 1)) if split else 1
+        n = max(1, min(len(sources), size // _MIN_SEGMENT)) if split else 1
         bounds = [(size * i // n, size * (i + 1) // n) for i in range(n)]
         (self.store.root / _PARTIAL).mkdir(parents=True, exist_ok=True)
         parts = [self.store.partial_path(rel, i) for i in range(n)]
@@ -254,8 +255,8 @@ class ShardFetcher:
                 except Exception as exc:
                     fh.flush()
                     raise PeerError(f"{peer.url}: transfer of {rel} cut: {exc!r}") from None
-                fh.flush()
-                os.fsync(fh.fileno())
+                # no fsync here: install_from syncs before the rename, and a part torn by a
+                # crash fails the sha256 check and is fetched again
         got = part.stat().st_size
         if got != hi - lo:
             raise PeerError(f"{peer.url}: {rel} ended after {got} of {hi - lo} bytes")

@@ -12,27 +12,17 @@ import sys
 import time
 from typing import Any
 
-from .conftest import LONG_NEW, MAX_NEW, PROMPTS, TOKEN, Cluster, Node, TinyModel, wait_for
-
-
-def placed(cluster: Cluster) -> dict | None:
-    """The common view once every node agrees on an epoch whose experts are all announced."""
-    views = [n.cluster() for n in cluster.nodes]
-    ids = {n.node_id for n in cluster.nodes}
-    v = views[0]
-    held = {k for ks in v["holdings"].values() for k in ks}
-    alive = {m["node_id"] for m in v["members"] if m["state"] == "alive"}
-    if (
-        alive == ids
-        and v["epoch"] >= 1
-        and all(w["epoch"] == v["epoch"] for w in views)
-        and set(v["placement"]["holders"]) == held
-        and len(held) == v["model"]["num_layers"] * v["model"]["num_experts"]
-        and all(v["holdings"].get(i) for i in ids)
-        and all(w["migration"]["pending"] == 0 for w in views)
-    ):
-        return v
-    return None
+from .conftest import (
+    LONG_NEW,
+    MAX_NEW,
+    PROMPTS,
+    TOKEN,
+    Cluster,
+    Node,
+    TinyModel,
+    placed,
+    wait_for,
+)
 
 
 def test_three_nodes_discover_place_stream_and_match_reference(
