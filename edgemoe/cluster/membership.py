@@ -116,8 +116,9 @@ class Membership:
 
     def next_deadline(self) -> float:
         t = min(self._next_probe, self._next_gossip)
-        if self._probe is not None:
-            t = min(t, self._probe.end_at if self._probe.indirect else self._probe.timeout_at)
+        p = self._probe
+        if p is not None and not p.acked:  # an acked probe has no timer left
+            t = min(t, p.end_at if p.indirect else p.timeout_at)
         for s in self._suspicions.values():
             t = min(t, s.deadline())
         return t

@@ -2,8 +2,15 @@
 
 For the decided assignment, the node fetches each shard it must hold and does not (from a live
 node announcing it, or from disk when none does), announces it once loaded, and drops a shard
-it no longer needs only when another live node that is assigned it announces holding it, so
-the last live copy is never dropped. Routing = live nodes announcing a shard.
+it no longer needs only when another live node that is assigned it announces holding it in an
+announcement made at the dropper's epoch or later, so the last live copy is never dropped.
+
+Why the epoch stamp: without it, two nodes can each trust the other's stale announcement
+(epoch 2 moves s from A to B, A drops; epoch 3 moves s back to A, and B drops on A's epoch-1
+announcement that it still has not seen superseded). A holder announcing at epoch e >= ours
+either is assigned s at e (and keeps it for all of e) or drops it only on the same rule at a
+higher epoch, so the chain of holders we rely on always ends at a real copy.
+Routing = live nodes announcing a shard.
 """
 
 from __future__ import annotations
@@ -22,9 +29,12 @@ class RoutingTable:
     def __init__(self) -> None:
         self._by_shard: dict[Shard, set[str]] = {}
         self._of: dict[str, frozenset[Shard]] = {}
+        self._epoch: dict[str, int] = {}
 
-    def set_holdings(self, node: str, shards: Iterable[Shard]) -> None:
+    def set_holdings(self, node: str, shards: Iterable[Shard], epoch: int = 0) -> None:
+        """`node`'s full announced set, made when it had learned `epoch`."""
         new = frozenset((int(l), int(e)) for l, e in shards)
+        self._epoch[node] = epoch
         old = self._of.get(node, frozenset())
         for s in old - new:
             holders = self._by_shard.get(s)
@@ -36,6 +46,10 @@ class RoutingTable:
 
     def holdings_of(self, node: str) -> frozenset[Shard]:
         return self._of.get(node, frozenset())
+
+    def epoch_of(self, node: str) -> int:
+        """The epoch `node` had learned when it made the announcement we know (-1: none)."""
+        return self._epoch.get(node, -1)
 
     def holders(self, shard: Shard, alive: Callable[[str], bool]) -> list[str]:
         return sorted(n for n in self._by_shard.get(shard, ()) if alive(n))
@@ -106,7 +120,10 @@ class Migration:
         dropped = False
         for s in sorted(self.holding - self.target):
             keepers = self.assigned.get(s, frozenset())
-            safe = any(h != self.node_id and h in keepers for h in routing.holders(s, alive))
+            safe = any(
+                h != self.node_id and h in keepers and routing.epoch_of(h) >= self.epoch
+                for h in routing.holders(s, alive)
+            )
             if safe:
                 self.holding.discard(s)
                 out.emit(DropShard(self.epoch, s[0], s[1]))

@@ -48,6 +48,16 @@ STATS, HOLDINGS = "stats", "holdings"
 _CONSENSUS = (Prepare, Promise, Accept, Accepted, Nack, Learn, CatchUp)
 
 
+def holdings_payload(payload: Any) -> tuple[int, list[Shard]] | None:
+    """(epoch, shards) of a holdings payload, None if it is malformed."""
+    try:
+        epoch = int(payload["epoch"])
+        shards = [(int(l), int(e)) for l, e in payload["shards"]]
+    except (TypeError, KeyError, ValueError):
+        return None
+    return epoch, shards
+
+
 class Node:
     """The cluster brain of one daemon; see the module docstring for how to drive it."""
 
@@ -278,12 +288,16 @@ class Node:
                 self.membership.apply(now, item, out)
 
     def _merge(self, now: float, item: Versioned, out: Outbox) -> None:
-        vmap = self.stats if item.kind == STATS else self.holdings
         if item.kind not in (STATS, HOLDINGS):
             return
+        vmap = self.stats if item.kind == STATS else self.holdings
+        held = None
+        if item.kind == HOLDINGS:
+            held = holdings_payload(item.payload)
+            if held is None:
+                return  # malformed: ignore it rather than let it shadow a good version
         if item.origin == self.node_id and item.kind == HOLDINGS:
-            mine = sorted(list(s) for s in self.migration.holding)
-            stale = item.version == self.migration.version and list(item.payload) != mine
+            stale = item.version == self.migration.version and item.payload != self._holdings()
             if item.version > self.migration.version or stale:  # from before a restart
                 self.migration.version = item.version
                 self.migration.announce(out)
@@ -293,24 +307,31 @@ class Node:
             self._stats_version = item.version  # pre-restart stats: next publish goes above
         if vmap.merge(item.origin, item.version, item.payload):
             self.membership.queue.push(("v", item.kind, item.origin), item)
-            if item.kind == HOLDINGS:
-                self.routing.set_holdings(item.origin, (tuple(s) for s in item.payload))
+            if held is not None:
+                self.routing.set_holdings(item.origin, held[1], held[0])
+
+    def _holdings(self) -> dict[str, Any]:
+        """Our holdings payload: the shards we hold and the epoch we had learned then."""
+        return {"epoch": self.epoch, "shards": [list(s) for s in sorted(self.migration.holding)]}
 
     def _publish_holdings(self) -> None:
-        shards = sorted(self.migration.holding)
-        item = Versioned(HOLDINGS, self.node_id, self.migration.version, [list(s) for s in shards])
+        payload = self._holdings()
+        item = Versioned(HOLDINGS, self.node_id, self.migration.version, payload)
         self.holdings.merge(self.node_id, item.version, item.payload)
-        self.routing.set_holdings(self.node_id, shards)
+        self.routing.set_holdings(self.node_id, self.migration.holding, self.epoch)
         self.membership.queue.push(("v", HOLDINGS, self.node_id), item)
 
     def _after(self, now: float, out: Outbox) -> None:
         """Follow-ups of any input: new decisions drive migration, triggers arm proposals."""
         for eff in out.effects:
-            if isinstance(eff, Decided):
+            if isinstance(eff, Decided) and eff.epoch > self.migration.epoch:
                 self.migration.on_decided(eff.value)
                 self._trigger_at = None
         self.membership.epoch = self.epoch
-        if self.migration.step(now, self.routing, self.is_alive, out):
+        changed = self.migration.step(now, self.routing, self.is_alive, out)
+        if changed or self.routing.epoch_of(self.node_id) != self.epoch:
+            # re-announce at a new epoch too: others drop their copies only on an announcement
+            # made at their epoch or later (see migration.py)
             self.migration.announce(out)
             self._publish_holdings()
         if self.membership.leaving:

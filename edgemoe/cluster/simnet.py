@@ -99,6 +99,7 @@ class RunResult:
     messages: int
     consensus_messages: int
     msgs_per_node_s: float
+    lost_to_crash: int = 0
     decisions_at: list[float] = field(default_factory=list)
 
 
@@ -122,7 +123,10 @@ class SimNet:
         self.rate = {n: 1 + self.rng.uniform(-sc.drift, sc.drift) for n in self.ids}
         self.offset = {n: self.rng.uniform(0, 100) for n in self.ids}
         self.truth: dict[str, set[Shard]] = {n: set() for n in self.ids}
-        self.announced: dict[tuple[str, int], frozenset[Shard]] = {}
+        # node -> (version, shards) -> boot in which it was announced (last one)
+        self.announced: dict[str, dict[tuple[int, frozenset[Shard]], int]] = {
+            n: {} for n in self.ids
+        }
         self.boot: dict[str, int] = dict.fromkeys(self.ids, 0)
         self.checker = InvariantChecker()
         self.trace: list[tuple[Any, ...]] = []
@@ -210,7 +214,7 @@ class SimNet:
             self.decisions_at.append(self.now)
             self.trace.append((self.now, "decided", node, eff.epoch, eff.value.reason))
         elif isinstance(eff, AnnounceHolding):
-            self.announced[(node, eff.version)] = frozenset(eff.shards)
+            self.announced[node][(eff.version, frozenset(eff.shards))] = self.boot[node]
         elif isinstance(eff, FetchShard):
             self.trace.append((self.now, "fetch", node, eff.layer, eff.expert, eff.sources))
             self._push(
@@ -221,9 +225,23 @@ class SimNet:
         elif isinstance(eff, DropShard):
             shard = (eff.layer, eff.expert)
             live = {n: s for n, s in self.truth.items() if self.nodes[n] is not None}
-            self.checker.drop(node, shard, live)
+            self.checker.drop(node, shard, live, self._relied_on_crashed(node, shard))
             self.truth[node].discard(shard)
             self.trace.append((self.now, "drop", node, eff.layer, eff.expert))
+
+    def _known(self, viewer: Node, holder: str) -> tuple[int, frozenset[Shard]]:
+        """(version, shards) of `holder`'s announcement as `viewer` knows it."""
+        return viewer.holdings.version(holder), viewer.routing.holdings_of(holder)
+
+    def _relied_on_crashed(self, node: str, shard: Shard) -> bool:
+        """Whether a holder `node` saw announcing `shard` crashed after that announcement."""
+        n = self.nodes[node]
+        assert n is not None
+        for h in n.routing.holders(shard, n.is_alive):
+            boot = self.announced[h].get(self._known(n, h))
+            if h != node and (self.nodes[h] is None or boot != self.boot[h]):
+                return True
+        return False
 
     # ---- events ------------------------------------------------------------------------
 
@@ -311,10 +329,8 @@ class SimNet:
             assert n is not None
             table = n.routing_table()
             holders = {h for hs in table.values() for h in hs}
-            known = {
-                h: self.announced.get((h, n.holdings.version(h)), frozenset()) for h in holders
-            }
-            self.checker.routing(node, table, known)
+            known = {h: self._known(n, h) for h in holders}
+            self.checker.routing(node, table, known, self.announced)
         self._push(self.now + self.sc.check_every, "check", None)
 
     def step(self) -> bool:
@@ -395,6 +411,7 @@ class SimNet:
             messages=self.messages,
             consensus_messages=cons,
             msgs_per_node_s=self.messages / self.sc.nodes / span,
+            lost_to_crash=self.checker.lost_to_crash,
             decisions_at=list(self.decisions_at),
         )
 
