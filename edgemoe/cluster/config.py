@@ -44,6 +44,9 @@ class ClusterConfig:
     # higher ballot after a random backoff in [0, consensus_backoff] * attempt (capped).
     consensus_timeout: float = 1.0
     consensus_backoff: float = 0.5
+    # Within a phase, Prepare/Accept are resent to acceptors that have not answered this often
+    # (acceptors answer duplicates idempotently); without it one lost message costs a round.
+    consensus_resend: float = 0.25
     # A trigger (membership change, drift) waits this long, plus rank * propose_stagger for
     # the node's rank among live acceptors, so that usually one node proposes.
     propose_delay: float = 2.0

@@ -149,6 +149,7 @@ class _Proposer:
     phase: int = 0  # 0 waiting to start, 1 preparing, 2 accepting
     start_at: float = 0.0
     deadline: float = 0.0
+    resend_at: float = 0.0
     attempt: int = 0
     promises: dict[str, Promise] = field(default_factory=dict)
     accepted: set[str] = field(default_factory=set)
@@ -204,7 +205,7 @@ class Consensus:
         p = self._prop
         if p is None:
             return float("inf")
-        return p.start_at if p.phase == 0 else p.deadline
+        return p.start_at if p.phase == 0 else min(p.deadline, p.resend_at)
 
     # ---- proposer ----------------------------------------------------------------------
 
@@ -230,8 +231,21 @@ class Consensus:
         self._max_round[p.epoch] = p.round
         p.phase, p.promises, p.accepted, p.chosen = 1, {}, set(), None
         p.deadline = now + self.config.consensus_timeout
-        for a in p.acceptors:
-            self._send(out, a, Prepare(self.node_id, p.epoch, p.ballot, p.forced_members))
+        self._send_phase(now, p, out)
+
+    def _send_phase(self, now: float, p: _Proposer, out: Outbox) -> None:
+        """(Re)send this phase's request to every acceptor that has not answered it yet."""
+        p.resend_at = now + self.config.consensus_resend
+        if p.phase == 1:
+            for a in p.acceptors:
+                if a not in p.promises:
+                    self._send(out, a, Prepare(self.node_id, p.epoch, p.ballot, p.forced_members))
+        else:
+            assert p.chosen is not None
+            for a in p.acceptors:
+                if a not in p.accepted:
+                    msg = Accept(self.node_id, p.epoch, p.ballot, p.chosen, p.forced_members)
+                    self._send(out, a, msg)
 
     def _retry(self, now: float) -> None:
         p = self._prop
@@ -249,6 +263,8 @@ class Consensus:
             self._start_phase1(now, out)
         elif p.phase in (1, 2) and now >= p.deadline:
             self._retry(now)
+        elif p.phase in (1, 2) and now >= p.resend_at:
+            self._send_phase(now, p, out)
 
     def _send(self, out: Outbox, dest: str, msg: object) -> None:
         self.messages_sent += 1
@@ -346,8 +362,7 @@ class Consensus:
         p.phase = 2
         p.deadline = now + self.config.consensus_timeout
         out.emit(Proposed(p.chosen))
-        for a in p.acceptors:
-            self._send(out, a, Accept(self.node_id, p.epoch, p.ballot, p.chosen, p.forced_members))
+        self._send_phase(now, p, out)
 
     def _on_accepted(self, now: float, m: Accepted, out: Outbox) -> None:
         p = self._mine(m.epoch, m.ballot, 2)
