@@ -285,18 +285,32 @@ def register(app: typer.Typer) -> None:
     def check(
         path: Annotated[Path | None, typer.Argument(help="File to check")] = None,
         config: ConfigOption = None,
+        json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts")] = False,
     ) -> None:
         """Validate the config and explain every problem, one per line."""
         target = _pick_path(path, config)
         try:
             cfg, problems = validate(load_toml(target), str(target))
         except ConfigError as exc:
-            _fail([str(exc)], EXIT_CONFIG)
-        if not problems:
+            cfg, problems = None, [str(exc)]
+        if cfg is not None and not problems:
             problems = environment_problems(cfg, str(target))
-        if problems:
+        cap = cfg.capacity if cfg is not None else None
+        if json_out:  # no secret or token in it: scripts may log this
+            summary = None if cfg is None or problems else {
+                "cluster_id": cfg.cluster_id, "host": cfg.host, "port": cfg.port, "url": cfg.url,
+                "capacity": {"kind": cap.kind, "amount": cap.amount},
+                "interface": list(cfg.interface),
+                "seed_peer": [f"{h}:{p}" for h, p in cfg.seed_peer],
+                "strategy": cfg.strategy, "api_token_set": bool(cfg.api_token),
+            }  # fmt: skip
+            typer.echo(json.dumps({"path": str(target), "ok": not problems,
+                                   "problems": problems, "config": summary}, indent=2))  # fmt: skip
+            if problems:
+                raise typer.Exit(EXIT_CONFIG)
+            return
+        if problems or cfg is None or cap is None:
             _fail(problems, EXIT_CONFIG)
-        cap = cfg.capacity
         share = f"{cap.amount:.0%} of the experts" if cap.kind == "fraction" else None
         mdns = ", ".join(cfg.interface) or "off"
         typer.echo(

@@ -35,6 +35,7 @@ from edgemoe.cli.ops_cmds import (
     held_by_node,
     holdings_by_node,
     human_bytes,
+    local_hit,
     migration_table,
     ranges,
     short,
@@ -77,6 +78,9 @@ DOMAINS: dict[str, list[str]] = {
     ],
 }
 DOMAIN_ORDER = tuple(DOMAINS)
+# After the shift node0 sends this many times its usual prompts, so that its decayed
+# statistics (half-life minutes) turn to the new domain within the demo's seconds.
+SHIFT_FACTOR = 3
 
 
 def shifted_domain(domains: dict[int, str]) -> str:
@@ -99,9 +103,14 @@ def free_port() -> int:
 
 
 def port_is_free(port: int) -> bool:
+    """Nobody holds or listens on ``port``: a server could bind it now. SO_REUSEADDR as every
+    server sets it, so connections the stopped daemon left in TIME_WAIT (kernel state, owned
+    by no process) do not count."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
+            s.listen()
         except OSError:
             return False
     return True
@@ -146,6 +155,13 @@ class LocalCluster:
 
     def client(self, node: DemoNode) -> Node:
         return Node(node.url, self.token, "demo")
+
+    def label(self, node_id: str) -> str:
+        """node0, node1, ... in start order (ids are random hex; the story uses indices)."""
+        for node in self.nodes:
+            if node.node_id == node_id:
+                return f"node{node.index}"
+        return short(node_id)
 
     def start(self) -> None:
         """Spawn every daemon in its own process group (so stopping reaches its children)."""
@@ -334,9 +350,11 @@ class PhaseResult:
 
 
 def run_phase(
-    cluster: LocalCluster, name: str, domains: dict[int, str], rounds: int, max_tokens: int
-) -> PhaseResult:
-    """Every node answers its own domain's prompts (nodes in parallel, each one sequential)."""
+    cluster: LocalCluster, name: str, domains: dict[int, str], rounds: int, max_tokens: int,
+    more: dict[int, int] | None = None,
+) -> PhaseResult:  # fmt: skip
+    """Every node answers its own domain's prompts (nodes in parallel, each one sequential);
+    ``more`` gives some nodes (by index) another number of prompts."""
     model = cluster.client(cluster.nodes[0]).get("/v1/models")["data"][0]["id"]
     before = {n.node_id: cluster.cluster(n) for n in cluster.nodes}
 
@@ -345,7 +363,7 @@ def run_phase(
         prompts = DOMAINS[domains[node.index]]
         latencies: list[float] = []
         tokens = 0
-        for r in range(rounds):
+        for r in range((more or {}).get(node.index, rounds)):
             prompt = prompts[r % len(prompts)]
             t0 = time.perf_counter()
             out = client.post(
@@ -358,14 +376,15 @@ def run_phase(
         return latencies, tokens
 
     with ThreadPoolExecutor(max_workers=len(cluster.nodes)) as pool:
-        results = dict(zip(cluster.nodes, pool.map(work, cluster.nodes), strict=True))
+        results = dict(
+            zip((n.node_id for n in cluster.nodes), pool.map(work, cluster.nodes), strict=True)
+        )
     after = {n.node_id: cluster.cluster(n) for n in cluster.nodes}
-    ids = {n: n.node_id for n in cluster.nodes}
     return PhaseResult(
         name=name,
-        domains={ids[n]: domains[n.index] for n in cluster.nodes},
-        latency_ms={ids[n]: lat for n, (lat, _) in results.items()},
-        tokens={ids[n]: tok for n, (_, tok) in results.items()},
+        domains={n.node_id: domains[n.index] for n in cluster.nodes},
+        latency_ms={i: lat for i, (lat, _) in results.items()},
+        tokens={i: tok for i, (_, tok) in results.items()},
         remote_bytes={
             i: int(after[i].get("remote_bytes", 0)) - int(before[i].get("remote_bytes", 0))
             for i in after
@@ -384,48 +403,59 @@ def phase_local_share(before: dict[str, Any], after: dict[str, Any]) -> float:
     return float(after.get("local_share", 0.0))
 
 
-def phases_table(phases: list[PhaseResult]) -> Any:
+def phases_table(phases: list[PhaseResult], label: Callable[[str], str] = short) -> Any:
     from rich.table import Table
 
     table = Table(title="requests: latency and bytes between nodes, per phase")
     for col in ("phase", "node", "domain", "requests", "mean latency", "p50", "tokens/s",
-                "remote bytes", "local share"):  # fmt: skip
+                "remote bytes/request", "local share"):  # fmt: skip
         table.add_column(col, justify="left" if col in ("phase", "node", "domain") else "right")
     for phase in phases:
         for i, (nid, lat) in enumerate(phase.latency_ms.items()):
             srt = sorted(lat)
             seconds = sum(lat) / 1000 or 1.0
             table.add_row(
-                phase.name if i == 0 else "", short(nid), phase.domains[nid], str(len(lat)),
+                phase.name if i == 0 else "", label(nid), phase.domains[nid], str(len(lat)),
                 f"{sum(lat) / len(lat):.0f} ms", f"{srt[len(srt) // 2]:.0f} ms",
-                f"{phase.tokens[nid] / seconds:.1f}", human_bytes(phase.remote_bytes[nid]),
-                f"{phase.local_share[nid]:.0%}",
+                f"{phase.tokens[nid] / seconds:.1f}",
+                human_bytes(phase.remote_bytes[nid] / len(lat)), f"{phase.local_share[nid]:.0%}",
             )  # fmt: skip
         table.add_section()
     return table
 
 
-def holdings_table(c: dict[str, Any], title: str) -> Any:
-    """Per node: experts held per layer (announced), and the node's local share."""
+def holdings_table(c: dict[str, Any], title: str, label: Callable[[str], str] = short) -> Any:
+    """Per node: experts held per layer (announced), and how much of the node's own routed
+    traffic (its decayed statistics) those experts serve locally."""
     from rich.table import Table
 
     announced = holdings_by_node(c.get("holdings", {}))
+    stats = c.get("stats", {})
     layers = int(c["model"]["num_layers"])
     experts = int(c["model"]["num_experts"])
-    table = Table(title=title)
+    table = Table(title=title or None)
     table.add_column("node")
     for ly in range(layers):
         table.add_column(f"layer {ly}")
     table.add_column("held", justify="right")
-    for m in c.get("members", []):
+    table.add_column("own traffic served locally", justify="right")
+    for m in sorted(c.get("members", []), key=lambda m: label(m["node_id"])):
         nid = m["node_id"]
         per = announced.get(nid, {})
+        hits = [h for h in local_hit(stats.get(nid, {}).get("counts", []), per) if h is not None]
         table.add_row(
-            short(nid),
+            label(nid),
             *(ranges(per.get(ly, [])) for ly in range(layers)),
             f"{sum(len(v) for v in per.values())}/{layers * experts}",
+            f"{sum(hits) / len(hits):.0%}" if hits else "no traffic yet",
         )
     return table
+
+
+def show_holdings(out: Any, cluster: LocalCluster, c: dict[str, Any], when: str) -> None:
+    epoch = c["placement"]["epoch"]
+    out.print(f"[bold]experts held per node and layer, epoch {epoch}[/] ({when})", soft_wrap=True)
+    out.print(holdings_table(c, "", cluster.label))
 
 
 def placement_moves(
@@ -482,7 +512,7 @@ def demo_capacity(nodes: int, layers: int, experts: int, expert_bytes: int) -> i
 
 
 def run_demo(
-    nodes: int, arch: str, rounds: int, max_tokens: int, drift_wait: float, keep: bool,
+    nodes: int, arch: str, rounds: int, max_tokens: int, trigger_wait: float, keep: bool,
     strategy: str,
 ) -> int:  # fmt: skip
     """The demo proper; returns the process exit code."""
@@ -525,26 +555,29 @@ def run_demo(
                 f"decided ({c0['placement'].get('strategy')}) in "
                 f"{time.monotonic() - started:.0f} s"
             )
+            legend = [f"node{n.index} = {n.node_id} (port {n.port})" for n in cluster.nodes]
+            out.print("nodes: " + ", ".join(legend) + "; node0 had the shards", soft_wrap=True)
+            show_holdings(out, cluster, cluster.cluster(), "genesis: no statistics yet")
             domains = {n.index: DOMAIN_ORDER[n.index % len(DOMAIN_ORDER)] for n in cluster.nodes}
             phases: list[PhaseResult] = []
             with out.status("phase 1: each node gets prompts of its own domain ..."):
                 phases.append(run_phase(cluster, "1 own domains", domains, rounds, max_tokens))
-            first = cluster.cluster()
-            adapted = rebalance(cluster, out, first, drift_wait, "workload-aware placement")
-            out.print(holdings_table(adapted, "experts held per node and layer (after phase 1)"))
+            adapted = rebalance(cluster, out, trigger_wait, "workload-aware placement")
+            show_holdings(out, cluster, adapted, "after phase 1")
             with out.status("phase 2: same domains on the adapted placement ..."):
                 phases.append(run_phase(cluster, "2 adapted", domains, rounds, max_tokens))
             shifted = {**domains, 0: shifted_domain(domains)}
-            out.print(f"shift: node0 ({short(cluster.nodes[0].node_id)}) now gets "
-                      f"{shifted[0]} prompts instead of {domains[0]}")  # fmt: skip
+            out.print(f"shift: node0 now gets "
+                      f"{SHIFT_FACTOR}x as many {shifted[0]} prompts instead of {domains[0]}; "
+                      "its decayed statistics follow")  # fmt: skip
+            more = {0: SHIFT_FACTOR * rounds}
             with out.status("phase 3: node0's workload shifted ..."):
-                phases.append(run_phase(cluster, "3 shifted", shifted, rounds, max_tokens))
-            before = cluster.cluster()
-            after = rebalance(cluster, out, before, drift_wait, "migration after the shift")
-            out.print(holdings_table(after, "experts held per node and layer (after the shift)"))
+                phases.append(run_phase(cluster, "3 shifted", shifted, rounds, max_tokens, more))
+            after = rebalance(cluster, out, trigger_wait, "migration after the shift")
+            show_holdings(out, cluster, after, "after the shift")
             with out.status("phase 4: shifted workload on the migrated placement ..."):
                 phases.append(run_phase(cluster, "4 migrated", shifted, rounds, max_tokens))
-            out.print(phases_table(phases))
+            out.print(phases_table(phases, cluster.label))
     except DemoError as exc:
         out.print(f"[red]demo failed:[/] {exc}")
         return 1
@@ -572,24 +605,44 @@ def run_demo(
     return 0
 
 
-def rebalance(
-    cluster: LocalCluster, out: Any, before: dict[str, Any], drift_wait: float, what: str
-) -> dict[str, Any]:
-    """Wait for the drift trigger to decide a new epoch; if it is slow, ask for one
+def stats_versions(c: dict[str, Any]) -> dict[str, int]:
+    return {n: int(v.get("version", 0)) for n, v in c.get("stats", {}).items()}
+
+
+def rebalance(cluster: LocalCluster, out: Any, trigger_wait: float, what: str) -> dict[str, Any]:
+    """Let every node's fresh statistics reach node0, give a daemon-side trigger
+    ``trigger_wait`` s to start a new epoch, else ask for one the way `edgemoe migrate` does
     (POST /v1/cluster/migrate). Show the moves and wait until they are done."""
+    before = cluster.cluster()
     epoch = int((before.get("placement") or {}).get("epoch") or 0)
+    seen = stats_versions(before)
     n = len(cluster.nodes)
-    how = "drift trigger"
-    try:
-        with out.status(f"{what}: waiting up to {drift_wait:.0f} s for the drift trigger ..."):
-            cluster.wait_until("drift", placement_decided(n, epoch), drift_wait, lambda s: None)
-    except DemoError:
-        how = "POST /v1/cluster/migrate (drift trigger slower than the demo)"
-        result = cluster.client(cluster.nodes[0]).post(
-            "/v1/cluster/migrate", {"dry_run": False, "members": None}, timeout=120
+
+    def fresh(c: dict[str, Any]) -> bool:
+        now = stats_versions(c)
+        return all(now.get(x.node_id, 0) > seen.get(x.node_id, 0) for x in cluster.nodes)
+
+    with out.status(f"{what}: waiting for every node's new statistics ...") as st:
+        cluster.wait_until(
+            "statistics from every node", fresh, 60, lambda s: st.update(f"{what}: waiting for {s}")
         )
+    how = "a daemon-side trigger"
+    try:
+        with out.status(f"{what}: {trigger_wait:.0f} s for a daemon-side trigger ..."):
+            cluster.wait_until(
+                "a trigger", placement_decided(n, epoch), trigger_wait, lambda s: None
+            )
+    except DemoError:
+        how = f"asking for it (POST /v1/cluster/migrate; no trigger in {trigger_wait:.0f} s)"
+        with out.status(f"{what}: asking node0 for a new epoch ..."):
+            result = cluster.client(cluster.nodes[0]).post(
+                "/v1/cluster/migrate", {"dry_run": False, "members": None}, timeout=120
+            )
         if not result.get("decided"):
-            raise DemoError("the cluster did not decide a new placement") from None
+            raise DemoError(
+                f"{what}: the cluster did not decide a new placement epoch in time (answer "
+                f"{result}); node0 log ends:\n{cluster.nodes[0].log_tail()}"
+            ) from None
     with out.status(f"{what}: moving experts ...") as st:
         after = cluster.wait_until(
             "migration to finish", migration_done, 120, lambda s: st.update(f"waiting for {s}")
@@ -597,12 +650,14 @@ def rebalance(
     moves = placement_moves(before, after, int(after["model"]["expert_bytes"]))
     total = sum(m["bytes"] for m in moves)
     out.print(
-        migration_table(
-            moves,
-            f"{what}: epoch {epoch} -> {after['placement']['epoch']} by {how}; "
-            f"{len(moves)} expert copies, {human_bytes(total)}",
-        )
+        f"[bold]{what}: epoch {epoch} -> {after['placement']['epoch']}[/] by {how}; "
+        f"{len(moves)} expert copies, {human_bytes(total)} moved",
+        soft_wrap=True,
     )
+    if moves:
+        named = [{**m, "from": m["from"] and cluster.label(m["from"]), "to": cluster.label(m["to"])}
+                 for m in moves]  # fmt: skip
+        out.print(migration_table(named, "expert copies"))
     return after
 
 
@@ -615,9 +670,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         arch: Annotated[str, typer.Option(help="Tiny model architecture")] = "mixtral",
         rounds: Annotated[int, typer.Option(min=1, help="Prompts per node per phase")] = 6,
         max_tokens: Annotated[int, typer.Option(min=1, help="Tokens per answer")] = 8,
-        drift_wait: Annotated[
-            float, typer.Option(help="Seconds to wait for the drift trigger before asking")
-        ] = 10.0,
+        trigger_wait: Annotated[
+            float,
+            typer.Option(help="Seconds to give a daemon-side trigger before asking for an epoch"),
+        ] = 5.0,
         strategy: Annotated[str, typer.Option(help="Placement strategy")] = "edgemoe",
         keep: Annotated[bool, typer.Option("--keep", help="Keep the temp dir (logs)")] = False,
     ) -> None:
@@ -627,5 +683,5 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         if arch not in TINY_CONFIGS:
             typer.echo(f"error: --arch {arch}: choose one of {', '.join(TINY_CONFIGS)}", err=True)
             raise typer.Exit(2)
-        code = run_demo(nodes, arch, rounds, max_tokens, drift_wait, keep, strategy)
+        code = run_demo(nodes, arch, rounds, max_tokens, trigger_wait, keep, strategy)
         raise typer.Exit(code)

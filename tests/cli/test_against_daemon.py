@@ -15,9 +15,6 @@ from typer.testing import CliRunner
 from edgemoe.cli.demo_cmds import LocalCluster, build_model, placement_decided
 from edgemoe.cli.main import app
 
-pytestmark = pytest.mark.skip(
-    reason="`edgemoe daemon` not there yet (issue 5: cli/node_cmds.py registers no daemon command)"
-)
 runner = CliRunner()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import stat
 import tomllib
 from pathlib import Path
@@ -81,6 +82,24 @@ def test_check_explains_each_problem_in_one_line_and_exits_5(tmp_path: Path) -> 
     assert any("port: " in line and "'abc'" in line for line in lines)
     assert any("strategy: must be one of" in line and "'fastest'" in line for line in lines)
     assert "Traceback" not in result.output
+
+
+def test_check_json_gives_scripts_the_verdict_without_secrets(tmp_path: Path) -> None:
+    path = tmp_path / "e.toml"
+    runner.invoke(app, ["config", "init", str(path), "--seed-peer", "10.0.0.2:7600"])
+    result = runner.invoke(app, ["config", "check", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["ok"] and data["problems"] == []
+    assert data["config"]["seed_peer"] == ["10.0.0.2:7600"] and data["config"]["port"] == 7600
+    secret = tomllib.loads(path.read_text())["secret"]
+    assert secret not in result.stdout
+    path.write_text(path.read_text().replace("port = 7600", 'port = "abc"'))
+    bad = runner.invoke(app, ["config", "check", str(path), "--json"])
+    assert bad.exit_code == 5
+    data = json.loads(bad.stdout)
+    assert not data["ok"] and data["config"] is None
+    assert len(data["problems"]) == 1 and "port" in data["problems"][0]
 
 
 def test_check_reports_syntax_missing_file_and_missing_secret(tmp_path: Path) -> None:
