@@ -251,7 +251,8 @@ async def _stream_figures(
 def _tokens_per_s(
     urls: list[str], token: str, model: str, prompts: int, max_tokens: int
 ) -> dict[str, float]:
-    """Every node answers `prompts` prompts one after another; all nodes at once."""
+    """One client per entry of `urls` sends `prompts` prompts one after another; all clients
+    at once (the same URL may appear several times: one node, several clients)."""
 
     def work(url: str) -> tuple[int, float]:
         n = 0
@@ -269,7 +270,8 @@ def _tokens_per_s(
     wall = time.perf_counter() - t0
     tokens = sum(n for n, _ in results)
     return {
-        "nodes": len(urls),
+        "nodes": len(set(urls)),
+        "clients": len(urls),
         "tokens": tokens,
         "aggregate_tokens_per_s": tokens / wall,
         "per_request_tokens_per_s": statistics.fmean(n / s for n, s in results),
@@ -336,7 +338,7 @@ def run_rpc_bench(
             f"{s['plain_http_mb_per_s']:.1f} MB/s (x{s['ratio']:.2f})"
         )
         model = _get(url + "/v1/models", token)["data"][0]["id"]
-        one = _tokens_per_s([url], token, model, prompts * 3, max_tokens)
+        one = _tokens_per_s([url] * 3, token, model, prompts, max_tokens)
         solo.stop()
         cid = f"bench-{run_id}"
         nodes = [_daemon(workdir, "c0", secret, token, model_dir=shard_dir, capacity="40%",
@@ -351,10 +353,12 @@ def run_rpc_bench(
         three = _tokens_per_s(urls, token, model, prompts, max_tokens)
         figures["tokens"] = {"one_node": one, "three_nodes": three}
         echo(
-            f"tokens/s, {prompts * 3} prompts x {max_tokens} tokens: one node holding all "
-            f"{one['aggregate_tokens_per_s']:.1f} tok/s; 3 nodes (each 40% of the experts, "
-            f"prompts spread) {three['aggregate_tokens_per_s']:.1f} tok/s aggregate, "
-            f"{three['per_request_tokens_per_s']:.1f} tok/s per stream"
+            f"tokens/s, 3 clients x {prompts} prompts x {max_tokens} tokens: one node holding "
+            f"all {one['aggregate_tokens_per_s']:.1f} tok/s aggregate, "
+            f"{one['per_request_tokens_per_s']:.1f} per stream; 3 nodes (each 40% of the "
+            f"experts, one client each) {three['aggregate_tokens_per_s']:.1f} tok/s aggregate, "
+            f"{three['per_request_tokens_per_s']:.1f} per stream "
+            f"(x{three['aggregate_tokens_per_s'] / one['aggregate_tokens_per_s']:.2f})"
         )
     finally:
         for p in procs:

@@ -164,6 +164,8 @@ def _guard(handler):  # type: ignore[no-untyped-def]
         except BadRequest as exc:
             status = exc.status
             return error(exc.status, str(exc))
+        except web.HTTPException:
+            raise
         except Exception as exc:  # one failing request never takes the daemon down
             log.exception("%s failed", handler.__name__)
             return error(500, f"internal error: {type(exc).__name__}: {exc}")

@@ -47,6 +47,8 @@ GOSSIP_PATH = "/v1/gossip"
 STATS_INTERVAL_S = 3.0
 MAX_SENDS_IN_FLIGHT = 64
 HANDOVER_TIMEOUT_S = 10.0
+FETCH_BACKOFF_S = 0.5
+FETCH_BACKOFF_MAX_S = 8.0
 
 
 def _snapshot(payload: Any) -> ActivationSnapshot | None:
@@ -82,6 +84,7 @@ class ClusterDriver:
         self._sends = asyncio.Semaphore(MAX_SENDS_IN_FLIGHT)
         self._decided = asyncio.Condition()
         self._stopped = False
+        self._failures: dict[tuple[int, int], int] = {}  # failed fetches in a row, per shard
         self._leaving = False  # handing over: still driving the core
         self._left = False  # goodbye said: the core is no longer driven
 
@@ -264,8 +267,14 @@ class ClusterDriver:
         if self._left:
             return
         if key in done or (self.d.local is not None and self.d.local.holds(*key)):
+            self._failures.pop(key, None)
             self.apply(self.core.shard_loaded(self.now(), *key))
-        else:
+            return
+        # the core reissues a failed fetch at once: back off so a shard whose sources are all
+        # gone is not retried in a busy loop
+        n = self._failures[key] = self._failures.get(key, 0) + 1
+        await asyncio.sleep(min(FETCH_BACKOFF_S * 2 ** (n - 1), FETCH_BACKOFF_MAX_S))
+        if not self._left:
             self.apply(self.core.shard_failed(self.now(), *key))
 
     def _drop_strays(self, announced: frozenset[tuple[int, int]]) -> None:

@@ -197,6 +197,10 @@ class Cluster:
     cluster_id: str
 
     def stop(self) -> None:
+        """SIGTERM to every node at once (their leaves overlap), then wait for each."""
+        for node in self.nodes:
+            if node.proc is not None and node.proc.poll() is None:
+                node.proc.send_signal(signal.SIGTERM)
         for node in self.nodes:
             node.stop()
 
