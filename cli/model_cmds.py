@@ -125,9 +125,10 @@ def bench_shard(
     typer.echo(f"peak RSS while sharding {r.peak_rss / mb:10.1f} MB (growth {growth / mb:.1f} MB)")
     typer.echo(
         f"goal 2x largest + dense {r.goal_bytes / mb:10.1f} MB  "
-        f"(growth/goal {growth / r.goal_bytes:.2f}, growth/checkpoint "
-        f"{growth / r.checkpoint_bytes:.2f})"
+        f"(growth/goal {growth / r.goal_bytes:.2f}, peak/goal {r.peak_rss / r.goal_bytes:.2f}, "
+        f"growth/checkpoint {growth / r.checkpoint_bytes:.2f})"
     )
+    typer.echo(f"growth / largest tensor {growth / r.largest_tensor_bytes:10.2f}")
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:

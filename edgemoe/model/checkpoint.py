@@ -10,6 +10,7 @@ converter's operations on just that expert's tensors, so no per-family table is 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import struct
@@ -296,8 +297,8 @@ def read_expert(
     for param, ref in plan.fused.items():
         out[param] = handles.row(ref, expert)
     for group in plan.groups:
-        tensors = {pattern: handles.read(by_e[expert]) for pattern, by_e in group.parts.items()}
-        out.update(_convert(plan, group, tensors))
+        sources = {pattern: handles.read(by_e[expert]) for pattern, by_e in group.parts.items()}
+        out.update(_convert(plan, group, sources))  # empties `sources`
     for param, shape in plan.shapes.items():
         if tuple(out[param].shape) != shape[1:]:
             raise ModelError(
@@ -310,9 +311,13 @@ def read_expert(
 def _convert(
     plan: ExpertLayerPlan, group: ConvertedGroup, tensors: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """One expert's disk tensors (pattern -> tensor) through the family's converter ops."""
+    """One expert's disk tensors (pattern -> tensor) through the family's converter ops.
+
+    `tensors` is emptied: the ops drop each input once used, so a source tensor is freed as
+    soon as its converted result exists (peak: sources plus one result, not all of them).
+    """
     conv = group.converter
-    state: dict[str, Any] = {pattern: [t] for pattern, t in tensors.items()}
+    state: dict[str, Any] = {pattern: [tensors.pop(pattern)] for pattern in list(tensors)}
     for op in conv.operations:
         state = op.convert(
             state, source_patterns=conv.source_patterns, target_patterns=conv.target_patterns
@@ -387,7 +392,11 @@ class SafetensorsReader:
         entry = self._entries[key]
         dtype = _DTYPES[entry["dtype"]]
         size = stop - start
-        buf = bytearray(size)
+        if size == 0:
+            return torch.empty(shape, dtype=dtype)
+        # An anonymous mapping, not a bytearray: it goes back to the kernel as soon as the
+        # tensor is dropped, where malloc would keep freed heap pages in the RSS.
+        buf = mmap.mmap(-1, size)
         view = memoryview(buf)
         got = 0
         while got < size:
@@ -395,8 +404,7 @@ class SafetensorsReader:
             if n <= 0:
                 raise ModelError(f"{self.path}: truncated while reading tensor {key}")
             got += n
-        if size == 0:
-            return torch.empty(shape, dtype=dtype)
+        view.release()
         return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
     def tensor(self, key: str) -> torch.Tensor:
