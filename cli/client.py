@@ -126,6 +126,7 @@ def _http_error(url: str, path: str, exc: urllib.error.HTTPError) -> ClientError
             detail = str(err) if err else ""
     except (json.JSONDecodeError, OSError, ValueError):
         detail = ""
+    explained = bool(detail.strip())  # an edgemoe node says why in a JSON body
     detail = " ".join(detail.split()) or (exc.reason or "")
     if exc.code in (401, 403):
         return ClientError(
@@ -133,6 +134,8 @@ def _http_error(url: str, path: str, exc: urllib.error.HTTPError) -> ClientError
             "EDGEMOE_API_TOKEN or api_token in the config",
             EXIT_AUTH,
         )
+    if exc.code == 404 and not explained:
+        detail += f" (is {url} an edgemoe node? check --node)"
     return ClientError(f"{url}{path}: HTTP {exc.code}: {detail}".rstrip(": "), EXIT_REQUEST_FAILED)
 
 

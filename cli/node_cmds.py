@@ -51,8 +51,10 @@ def _daemon_command(app: typer.Typer) -> None:
         try:
             cfg = load_config(config, flags)
         except ConfigError as exc:
+            from edgemoe.cli.client import EXIT_CONFIG
+
             typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
+            raise typer.Exit(EXIT_CONFIG) from None
         from edgemoe.daemon.main import run_daemon
 
         raise typer.Exit(run_daemon(cfg))

@@ -115,6 +115,19 @@ def member_ids(cluster: dict[str, Any]) -> list[str]:
     return ids or [cluster["node_id"]]
 
 
+def expand_ids(given: list[str], known: list[str]) -> list[str]:
+    """Tables show ids shortened: a unique prefix stands for the whole id. What matches no
+    member goes on unchanged (the node refuses it with the reason); an ambiguous prefix is a
+    usage error."""
+    out: list[str] = []
+    for g in given:
+        hits = [k for k in known if k == g] or [k for k in known if k.startswith(g)]
+        if len(hits) > 1:
+            raise ClientError(f"--members {g}: matches {', '.join(sorted(hits))}", 2)
+        out.append(hits[0] if hits else g)
+    return out
+
+
 def local_hit(counts: list[list[float]], held: dict[int, list[int]]) -> list[float | None]:
     """Per layer, the share of a node's own expert activations that its held experts serve."""
     out: list[float | None] = []
@@ -499,6 +512,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     ) -> None:
         """Ask for a rebalance now from the current statistics and show the plan."""
         target = resolve_node(node, config, api_token)
+        if members:
+            members = expand_ids(members, member_ids(target.get("/v1/cluster")))
         result = target.post(
             "/v1/cluster/migrate", {"dry_run": dry_run, "members": members or None}, timeout=120
         )

@@ -69,6 +69,23 @@ def test_generate_streams_tokens(node: LocalCluster) -> None:
     assert out.stdout.strip() != ""
 
 
+def test_migrate_dry_run_then_by_hand_with_a_short_member_id(node: LocalCluster) -> None:
+    me = node.nodes[0].node_id
+    epoch = json.loads(runner.invoke(app, ["status", *args(node), "--json"]).stdout)["cluster"][
+        "epoch"
+    ]
+    dry = runner.invoke(app, ["migrate", *args(node), "--dry-run", "--json"])
+    assert dry.exit_code == 0, dry.output
+    assert json.loads(dry.stdout) == {"epoch": epoch + 1, "plan": [], "decided": False}
+    # the member set by hand, as an operator types it from a table (8 characters of the id)
+    done = runner.invoke(app, ["migrate", *args(node), "--members", me[:8]])
+    assert done.exit_code == 0, done.output
+    assert f"migration plan for epoch {epoch + 1} (decided)" in done.stdout
+    ghost = runner.invoke(app, ["migrate", *args(node), "--members", "ghost"])
+    assert ghost.exit_code == 1
+    assert "unknown members ['ghost']" in ghost.stderr and len(ghost.stderr.splitlines()) == 1
+
+
 def test_wrong_token_is_refused_in_one_line(node: LocalCluster) -> None:
     result = runner.invoke(app, ["status", "--node", node.nodes[0].url, "--api-token", "wrong"])
     assert result.exit_code == 4
@@ -83,3 +100,15 @@ def test_dead_daemon_is_one_line_exit_3(tmp_path: Path) -> None:
     result = runner.invoke(app, ["status", *args(cluster)])
     assert result.exit_code == 3
     assert "connection refused" in result.stderr
+
+
+def test_daemon_with_a_bad_config_refuses_in_one_line_exit_5(tmp_path: Path) -> None:
+    bad = tmp_path / "edgemoe.toml"
+    bad.write_text('secret = "0123456789abcdef0123"\nport = "x"\n')
+    for config in (bad, tmp_path / "missing.toml"):
+        out = subprocess.run(
+            [sys.executable, "-m", "edgemoe.cli", "daemon", "--config", str(config)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert out.returncode == 5, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("error: ")

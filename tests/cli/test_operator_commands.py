@@ -125,6 +125,10 @@ def test_migrate_members_by_hand_and_server_refusal(fake_node: Any) -> None:
     assert result.exit_code == 0
     assert json.loads(result.stdout)["decided"] is True
     assert fake_node.requests[-1][2] == {"dry_run": False, "members": ["node-a"]}
+    short = run("migrate", *node_args(fake_node), "--members", "node-b", "--members", "node-a")
+    assert short.exit_code == 0 and fake_node.requests[-1][2]["members"] == ["node-b", "node-a"]
+    ambiguous = run("migrate", *node_args(fake_node), "--members", "node")
+    assert ambiguous.exit_code == 2 and "matches node-a, node-b" in ambiguous.stderr
     refused = run("migrate", *node_args(fake_node), "--members", "ghost")
     assert refused.exit_code == 1
     assert refused.stderr.strip().endswith("HTTP 400: unknown member ghost")
@@ -151,6 +155,33 @@ def test_dead_daemon_is_exit_3_one_line(command: str) -> None:
     assert result.exit_code == 3
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "connection refused" in lines[0], lines
+
+
+def test_node_url_of_something_else_is_one_line_exit_1(tmp_path: Path) -> None:
+    """--node pointing at an HTTP server that is not an edgemoe node."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=tmp_path))
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        result = run("status", "--node", url)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: {url}/v1/cluster: HTTP 404: File not found "
+        f"(is {url} an edgemoe node? check --node)"
+    ]
 
 
 def test_malformed_node_url_is_usage_error() -> None:
