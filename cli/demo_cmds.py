@@ -661,20 +661,36 @@ def rebalance(cluster: LocalCluster, out: Any, trigger_wait: float, what: str) -
     return after
 
 
+def complete_arch(incomplete: str) -> list[str]:
+    from edgemoe.model.families import TINY_CONFIGS
+
+    return [a for a in TINY_CONFIGS if a.startswith(incomplete)]
+
+
+def complete_strategy(incomplete: str) -> list[str]:
+    from edgemoe.daemon.config import STRATEGIES
+
+    return [s for s in STRATEGIES if s.startswith(incomplete)]
+
+
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     """Add `edgemoe demo`."""
 
     @app.command()
     def demo(
         nodes: Annotated[int, typer.Option(min=1, max=8, help="Daemons to start")] = 3,
-        arch: Annotated[str, typer.Option(help="Tiny model architecture")] = "mixtral",
+        arch: Annotated[
+            str, typer.Option(help="Tiny model architecture", autocompletion=complete_arch)
+        ] = "mixtral",
         rounds: Annotated[int, typer.Option(min=1, help="Prompts per node per phase")] = 6,
         max_tokens: Annotated[int, typer.Option(min=1, help="Tokens per answer")] = 8,
         trigger_wait: Annotated[
             float,
             typer.Option(help="Seconds to give a daemon-side trigger before asking for an epoch"),
         ] = 5.0,
-        strategy: Annotated[str, typer.Option(help="Placement strategy")] = "edgemoe",
+        strategy: Annotated[
+            str, typer.Option(help="Placement strategy", autocompletion=complete_strategy)
+        ] = "edgemoe",
         keep: Annotated[bool, typer.Option("--keep", help="Keep the temp dir (logs)")] = False,
     ) -> None:
         """A whole cluster on this machine: tiny model, N daemons, placement, migration."""

@@ -20,3 +20,9 @@ def complete(words: str) -> list[str]:
 def test_bash_completion_of_commands_and_groups() -> None:
     assert complete("edgemoe pla") == ["placement"]
     assert complete("edgemoe config ") == ["init", "check"]
+    assert complete("edgemoe migrate --dr") == ["--dry-run"]
+
+
+def test_completion_of_option_values() -> None:
+    assert complete("edgemoe demo --strategy dan") == ["dancemoe"]
+    assert complete("edgemoe demo --arch deepseek") == ["deepseek_v2", "deepseek_v3"]
