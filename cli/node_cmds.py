@@ -65,8 +65,17 @@ def _generate_command(app: typer.Typer) -> None:
     def generate(
         prompt: Annotated[str, typer.Argument(help="Prompt text")],
         node: Annotated[
-            str, typer.Option("--node", "-n", envvar="EDGEMOE_NODE", help="Daemon URL")
-        ] = "http://127.0.0.1:7600",
+            str | None,
+            typer.Option(
+                "--node",
+                "-n",
+                envvar="EDGEMOE_NODE",
+                help="Daemon URL [default: the config's local daemon, else mDNS]",
+            ),
+        ] = None,
+        config: Annotated[
+            Path | None, typer.Option("--config", "-c", help="Config file (local daemon, token)")
+        ] = None,
         max_tokens: Annotated[int, typer.Option(min=1, max=2048)] = 32,
         temperature: Annotated[float, typer.Option(min=0.0, max=2.0)] = 0.0,
         api_token: Annotated[
@@ -78,11 +87,11 @@ def _generate_command(app: typer.Typer) -> None:
         ] = False,
     ) -> None:
         """Generate from one node; --json prints {"text", "token_ids", "node"}."""
-        from edgemoe.cli.client import ClientError, Node, normalise_url
+        from edgemoe.cli.client import ClientError, resolve_node
 
         body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature}
         try:
-            target = Node(normalise_url(node), api_token, "--node")
+            target = resolve_node(node, config, api_token)
             text, ids, node_id = "", [], ""
             if stream:
                 for event in target.stream_sse("/v1/completions", {**body, "stream": True}):
@@ -101,7 +110,7 @@ def _generate_command(app: typer.Typer) -> None:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
         except (KeyError, IndexError, TypeError) as exc:
-            typer.echo(f"error: {node}: unexpected answer ({exc!r})", err=True)
+            typer.echo(f"error: {target.url}: unexpected answer ({exc!r})", err=True)
             raise typer.Exit(1) from None
         if as_json:
             typer.echo(json.dumps({"text": text, "token_ids": ids, "node": node_id}))

@@ -86,6 +86,17 @@ def test_migrate_dry_run_then_by_hand_with_a_short_member_id(node: LocalCluster)
     assert "unknown members ['ghost']" in ghost.stderr and len(ghost.stderr.splitlines()) == 1
 
 
+def test_generate_finds_the_local_daemon_and_token_in_its_config(node: LocalCluster) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEMOE_")}
+    out = subprocess.run(
+        [sys.executable, "-m", "edgemoe.cli", "generate", "--config",
+         str(node.workdir / "node0.toml"), "--max-tokens", "3", "--json", "1 + 1 ="],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["node"] == node.nodes[0].node_id
+
+
 def test_wrong_token_is_refused_in_one_line(node: LocalCluster) -> None:
     result = runner.invoke(app, ["status", "--node", node.nodes[0].url, "--api-token", "wrong"])
     assert result.exit_code == 4
