@@ -206,12 +206,14 @@ class Cluster:
 
 
 def placed(cluster: Cluster) -> dict | None:
-    """The common view once every node agrees on an epoch whose experts are all announced."""
+    """The common view once every node agrees on an epoch whose placement is in force: each
+    node announces exactly what it is assigned (new copies loaded, old ones dropped)."""
     views = [n.cluster() for n in cluster.nodes]
     ids = {n.node_id for n in cluster.nodes}
     v = views[0]
     held = {k for ks in v["holdings"].values() for k in ks}
     alive = {m["node_id"] for m in v["members"] if m["state"] == "alive"}
+    assigned = {i: {k for k, hs in v["placement"]["holders"].items() if i in hs} for i in ids}
     if (
         alive == ids
         and v["epoch"] >= 1
@@ -219,6 +221,7 @@ def placed(cluster: Cluster) -> dict | None:
         and set(v["placement"]["holders"]) == held
         and len(held) == v["model"]["num_layers"] * v["model"]["num_experts"]
         and all(v["holdings"].get(i) for i in ids)
+        and all(set(v["holdings"].get(i, [])) == assigned[i] for i in ids)
         and all(w["migration"]["pending"] == 0 for w in views)
     ):
         return v
