@@ -81,6 +81,7 @@ DOMAIN_ORDER = tuple(DOMAINS)
 # After the shift node0 sends this many times its usual prompts, so that its decayed
 # statistics (half-life minutes) turn to the new domain within the demo's seconds.
 SHIFT_FACTOR = 3
+SETTLE_WAIT_S = 15.0
 
 
 def shifted_domain(domains: dict[int, str]) -> str:
@@ -337,6 +338,19 @@ def migration_done(c: dict[str, Any]) -> bool:
     )
 
 
+def holdings_settled(c: dict[str, Any]) -> bool:
+    """Every node announces exactly what the placement gives it: copies it no longer needs
+    are dropped (they go after the new holders have loaded theirs)."""
+    decided = held_by_node((c.get("placement") or {}).get("holders", {}))
+    announced = holdings_by_node(c.get("holdings", {}))
+    nodes = set(decided) | set(announced)
+    return migration_done(c) and all(
+        {ly: sorted(es) for ly, es in decided.get(n, {}).items() if es}
+        == {ly: sorted(es) for ly, es in announced.get(n, {}).items() if es}
+        for n in nodes
+    )
+
+
 @dataclass
 class PhaseResult:
     """What one round of prompts cost, per node."""
@@ -347,6 +361,7 @@ class PhaseResult:
     tokens: dict[str, int]
     remote_bytes: dict[str, int]
     local_share: dict[str, float]
+    routed: dict[str, tuple[int, int]]  # (served locally, all) routed pairs in the phase
 
 
 def run_phase(
@@ -390,6 +405,16 @@ def run_phase(
             for i in after
         },
         local_share={i: phase_local_share(before[i], after[i]) for i in after},
+        routed={i: routed_delta(before[i], after[i]) for i in after},
+    )
+
+
+def routed_delta(before: dict[str, Any], after: dict[str, Any]) -> tuple[int, int]:
+    """(local, total) routed (token, expert) pairs between two views of one node."""
+    b, a = before.get("routed") or {}, after.get("routed") or {}
+    return (
+        int(a.get("local", 0)) - int(b.get("local", 0)),
+        int(a.get("total", 0)) - int(b.get("total", 0)),
     )
 
 
@@ -410,16 +435,24 @@ def phases_table(phases: list[PhaseResult], label: Callable[[str], str] = short)
     for col in ("phase", "node", "domain", "requests", "mean latency", "p50", "tokens/s",
                 "remote bytes/request", "local share"):  # fmt: skip
         table.add_column(col, justify="left" if col in ("phase", "node", "domain") else "right")
+
+    def row(first: str, who: str, domain: str, lat: list[float], tokens: int, remote: int,
+            share: float | None) -> None:  # fmt: skip
+        srt = sorted(lat)
+        table.add_row(
+            first, who, domain, str(len(lat)), f"{sum(lat) / len(lat):.0f} ms",
+            f"{srt[len(srt) // 2]:.0f} ms", f"{tokens / (sum(lat) / 1000 or 1.0):.1f}",
+            human_bytes(remote / len(lat)), "-" if share is None else f"{share:.0%}",
+        )  # fmt: skip
+
     for phase in phases:
         for i, (nid, lat) in enumerate(phase.latency_ms.items()):
-            srt = sorted(lat)
-            seconds = sum(lat) / 1000 or 1.0
-            table.add_row(
-                phase.name if i == 0 else "", label(nid), phase.domains[nid], str(len(lat)),
-                f"{sum(lat) / len(lat):.0f} ms", f"{srt[len(srt) // 2]:.0f} ms",
-                f"{phase.tokens[nid] / seconds:.1f}",
-                human_bytes(phase.remote_bytes[nid] / len(lat)), f"{phase.local_share[nid]:.0%}",
-            )  # fmt: skip
+            row(phase.name if i == 0 else "", label(nid), phase.domains[nid], lat,
+                phase.tokens[nid], phase.remote_bytes[nid], phase.local_share[nid])  # fmt: skip
+        local, total = (sum(x) for x in zip(*phase.routed.values(), strict=True))
+        row("", "all", "", [x for lat in phase.latency_ms.values() for x in lat],
+            sum(phase.tokens.values()), sum(phase.remote_bytes.values()),
+            local / total if total > 0 else None)  # fmt: skip
         table.add_section()
     return table
 
@@ -647,6 +680,11 @@ def rebalance(cluster: LocalCluster, out: Any, trigger_wait: float, what: str) -
         after = cluster.wait_until(
             "migration to finish", migration_done, 120, lambda s: st.update(f"waiting for {s}")
         )
+        with contextlib.suppress(DemoError):  # old copies dropped; show them if still there
+            after = cluster.wait_until(
+                "old copies to be dropped", holdings_settled, SETTLE_WAIT_S,
+                lambda s: st.update(f"waiting for {s}"),
+            )  # fmt: skip
     moves = placement_moves(before, after, int(after["model"]["expert_bytes"]))
     total = sum(m["bytes"] for m in moves)
     out.print(

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
+
+import msgpack
 
 from edgemoe.cluster.config import ClusterConfig
 from edgemoe.cluster.consensus import PlacementInputs, build_proposal
@@ -46,6 +49,7 @@ log = logging.getLogger(__name__)
 GOSSIP_PATH = "/v1/gossip"
 STATS_INTERVAL_S = 3.0
 MAX_SENDS_IN_FLIGHT = 64
+PLACEMENT_MEMO = 8  # placements remembered (a few candidate values per epoch)
 HANDOVER_TIMEOUT_S = 10.0
 FETCH_BACKOFF_S = 0.5
 FETCH_BACKOFF_MAX_S = 8.0
@@ -79,6 +83,7 @@ class ClusterDriver:
         self.migration = MigrationExecutor(daemon.local, daemon.fetch_and_load,
                                            manifest.expert_bytes)  # fmt: skip
         self._routes: dict[int, dict[str, dict[tuple[int, int], str]]] = {}
+        self._memo: dict[Any, Any] = {}  # placement inputs -> (assignment, routes), oldest first
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sends = asyncio.Semaphore(MAX_SENDS_IN_FLIGHT)
@@ -90,13 +95,24 @@ class ClusterDriver:
 
     # ---- placement (called by the core, also to verify others' proposals) -------------------
     def _placement(self, inputs: PlacementInputs) -> Mapping[str, Iterable[tuple[int, int]]]:
-        snaps = {}
-        for s in inputs.snapshots:
-            snap = _snapshot(s.payload)
-            if snap is not None:
-                snaps[s.origin] = snap
-        caps = dict(inputs.members)
-        assignment, routes = place(self.strategy, self.shape, caps, snaps)
+        # A pure function of its inputs, so remembered: every Accept of a retried ballot makes
+        # each acceptor check the same value again, and one computation can take longer than
+        # the consensus timeout on a busy CPU (it runs on the event loop).
+        key = (inputs.members, tuple(
+            (s.origin, s.version, hashlib.sha256(msgpack.packb(s.payload)).hexdigest())
+            for s in inputs.snapshots))  # fmt: skip
+        hit = self._memo.get(key)
+        if hit is None:
+            snaps = {}
+            for s in inputs.snapshots:
+                snap = _snapshot(s.payload)
+                if snap is not None:
+                    snaps[s.origin] = snap
+            hit = place(self.strategy, self.shape, dict(inputs.members), snaps)
+            self._memo[key] = hit
+            while len(self._memo) > PLACEMENT_MEMO:
+                del self._memo[next(iter(self._memo))]
+        assignment, routes = hit
         self._routes[inputs.epoch] = routes
         for old in [e for e in self._routes if e < inputs.epoch - 2]:
             del self._routes[old]

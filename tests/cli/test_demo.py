@@ -19,6 +19,7 @@ from edgemoe.cli.demo_cmds import (
     DOMAINS,
     LocalCluster,
     demo_capacity,
+    holdings_settled,
     migration_done,
     placement_moves,
     port_is_free,
@@ -106,8 +107,11 @@ def test_migration_done_needs_announced_holdings_to_cover_the_placement() -> Non
     assert not migration_done(state)
     state["holdings"]["b"] = ["0/1", "0/0"]
     assert migration_done(state)
+    assert not holdings_settled(state)  # b still announces 0/0, which a alone holds now
+    state["holdings"]["b"] = ["0/1"]
+    assert holdings_settled(state)
     state["migration"]["pending"] = 1
-    assert not migration_done(state)
+    assert not migration_done(state) and not holdings_settled(state)
 
 
 def _listening_ports() -> set[int]:
