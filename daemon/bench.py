@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import numpy as np
 import torch
 
 from edgemoe.daemon.peers import PeerClient
@@ -367,14 +366,21 @@ def run_rpc_bench(
 
 
 def _placed(urls: list[str], token: str, n_experts: int) -> bool:
+    """All nodes on one epoch whose placement is in force (each announces what it is assigned,
+    nothing is migrating), so the measurement does not include the migration."""
     views = [_get(u + "/v1/cluster", token) for u in urls]
     v = views[0]
-    alive = [m for m in v["members"] if m["state"] == "alive"]
+    alive = [m["node_id"] for m in v["members"] if m["state"] == "alive"]
     held = {k for ks in v["holdings"].values() for k in ks}
+    holders = v["placement"]["holders"]
     return (
         len(alive) == 3
         and v["epoch"] >= 1
         and len(held) == n_experts
-        and all(v["holdings"].get(m["node_id"]) for m in alive)
-        and bool(np.all([w["epoch"] == v["epoch"] for w in views]))
+        and all(
+            v["holdings"].get(n)
+            and set(v["holdings"][n]) == {k for k, h in holders.items() if n in h}
+            for n in alive
+        )
+        and all(w["epoch"] == v["epoch"] and w["migration"]["pending"] == 0 for w in views)
     )
