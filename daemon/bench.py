@@ -350,6 +350,9 @@ def run_rpc_bench(
         _wait(lambda: all(_get(u + "/healthz")["ready"] for u in urls), 180, "the 3 nodes")
         _wait(lambda: _placed(urls, token, n_experts), 180, "a placement over 3 nodes")
         three = _tokens_per_s(urls, token, model, prompts, max_tokens)
+        views = [_get(u + "/v1/cluster", token) for u in urls]
+        three["local_share"] = statistics.fmean(v["local_share"] for v in views)
+        three["remote_mb"] = sum(v["remote_bytes"] for v in views) / 1e6
         figures["tokens"] = {"one_node": one, "three_nodes": three}
         echo(
             f"tokens/s, 3 clients x {prompts} prompts x {max_tokens} tokens: one node holding "
@@ -357,7 +360,8 @@ def run_rpc_bench(
             f"{one['per_request_tokens_per_s']:.1f} per stream; 3 nodes (each 40% of the "
             f"experts, one client each) {three['aggregate_tokens_per_s']:.1f} tok/s aggregate, "
             f"{three['per_request_tokens_per_s']:.1f} per stream "
-            f"(x{three['aggregate_tokens_per_s'] / one['aggregate_tokens_per_s']:.2f})"
+            f"(x{three['aggregate_tokens_per_s'] / one['aggregate_tokens_per_s']:.2f}); "
+            f"local share {three['local_share']:.2f}, {three['remote_mb']:.1f} MB of expert RPC"
         )
     finally:
         for p in procs:
