@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from edgemoe.cluster.config import ClusterConfig
@@ -80,6 +81,8 @@ class Membership:
         self._next_probe = 0.0
         self._next_gossip = 0.0
         self._live = 1
+        self._alive_ids = [node_id]
+        self.changes = 0  # bumped whenever the live set or a capacity may have changed
 
     # ---- views -------------------------------------------------------------------------
 
@@ -88,7 +91,7 @@ class Membership:
 
     def alive_ids(self) -> list[str]:
         """Members currently alive or suspect (suspects still serve), self included, sorted."""
-        return sorted(m.node for m in self.members.values() if m.state in (ALIVE, SUSPECT))
+        return list(self._alive_ids)
 
     def state_of(self, node: str) -> str | None:
         m = self.members.get(node)
@@ -105,7 +108,21 @@ class Membership:
         return tuple(self.record(m) for m in self.members.values())
 
     def _recount(self) -> None:
-        self._live = sum(1 for m in self.members.values() if m.state in (ALIVE, SUSPECT))
+        """Refresh the live set after a change between live (alive, suspect) and not live;
+        callers read it on every message, so it is kept rather than recomputed."""
+        live = (m.node for m in self.members.values() if m.state in (ALIVE, SUSPECT))
+        self._alive_ids = sorted(live)
+        self._live = len(self._alive_ids)
+        self.changes += 1
+
+    def preload(self, now: float, records: Iterable[Alive]) -> None:
+        """Know `records` as alive without gossiping them: a static member list every node
+        starts with (the simulator's large clusters; a daemon's configured seeds need push-pull
+        instead). Records of known members are ignored."""
+        for a in records:
+            if a.node not in self.members:
+                self.members[a.node] = Member(a.node, a.addr, a.capacity, a.incarnation, ALIVE, now)
+        self._recount()
 
     # ---- timers ------------------------------------------------------------------------
 
@@ -290,6 +307,7 @@ class Membership:
             was = m.state
             m.state, m.since = ALIVE, now
             if was == ALIVE:
+                self.changes += 1  # capacity or address may differ
                 self.queue.push(("m", a.node), a)
                 return
         self._suspicions.pop(a.node, None)
@@ -339,6 +357,7 @@ class Membership:
         self.leaving = True
         me = self.members[self.node_id]
         me.state = LEFT
+        self._recount()
         d = Dead(self.node_id, self.incarnation, self.node_id, left=True)
         self.queue.push(("m", self.node_id), d)
         return d

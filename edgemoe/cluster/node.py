@@ -89,6 +89,9 @@ class Node:
         self._next_catchup = 0.0
         self._trigger_at: float | None = None
         self._trigger_reason = ""
+        self._trigger_key: tuple[int, int, int] | None = None
+        self._trigger_why: str | None = None
+        self._stats_changes = 0
         self._started = False
         for v in self.consensus.log:
             self.migration.on_decided(v)
@@ -307,6 +310,8 @@ class Node:
             self._stats_version = item.version  # pre-restart stats: next publish goes above
         if vmap.merge(item.origin, item.version, item.payload):
             self.membership.queue.push(("v", item.kind, item.origin), item)
+            if item.kind == STATS:
+                self._stats_changes += 1
             if held is not None:
                 self.routing.set_holdings(item.origin, held[1], held[0])
 
@@ -343,6 +348,14 @@ class Node:
         return [(n, ms[n].capacity) for n in self.alive_members()]
 
     def _trigger(self) -> str | None:
+        """Why a new epoch is wanted (None: it is not); recomputed only when its inputs
+        (live set, decisions, statistics) changed, since it runs after every message."""
+        key = (self.membership.changes, self.epoch, self._stats_changes)
+        if key != self._trigger_key:
+            self._trigger_key, self._trigger_why = key, self._compute_trigger()
+        return self._trigger_why
+
+    def _compute_trigger(self) -> str | None:
         cur = self.consensus.current
         wanted = self._wanted_members()
         if cur is None:

@@ -22,9 +22,16 @@ import msgpack
 
 from edgemoe.cluster.config import ClusterConfig
 from edgemoe.cluster.consensus import PlacementFn, PlacementInputs
-from edgemoe.cluster.effects import AnnounceHolding, Decided, DropShard, FetchShard, Proposed
+from edgemoe.cluster.effects import (
+    AnnounceHolding,
+    Decided,
+    DropShard,
+    FetchShard,
+    MemberDead,
+    Proposed,
+)
 from edgemoe.cluster.invariants import InvariantChecker
-from edgemoe.cluster.messages import Shard, from_wire, to_wire
+from edgemoe.cluster.messages import Alive, Prepare, Shard, from_wire, to_wire
 from edgemoe.cluster.node import Node
 from edgemoe.cluster.outbox import Outbox
 from edgemoe.cluster.storage import MemoryStorage
@@ -82,6 +89,9 @@ class Scenario:
     wire: bool = False  # round-trip every message through to_wire/msgpack/from_wire
     trace_messages: bool = False
     check_every: float = 0.5
+    # every node starts (at once) knowing every other as alive, as from a static member list;
+    # lets large clusters skip the mass join and measure one change spreading
+    preload: bool = False
 
     def describe(self) -> str:
         return f"Scenario(**{asdict(self)!r})"
@@ -140,8 +150,15 @@ class SimNet:
         self.sent_by_type: dict[str, int] = {}
         self.decisions_at: list[float] = []
         self.converged_at: float | None = None
+        self.started: set[str] = set()
+        self.last_start = 0.0
+        self.first_prepare: dict[int, float] = {}
+        self.first_decided: dict[int, float] = {}
+        # (time, observer, subject) for every MemberDead effect
+        self.deaths: list[tuple[float, str, str]] = []
         for i, n in enumerate(self.ids):
-            self._push(self.rng.uniform(0, sc.start_spread) if i else 0.0, "start", n)
+            at = self.rng.uniform(0, sc.start_spread) if i and not sc.preload else 0.0
+            self._push(at, "start", n)
         for start, end, groups in sc.partitions:
             self._push(start, "partition", groups)
             self._push(end, "heal", None)
@@ -195,6 +212,8 @@ class SimNet:
             self.messages += 1
             name = type(msg).__name__
             self.sent_by_type[name] = self.sent_by_type.get(name, 0) + 1
+            if isinstance(msg, Prepare):
+                self.first_prepare.setdefault(msg.epoch, self.now)
             if self.sc.wire:
                 msg = from_wire(msgpack.unpackb(msgpack.packb(to_wire(msg)), raw=False))
             if self.rng.random() < self.sc.loss or not self._reachable(src, dest):
@@ -207,11 +226,15 @@ class SimNet:
         self._arm(src)
 
     def _effect(self, node: str, eff: Any) -> None:
-        if isinstance(eff, Proposed):
+        if isinstance(eff, MemberDead):
+            self.deaths.append((self.now, node, eff.node))
+            self.trace.append((self.now, "dead", node, eff.node))
+        elif isinstance(eff, Proposed):
             self.checker.proposed_value(eff.value)
         elif isinstance(eff, Decided):
             self.checker.decided_value(node, eff.value)
             self.decisions_at.append(self.now)
+            self.first_decided.setdefault(eff.epoch, self.now)
             self.trace.append((self.now, "decided", node, eff.epoch, eff.value.reason))
         elif isinstance(eff, AnnounceHolding):
             self.announced[node][(eff.version, frozenset(eff.shards))] = self.boot[node]
@@ -257,8 +280,15 @@ class SimNet:
             seed=self.sc.seed * 1000003 + self.boot[node],
         )
         self.nodes[node] = n
+        self.started.add(node)
+        self.last_start = self.now
         self.trace.append((self.now, "start", node))
         t = self.local(node, self.now)
+        if self.sc.preload:
+            cap = self.sc.capacity_slots * self.sc.expert_bytes
+            n.membership.preload(t, [Alive(p, 0, f"sim://{p}", cap) for p in self.ids if p != node])
+            self._deliver_out(node, n.start(t))
+            return
         out = n.start(t)
         peers = [p for p in self.ids if p != node and self.nodes[p] is not None]
         seeds = [self.ids[0]] if node != self.ids[0] else []
@@ -320,7 +350,8 @@ class SimNet:
         return all(n.alive_members() == ref for x in live if (n := self.nodes[x]) is not None)
 
     def _check(self) -> None:
-        if self.converged_at is None and self.membership_converged():
+        everyone = len(self.started) == len(self.ids)
+        if self.converged_at is None and everyone and self.membership_converged():
             self.converged_at = self.now
             self.trace.append((self.now, "converged"))
         live = self.live()
