@@ -689,7 +689,8 @@ def rebalance(cluster: LocalCluster, out: Any, trigger_wait: float, what: str) -
     total = sum(m["bytes"] for m in moves)
     out.print(
         f"[bold]{what}: epoch {epoch} -> {after['placement']['epoch']}[/] by {how}; "
-        f"{len(moves)} expert copies, {human_bytes(total)} moved",
+        f"{len(moves)} expert {'copy' if len(moves) == 1 else 'copies'}, "
+        f"{human_bytes(total)} moved",
         soft_wrap=True,
     )
     if moves:

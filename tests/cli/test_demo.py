@@ -152,7 +152,7 @@ def test_demo_with_two_nodes_shows_placement_and_migration_and_cleans_up() -> No
     text = out.stdout
     assert "experts held per node and layer" in text
     assert re.search(r"migration after the shift: epoch \d+ -> \d+", text), text[-3000:]
-    copies = [int(n) for n in re.findall(r"; (\d+) expert copies", text)]
+    copies = [int(n) for n in re.findall(r"; (\d+) expert cop(?:y|ies)", text)]
     assert len(copies) == 2 and sum(copies) > 0, text[-3000:]  # experts did move
     assert re.search(r"│ node1 .*│ +\d+/16 │", text)  # per node: held experts per layer
     assert "requests: latency and bytes" in text
