@@ -79,6 +79,12 @@ class ClusterConfig:
         """How many times one broadcast is piggybacked (memberlist's retransmitLimit)."""
         return self.retransmit_mult * max(1, math.ceil(math.log10(n + 1)))
 
+    def push_pull_every(self, n: int) -> float:
+        """Push-pull interval for n members: memberlist's pushPullScale doubles-ish it per
+        doubling above 32 members, so full-state traffic stays O(N) cluster-wide."""
+        extra = math.ceil(math.log2(n) - math.log2(32)) if n > 32 else 0
+        return self.push_pull_interval * (extra + 1)
+
     def suspicion_bounds(self, n: int) -> tuple[float, float]:
         """(min, max) suspicion timeout for a cluster of n members (memberlist's formula)."""
         scale = max(1.0, math.log10(max(n, 1)))

@@ -196,7 +196,8 @@ class Node:
         self.membership.tick(now, out)
         self.consensus.tick(now, out)
         if now >= self._next_push_pull:
-            self._next_push_pull = now + self.config.push_pull_interval
+            n = self.membership.live_count()
+            self._next_push_pull = now + self.config.push_pull_every(n)
             target = self.membership.push_pull_target()
             if target is not None:
                 out.send(target, self._push_pull(reply=False))
