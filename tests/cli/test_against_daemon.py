@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,6 +96,27 @@ def test_generate_finds_the_local_daemon_and_token_in_its_config(node: LocalClus
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["node"] == node.nodes[0].node_id
+
+
+def test_chat_answers_and_stats_show_the_routing_it_caused(node: LocalCluster) -> None:
+    chat = runner.invoke(
+        app, ["chat", *args(node), "--max-tokens", "4", "--temperature", "0"],
+        input="sum 1 2 3\n/exit\n",
+    )  # fmt: skip
+    assert chat.exit_code == 0, chat.output
+    assert chat.stdout.startswith("edgemoe> ") and len(chat.stdout.strip()) > len("edgemoe>")
+    me = node.nodes[0].node_id
+    deadline = time.monotonic() + 30  # statistics are published every few seconds
+    counts: list[list[float]] = []
+    while time.monotonic() < deadline and not sum(map(sum, counts)):
+        stats = runner.invoke(app, ["stats", *args(node), "--json"])
+        assert stats.exit_code == 0, stats.output
+        counts = json.loads(stats.stdout).get(me, {}).get("counts", [])
+        time.sleep(0.5)
+    assert len(counts) == 2 and all(len(row) == 8 for row in counts)
+    assert sum(map(sum, counts)) > 0
+    heat = runner.invoke(app, ["stats", *args(node), "--node-id", me[:8]])
+    assert heat.exit_code == 0 and "req/s" in heat.stdout
 
 
 def test_wrong_token_is_refused_in_one_line(node: LocalCluster) -> None:
