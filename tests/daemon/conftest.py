@@ -197,10 +197,7 @@ class Cluster:
     cluster_id: str
 
     def stop(self) -> None:
-        """SIGTERM to every node at once (their leaves overlap), then wait for each."""
-        for node in self.nodes:
-            if node.proc is not None and node.proc.poll() is None:
-                node.proc.send_signal(signal.SIGTERM)
+        """SIGTERM one node after the other: each hands its experts to those still running."""
         for node in self.nodes:
             node.stop()
 
