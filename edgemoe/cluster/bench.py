@@ -139,11 +139,15 @@ def spread(nodes: int, seed: int, crash_at: float = 6.0, duration: float = 0.0) 
     net.run(crash_at)
     steady = (net.messages - sent) / nodes / (crash_at / 2)  # after start-up chatter
     net.sc = sc
-    while net.step():
-        pass
     victim = net.ids[-1]
-    seen = {obs: t for t, obs, subj in reversed(net.deaths) if subj == victim}
-    live = set(net.live())
+    live = set(net.ids) - {victim}
+    seen: dict[str, float] = {}
+    done = 0
+    while len(seen) < len(live) and net.step():  # stop once every live node knows
+        for t, obs, subj in net.deaths[done:]:
+            if subj == victim:
+                seen.setdefault(obs, t)
+        done = len(net.deaths)
     first = min(seen.values()) if seen else None
     rounds = None
     if first is not None and live <= set(seen):
