@@ -4,6 +4,7 @@ metrics. Bearer-token authenticated except /healthz; every bad request is a 4xx 
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -256,15 +257,17 @@ async def _completion(request: web.Request, chat: bool) -> web.StreamResponse:
     done: list[GenerationResult] = []
     produced: list[int] = []
     text_so_far = ""
+    tokens = d.stream(ids, params, done.append)
     try:
-        async for tok in d.stream(ids, params, done.append):
-            produced.append(tok)
-            text = d.engine.decode(produced)
-            # hold back a trailing replacement char: it may be half of a multi-byte character
-            stable = text.rstrip("\ufffd") if text.startswith(text_so_far) else text
-            delta = stable[len(text_so_far) :] if stable.startswith(text_so_far) else ""
-            text_so_far += delta
-            await send(delta, [tok], None)
+        async with contextlib.aclosing(tokens):  # closing it stops the generation
+            async for tok in tokens:
+                produced.append(tok)
+                text = d.engine.decode(produced)
+                # hold back a trailing replacement char: it may be half of a multi-byte character
+                stable = text.rstrip("\ufffd") if text.startswith(text_so_far) else text
+                delta = stable[len(text_so_far) :] if stable.startswith(text_so_far) else ""
+                text_so_far += delta
+                await send(delta, [tok], None)
         rest = d.engine.decode(produced)[len(text_so_far) :]
         if rest:
             await send(rest, [], None)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from edgemoe.model.executor import ExpertDirectory
 from edgemoe.model.runtime import load_distributed_model
@@ -57,6 +58,17 @@ class _Streamer:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
 
 
+class _Cancelled(StoppingCriteria):
+    """Stops a generation whose streaming client went away (checked after every token)."""
+
+    def __init__(self, flag: threading.Event) -> None:
+        self.flag = flag
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.flag.is_set(), dtype=torch.bool,
+                          device=input_ids.device)  # fmt: skip
+
+
 class InferenceEngine:
     """Holds the model and tokenizer; `generate` and `stream` run on worker threads."""
 
@@ -96,7 +108,11 @@ class InferenceEngine:
         return self.encode(text)
 
     def _run(
-        self, prompt_ids: list[int], params: GenerationParams, streamer: _Streamer | None
+        self,
+        prompt_ids: list[int],
+        params: GenerationParams,
+        streamer: _Streamer | None,
+        cancel: threading.Event | None = None,
     ) -> GenerationResult:
         start = time.perf_counter()
         input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.model.device)
@@ -106,6 +122,8 @@ class InferenceEngine:
             pad_token_id=self.tokenizer.pad_token_id,
             streamer=streamer,
         )
+        if cancel is not None:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancel)])
         if params.temperature > 0:
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
         else:
@@ -132,16 +150,27 @@ class InferenceEngine:
         prompt_ids: list[int],
         params: GenerationParams,
         on_done: Callable[[GenerationResult], None] | None = None,
-    ) -> AsyncIterator[int]:
-        """Yield new token ids as they are generated."""
+        on_cancel: Callable[[], None] | None = None,
+    ) -> AsyncGenerator[int, None]:
+        """Yield new token ids as they are generated. Closing the iterator early (the client
+        went away) stops the generation after its current token."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[int | None] = asyncio.Queue()
+        cancel = threading.Event()
         fut = loop.run_in_executor(
-            self._pool, self._run, prompt_ids, params, _Streamer(loop, queue)
+            self._pool, self._run, prompt_ids, params, _Streamer(loop, queue), cancel
         )
         fut.add_done_callback(lambda _: queue.put_nowait(None))  # ends the loop on errors too
-        while (tok := await queue.get()) is not None:
-            yield tok
+        finished = False
+        try:
+            while (tok := await queue.get()) is not None:
+                yield tok
+            finished = True
+        finally:
+            if not finished:
+                cancel.set()
+                if on_cancel is not None:
+                    on_cancel()
         result = await fut
         if on_done is not None:
             on_done(result)

@@ -25,6 +25,11 @@ class DaemonMetrics:
         self.generation_seconds = Histogram(
             "edgemoe_generation_seconds", "Wall time of one generation request", registry=r
         )
+        self.cancelled = Counter(
+            "edgemoe_generations_cancelled",
+            "Streamed generations stopped because the client went away",
+            registry=r,
+        )
         self.remote_calls = Counter(
             "edgemoe_remote_expert_calls", "Expert RPCs sent, per peer", ["peer"], registry=r
         )

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -353,7 +353,7 @@ class Daemon:
         prompt_ids: list[int],
         params: GenerationParams,
         on_done: Callable[[GenerationResult], None],
-    ) -> AsyncIterator[int]:
+    ) -> AsyncGenerator[int, None]:
         assert self.engine is not None and self.recorder is not None
         self.recorder.note_request()
 
@@ -361,7 +361,7 @@ class Daemon:
             self._account(result)
             on_done(result)
 
-        return self.engine.stream(prompt_ids, params, done)
+        return self.engine.stream(prompt_ids, params, done, self.metrics.cancelled.inc)
 
     # ---- cluster ------------------------------------------------------------------------------
     async def on_gossip(self, sender: str, message: Any) -> Any:
