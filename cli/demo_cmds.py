@@ -429,19 +429,32 @@ def phase_local_share(before: dict[str, Any], after: dict[str, Any]) -> float:
 
 
 def phases_table(phases: list[PhaseResult], label: Callable[[str], str] = short) -> Any:
+    from rich import box
     from rich.table import Table
 
-    table = Table(title="requests: latency and bytes between nodes, per phase")
-    for col in ("phase", "node", "domain", "requests", "mean latency", "p50", "tokens/s",
-                "remote bytes/request", "local share"):  # fmt: skip
-        table.add_column(col, justify="left" if col in ("phase", "node", "domain") else "right")
+    # Compact (fits 80 columns); the caption says what the short headers mean.
+    table = Table(
+        title="requests: latency and bytes between nodes, per phase", box=box.SIMPLE_HEAD,
+        pad_edge=False, collapse_padding=True,
+        caption="phases: 1 own = each node its own domain, genesis placement; 2 adapted = the "
+        "same after the workload-aware epoch; 3 shifted = node0 on a new domain; 4 migrated = "
+        "after the migration that followed. ms = request latency; tok/s = tokens per second of "
+        "request time; to peers = bytes of hidden states sent to other nodes per request; "
+        "local = share of routed (token, expert) pairs the node served itself.",
+        caption_justify="left",
+    )  # fmt: skip
+    for col in ("phase", "node", "domain", "req", "mean ms", "p50 ms", "tok/s", "to peers",
+                "local"):  # fmt: skip
+        table.add_column(
+            col, justify="left" if col in ("phase", "node", "domain") else "right", no_wrap=True
+        )
 
     def row(first: str, who: str, domain: str, lat: list[float], tokens: int, remote: int,
             share: float | None) -> None:  # fmt: skip
         srt = sorted(lat)
         table.add_row(
-            first, who, domain, str(len(lat)), f"{sum(lat) / len(lat):.0f} ms",
-            f"{srt[len(srt) // 2]:.0f} ms", f"{tokens / (sum(lat) / 1000 or 1.0):.1f}",
+            first, who, domain, str(len(lat)), f"{sum(lat) / len(lat):.0f}",
+            f"{srt[len(srt) // 2]:.0f}", f"{tokens / (sum(lat) / 1000 or 1.0):.1f}",
             human_bytes(remote / len(lat)), "-" if share is None else f"{share:.0%}",
         )  # fmt: skip
 
@@ -594,7 +607,7 @@ def run_demo(
             domains = {n.index: DOMAIN_ORDER[n.index % len(DOMAIN_ORDER)] for n in cluster.nodes}
             phases: list[PhaseResult] = []
             with out.status("phase 1: each node gets prompts of its own domain ..."):
-                phases.append(run_phase(cluster, "1 own domains", domains, rounds, max_tokens))
+                phases.append(run_phase(cluster, "1 own", domains, rounds, max_tokens))
             adapted = rebalance(cluster, out, trigger_wait, "workload-aware placement")
             show_holdings(out, cluster, adapted, "after phase 1")
             with out.status("phase 2: same domains on the adapted placement ..."):
