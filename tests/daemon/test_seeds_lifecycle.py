@@ -52,7 +52,8 @@ def complete(node: Node, prompt: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def seeded(tiny: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """s has the shards; x joins through s; y (started once x is ready) through s and x."""
+    """s has the shards; x joins through s; y (started once x has the dense part) through s
+    and x."""
     tmp = tmp_path_factory.mktemp("seeded")
     cid = f"seeds-{os.getpid()}"
     s = make_node(tmp, "s", shard_dir=tiny.shard_dir, cluster_id=cid, capacity="60%", mdns=False)
@@ -65,10 +66,11 @@ def seeded(tiny: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     try:
         s.start()
         x.start()
-        s.wait_ready(120)
-        x.wait_ready(120)
+        wait_for(lambda: (x.state_dir / "model" / "dense.safetensors").is_file(), 120,
+                 "x to install the dense part")  # fmt: skip
         y.start()
-        y.wait_ready(120)
+        for node in (s, x, y):
+            node.wait_ready(120)
         yield cluster
     finally:
         cluster.stop()
