@@ -165,7 +165,7 @@ def _guard(handler):  # type: ignore[no-untyped-def]
         except BadRequest as exc:
             status = exc.status
             return error(exc.status, str(exc))
-        except web.HTTPException:
+        except (web.HTTPException, ConnectionError):  # aiohttp's own answers; client gone
             raise
         except Exception as exc:  # one failing request never takes the daemon down
             log.exception("%s failed", handler.__name__)
