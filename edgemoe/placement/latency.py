@@ -15,11 +15,22 @@ Algorithm (all vectorised with numpy):
 2. Per server, an exact dynamic programme over layers picks n_l (sum <= capacity) maximising
    sum_l f[l, n_l]: it concentrates memory on layers it can make fully local instead of
    spreading it thin (the knapsack over non-concave curves that a per-layer quota misses).
-3. First pass: servers in ascending capacity choose freely; a server must additionally take
-   uncovered experts when the servers after it cannot hold them all; the last covers the rest.
-4. Coordinate descent sweeps: each server re-solves its DP given the others (its "must keep"
-   set = experts nobody else holds), kept only if the true objective improves.
-5. Routing: nearest holder, ties spread by expert (see `nearest_routes`).
+3. Coverage prices (clusters up to `priced_max_servers`). Every expert must be held once, so
+   only sum(slots) - L*E copies can be duplicates: that scarce budget is what couples servers.
+   Each server picks its own sets with the order of `_set_rank` (whole co-activated sets
+   first); a copy another server also wants costs a price lambda; the smallest lambda whose
+   wants leave room for every orphan (expert nobody wants) is found by bisection. Orphans go
+   to the server with room that uses them most, spare slots to each server's most used.
+4. Otherwise (and as a second start on small instances) a sequential pass: servers in
+   ascending capacity choose freely; a server takes uncovered experts when the servers after
+   it cannot hold them all; the last covers the rest.
+5. Coordinate descent sweeps: each server re-solves its DP given the others (its "must keep"
+   set = experts nobody else holds), kept only if the total objective improves. Small
+   instances also try pair moves (two servers choose again in both orders) and polish the
+   baselines' placements; then a local search (replace, relocate, exchange) on the exact
+   objective. All search is bounded by a count of evaluated sample rows, not by wall-clock
+   time, so every node computes the same placement.
+6. Routing: nearest holder, ties spread by expert (see `nearest_routes`).
 
 Migration (`migrate`): the objective decomposes by layer, so each layer's new holdings can be
 adopted separately; layers are taken in order of gain per byte while the gain over the horizon
@@ -50,6 +61,67 @@ def _rank(counts_sl: np.ndarray, required: np.ndarray) -> np.ndarray:
     return rank
 
 
+def _set_rank(counts_sl: np.ndarray, required: np.ndarray, layers: np.ndarray,
+              sets: np.ndarray, weights: np.ndarray,
+              price: np.ndarray | None = None) -> np.ndarray:
+    """int [L, E]: an order per layer in which whole top-k sets complete early (greedy).
+
+    Set-union knapsack greedy, all layers in lockstep: after the required experts, repeatedly
+    take in every layer the sample set with the most weight per expert still missing (identical
+    sets pooled), appending its missing experts by count; experts no sample needs come last by
+    count. Holding a prefix of this order makes far more (token, layer) pairs fully local than a
+    prefix by per-expert count, which splits co-activated sets. `price` [L, E] (value units) is
+    charged for every missing expert a set needs: sets worth less than their price wait.
+    """
+    L, E = counts_sl.shape
+    pos = np.full((L, E), -1, dtype=np.int64)
+    nxt = np.zeros(L, dtype=np.int64)
+    held = required.copy()
+    # required first, by count
+    for l in np.flatnonzero(required.any(1)):
+        req = np.flatnonzero(required[l])
+        req = req[np.lexsort((req, -counts_sl[l, req]))]
+        pos[l, req] = np.arange(len(req))
+        nxt[l] = len(req)
+    if len(layers):
+        key = np.concatenate([layers[:, None], np.sort(sets, axis=1)], axis=1)
+        groups, inv = np.unique(key, axis=0, return_inverse=True)
+        gw = np.bincount(inv.ravel(), weights, minlength=len(groups))
+        gl, gs = groups[:, 0], groups[:, 1:]
+        pr = price if price is not None else np.zeros((L, E))
+        while len(gl):
+            missing = ~held[gl[:, None], gs]
+            miss = missing.sum(1)
+            keep = miss > 0  # drop sets already complete
+            gl, gs, gw, missing, miss = gl[keep], gs[keep], gw[keep], missing[keep], miss[keep]
+            net = gw - (pr[gl[:, None], gs] * missing).sum(1)
+            score = np.where(net > 0, net / np.maximum(miss, 1), -1.0)
+            best = np.full(L, -1.0)
+            np.maximum.at(best, gl, score)
+            # the first set reaching its layer's best score (deterministic)
+            idx = np.flatnonzero((score == best[gl]) & (score > 0))
+            if not len(idx):
+                break
+            active, first = np.unique(gl[idx], return_index=True)
+            rows = idx[first]
+            g, mg = gs[rows], missing[rows]  # [A, K]
+            key = np.where(mg, -counts_sl[active[:, None], g], np.inf)
+            order = np.lexsort((g, key), axis=-1)  # missing experts by count, then id
+            rank = np.empty_like(order)
+            np.put_along_axis(rank, order, np.broadcast_to(np.arange(g.shape[1]), g.shape),
+                              axis=-1)
+            la = np.broadcast_to(active[:, None], g.shape)
+            pos[la[mg], g[mg]] = (nxt[active][:, None] + rank)[mg]
+            nxt[active] += mg.sum(1)
+            held[la[mg], g[mg]] = True
+    # the rest by count
+    for l in range(L):
+        rest = np.flatnonzero(pos[l] < 0)
+        rest = rest[np.lexsort((rest, -counts_sl[l, rest]))]
+        pos[l, rest] = nxt[l] + np.arange(len(rest))
+    return pos
+
+
 def _value_curves(rank: np.ndarray, layers: np.ndarray, sets: np.ndarray,
                   weights: np.ndarray) -> np.ndarray:
     """float [L, E+1]: f[l, n] = weight of samples fully local when holding rank < n."""
@@ -60,14 +132,17 @@ def _value_curves(rank: np.ndarray, layers: np.ndarray, sets: np.ndarray,
     return np.cumsum(f, axis=1)
 
 
-def _dp(f: np.ndarray, lo: np.ndarray, capacity: int) -> np.ndarray:
+def _dp(f: np.ndarray, lo: np.ndarray, capacity: int,
+        value: np.ndarray | None = None) -> np.ndarray:
     """int [L]: n_l in [lo_l, E] with sum <= capacity maximising sum f[l, n_l] (exact).
 
     Only values of n where f rises (and lo_l) are candidates: holding more for the same value is
     dominated, and the leftover capacity is filled afterwards. With few samples per layer this
-    shrinks the inner dimension from E+1 to the number of distinct "need" values.
+    shrinks the inner dimension from E+1 to the number of distinct "need" values. `value`
+    (default f) is what is maximised, e.g. f less the price of the experts held.
     """
     L, E1 = f.shape
+    v = f if value is None else value
     C = int(min(capacity, L * (E1 - 1)))
     neg = -np.inf
     best = np.full(C + 1, neg)
@@ -78,7 +153,7 @@ def _dp(f: np.ndarray, lo: np.ndarray, capacity: int) -> np.ndarray:
         rises = np.flatnonzero(np.diff(f[l]) > 0) + 1
         cand = np.unique(np.concatenate([[lo[l]], rises[rises > lo[l]]]))
         prev = cs[:, None] - cand[None, :]  # [C+1, n_cand]
-        tot = np.where(prev >= 0, best[np.maximum(prev, 0)], neg) + f[l, cand][None, :]
+        tot = np.where(prev >= 0, best[np.maximum(prev, 0)], neg) + v[l, cand][None, :]
         j = np.argmax(tot, axis=1)
         best = tot[cs, j]
         choice[l] = cand[j]
@@ -97,18 +172,28 @@ class LatencyAware:
 
     name = "edgemoe"
 
-    def __init__(self, sweeps: int = 2, search_s: float = 0.5,
-                 multistart_max: int = 2048) -> None:
+    def __init__(self, sweeps: int = 2, search_work: float = 4e6,
+                 multistart_max: int = 2048, set_order: bool = False, priced: bool = True,
+                 bisect_steps: int = 6, want_samples: int = 2000,
+                 priced_max_servers: int = 16) -> None:
+        self.priced_max_servers = priced_max_servers
+        self.want_samples = want_samples
+        self.set_order = set_order
+        self.priced = priced
+        self.bisect_steps = bisect_steps
         self.sweeps = sweeps
-        self.search_s = search_s
+        self.search_work = search_work
         self.multistart_max = multistart_max
 
     def _server_holdings(self, problem: Problem, s: int, required: np.ndarray,
                          capacity: int) -> np.ndarray:
         counts = problem.counts[s]
-        rank = _rank(counts, required)
         m = problem.sample_server == s
         w = self._weights[m] * self._remote_cost[s]
+        if self.set_order:
+            rank = _set_rank(counts, required, problem.sample_layer[m], problem.sample_sets[m], w)
+        else:
+            rank = _rank(counts, required)
         f = _value_curves(rank, problem.sample_layer[m], problem.sample_sets[m], w)
         n = _dp(f, required.sum(1), capacity)
         held = rank < n[:, None]
@@ -120,14 +205,96 @@ class LatencyAware:
             held.ravel()[take] = True
         return held
 
-    def _own_cost(self, problem: Problem, s: int, holders: np.ndarray) -> float:
-        """Server s's weighted sample cost with nearest holders (the part s's choice drives)."""
-        m = problem.sample_server == s
-        if not m.any():
-            return 0.0
-        c = np.where(holders, self._cost[s][:, None, None], np.inf).min(0)  # [L, E]
-        per = c[problem.sample_layer[m][:, None], problem.sample_sets[m]].max(1)
-        return float((per * self._weights[m]).sum())
+    def _subsample(self, problem: Problem, s: int) -> np.ndarray:
+        """Indices of s's samples that shape its choice: evenly spaced, at most `want_samples`.
+
+        The order and value curves only steer the choice; the sweeps and the local search
+        accept changes on the full sample, so a subsample costs little and bounds solve time.
+        """
+        m = np.flatnonzero(problem.sample_server == s)
+        if len(m) > self.want_samples:
+            m = m[np.linspace(0, len(m) - 1, self.want_samples).astype(np.int64)]
+        return m
+
+    def _wants(self, problem: Problem, s: int, price: np.ndarray, capacity: int) -> np.ndarray:
+        """bool [L, E]: what s holds for its own samples when each expert costs `price` more."""
+        counts = problem.counts[s]
+        L, E = counts.shape
+        m = self._subsample(problem, s)
+        layers, sets = problem.sample_layer[m], problem.sample_sets[m]
+        w = self._weights[m] * self._remote_cost[s]
+        rank = _set_rank(counts, np.zeros((L, E), dtype=bool), layers, sets, w, price)
+        f = _value_curves(rank, layers, sets, w)
+        in_order = np.take_along_axis(price, np.argsort(rank, axis=1), axis=1)
+        g = f - np.concatenate([np.zeros((L, 1)), np.cumsum(in_order, axis=1)], axis=1)
+        n = _dp(f, np.zeros(L, dtype=np.int64), capacity, g)
+        return rank < n[:, None]
+
+    def _priced(self, problem: Problem, lam: float) -> tuple[np.ndarray, bool]:
+        """Every server's wants when a copy someone else also wants costs `lam`; feasible?
+
+        Feasible means the experts nobody wants (orphans) fit in the slots left over.
+        """
+        S, L, E = problem.num_servers, problem.num_layers, problem.num_experts
+        slots = problem.slots
+        wants = np.zeros((S, L, E), dtype=bool)
+        held = np.zeros((L, E), dtype=np.int64)
+        for _ in range(self.sweeps + 1):
+            changed = False
+            for s in range(S):
+                others = (held - wants[s]) > 0
+                new = self._wants(problem, s, lam * others, int(slots[s]))
+                if not np.array_equal(new, wants[s]):
+                    held += new.astype(np.int64) - wants[s]
+                    wants[s], changed = new, True
+            if not changed:
+                break
+        free = int((slots - wants.reshape(S, -1).sum(1)).sum())
+        return wants, free >= int((held == 0).sum())
+
+    def _solve_priced(self, problem: Problem) -> np.ndarray:
+        """Wants priced by a duplicate price found by bisection, then orphans and spare slots.
+
+        Coverage is what couples servers: with every expert held once, only sum(slots) - L*E
+        copies can be duplicates. Instead of forcing orphans on whoever comes last, servers
+        choose their own sets and a copy that another server also wants carries a price; the
+        smallest price whose wants leave room for every orphan is found by bisection.
+        """
+        S = problem.num_servers
+        slots = problem.slots
+        wants, ok = self._priced(problem, 0.0)
+        if not ok:
+            hi = float(self._weights.sum() * max(self._remote_cost.max(), 1e-12))
+            lo = hi * 1e-6
+            best = None
+            for _ in range(self.bisect_steps):
+                mid = float(np.sqrt(lo * hi))
+                w_mid, ok = self._priced(problem, mid)
+                if ok:
+                    hi, best = mid, w_mid
+                else:
+                    lo = mid
+            if best is None:
+                best, ok = self._priced(problem, hi)
+                if not ok:  # a price above any sample's value: no duplicate is wanted
+                    best, _ = self._priced(problem, hi * 1e6)
+            wants = best
+        holders = wants.copy()
+        # orphans to the server with room that uses them most
+        free = slots - holders.reshape(S, -1).sum(1)
+        orphans = np.argwhere(~holders.any(0))
+        use = problem.counts[:, orphans[:, 0], orphans[:, 1]]  # [S, n]
+        for j in np.lexsort((np.arange(len(orphans)), -use.sum(0))):
+            l, e = orphans[j]
+            s = int(np.argmax(np.where(free > 0, use[:, j] + 1e-9 * free, -np.inf)))
+            holders[s, l, e] = True
+            free[s] -= 1
+        for s in range(S):  # spare slots: the most used experts not yet held
+            if free[s] > 0:
+                score = np.where(holders[s], -np.inf, problem.counts[s] + 1e-9).ravel()
+                take = np.argsort(-score, kind="stable")[: free[s]]
+                holders[s].ravel()[take[np.isfinite(score[take])]] = True
+        return holders
 
     def place(self, problem: Problem) -> Placement:
         t0 = time.perf_counter()
@@ -136,13 +303,47 @@ class LatencyAware:
 
     def _solve(self, problem: Problem) -> np.ndarray:
         S, L, E = problem.num_servers, problem.num_layers, problem.num_experts
-        slots = problem.slots
         cost = self._cost = problem.call_cost()
         self._remote_cost = np.array(
             [cost[s][np.arange(S) != s].min() if S > 1 else 0.0 for s in range(S)])
         self._weights = problem.sample_weights()
-        holders = np.zeros((S, L, E), dtype=bool)
-        order = np.lexsort((np.arange(S), slots))  # ascending capacity
+        small = self.multistart_max >= S * L * E
+        self._work = np.inf
+        starts = []
+        if self.priced and self.priced_max_servers >= S:
+            starts.append(self._sweep(problem, self._solve_priced(problem)))
+        if small or not starts:
+            starts.append(self._sweep(problem, self._sequential(problem)))
+        # one work budget (sample rows evaluated) for all polishing below: deterministic,
+        # unlike a wall-clock limit
+        self._work = float(self.search_work)
+        if small and self._work > 0:
+            starts = [self._pairs(problem, h) for h in starts]
+        if self._work > 0:
+            starts = [self._local_search(problem, h) for h in starts]
+            if small:  # small instances: also polish the baselines' placements
+                from edgemoe.placement.dancemoe import DanceMoE
+                from edgemoe.placement.eplb import Eplb
+                from edgemoe.placement.layers import Layers
+
+                starts += [self._local_search(problem, other.place(problem).holders)
+                           for other in (DanceMoE(), Eplb(), Layers())]
+        if len(starts) == 1:
+            return starts[0]
+        values = [self._total(problem, h) for h in starts]
+        return starts[int(np.argmin(values))]  # first of the best: deterministic
+
+    def _sequential(self, problem: Problem, order: np.ndarray | None = None,
+                    fixed: np.ndarray | None = None) -> np.ndarray:
+        """Servers of `order` (default: all, ascending capacity) choose in turn, the others'
+        holdings `fixed`; one takes uncovered experts only when the servers after it could not
+        hold them all; the last covers the rest."""
+        S, L, E = problem.num_servers, problem.num_layers, problem.num_experts
+        slots = problem.slots
+        if order is None:
+            order = np.lexsort((np.arange(S), slots))
+        holders = np.zeros((S, L, E), dtype=bool) if fixed is None else fixed.copy()
+        holders[order] = False
         for i, s in enumerate(order):
             rest = int(slots[order[i + 1:]].sum())
             required = np.zeros((L, E), dtype=bool)
@@ -154,37 +355,54 @@ class LatencyAware:
                 deficit = int(uncovered.sum()) - rest
                 if deficit <= 0:
                     break
-                # the servers after this one cannot cover the rest: keep the uncovered experts
-                # this server uses most
+                # keep the uncovered experts this server uses most
                 cand = np.flatnonzero(uncovered & ~required)
                 use = problem.counts[s].ravel()[cand]
                 take = cand[np.lexsort((cand, -use))][:deficit]
                 required.ravel()[take] = True
             holders[s] = h
+        return holders
+
+    def _pairs(self, problem: Problem, holders: np.ndarray) -> np.ndarray:
+        """Large-neighbourhood moves: two servers drop everything and choose again in both
+        orders, the others fixed (they can swap whole responsibilities, which single-server
+        moves cannot); kept when the total objective improves."""
+        S = problem.num_servers
+        current = self._total(problem, holders)
+        for _ in range(self.sweeps + 1):
+            improved = False
+            for s in range(S):
+                for t in range(s + 1, S):
+                    for pair in ((s, t), (t, s)):
+                        if self._work <= 0:
+                            return holders
+                        trial = self._sequential(problem, np.array(pair), holders)
+                        v = self._total(problem, trial)
+                        if v < current - 1e-15:
+                            holders, current, improved = trial, v, True
+            if not improved:
+                break
+        return holders
+
+    def _sweep(self, problem: Problem, holders: np.ndarray) -> np.ndarray:
+        """Coordinate descent: each server re-solves given the others (keeping the experts only
+        it holds), kept when the total objective improves."""
+        S = problem.num_servers
+        slots = problem.slots
+        self._by_layer = [np.flatnonzero(problem.sample_layer == l)
+                          for l in range(problem.num_layers)]
+        current = self._total(problem, holders)
         for _ in range(self.sweeps):
             improved = False
-            for s in order:
+            for s in np.lexsort((np.arange(S), slots)):
                 others = np.delete(holders, s, axis=0).any(0)
                 trial = holders.copy()
                 trial[s] = self._server_holdings(problem, s, ~others, int(slots[s]))
-                if self._own_cost(problem, s, trial) < self._own_cost(problem, s, holders) - 1e-15:
-                    holders, improved = trial, True
+                v = self._total(problem, trial)
+                if v < current - 1e-15:
+                    holders, current, improved = trial, v, True
             if not improved:
                 break
-        if self.search_s > 0:
-            holders = self._local_search(problem, holders)
-            if self.multistart_max >= S * L * E:
-                # small instances: also polish the baselines' placements, keep the best
-                from edgemoe.placement.dancemoe import DanceMoE
-                from edgemoe.placement.eplb import Eplb
-                from edgemoe.placement.layers import Layers
-
-                best = self._total(problem, holders)
-                for other in (DanceMoE(), Eplb(), Layers()):
-                    h = self._local_search(problem, other.place(problem).holders)
-                    v = self._total(problem, h)
-                    if v < best - 1e-15:
-                        holders, best = h, v
         return holders
 
     def _total(self, problem: Problem, holders: np.ndarray) -> float:
@@ -193,6 +411,7 @@ class LatencyAware:
     def _layer_cost(self, problem: Problem, holders_l: np.ndarray, l: int) -> float:
         """Weighted sample cost of layer l given its holders bool [S, E] (nearest holder)."""
         idx = self._by_layer[l]
+        self._work -= len(idx) + holders_l.size * len(holders_l) + 2000  # ~ numpy call overhead
         if len(idx) == 0:
             return 0.0
         c = np.where(holders_l[None, :, :], self._cost[:, :, None], np.inf).min(1)  # [S, E]
@@ -208,9 +427,8 @@ class LatencyAware:
         S, L, E = holders.shape
         self._by_layer = [np.flatnonzero(problem.sample_layer == l) for l in range(L)]
         layer_cost = np.array([self._layer_cost(problem, holders[:, l], l) for l in range(L)])
-        deadline = time.perf_counter() + self.search_s
         improved = True
-        while improved and time.perf_counter() < deadline:
+        while improved and self._work > 0:
             improved = False
             for s in range(S):
                 held = np.argwhere(holders[s])
@@ -245,7 +463,7 @@ class LatencyAware:
                         if improved:
                             break
                     for li, ei in lacks:
-                        if time.perf_counter() > deadline:
+                        if self._work <= 0:
                             return holders
                         movable = holders[:, li, ei] & ~holders[:, lo, eo]
                         partners = [None] if not sole else [int(t) for t in np.flatnonzero(movable)]
@@ -287,9 +505,9 @@ class LatencyAware:
         tgt_cost = sample_costs(problem, target.route) * w
         gains = np.bincount(problem.sample_layer, cur_cost - tgt_cost, minlength=L)
         new_bytes = (target.holders & ~current.holders).sum((0, 2)) * problem.expert_bytes
-        # gain in seconds saved over the horizon (per (token, layer) cost x tokens) vs seconds
-        # of link time the copies occupy
-        value = gains * rate * horizon_s - bytes_weight * new_bytes * 8.0 / bw_mean
+        # sample weights sum to 1 over all (token, layer) pairs, so L * gains[l] is the seconds
+        # layer l saves per token; over the horizon vs the link time the copies occupy
+        value = gains * L * rate * horizon_s - bytes_weight * new_bytes * 8.0 / bw_mean
         holders = current.holders.copy()
         order = np.argsort(-(gains / np.maximum(new_bytes, 1)), kind="stable")
         for l in order:

@@ -75,10 +75,15 @@ def plan_migration(current_holders: np.ndarray, target_holders: np.ndarray, expe
     def free() -> np.ndarray:
         return cap - cur.reshape(S, -1).sum(1)
 
-    while True:
+    # each round drops, copies or parks at least one expert; parks are bounded by the surplus
+    for _ in range(4 * int((cur ^ tgt).sum()) + 4):
         progress = False
         extra = cur & ~tgt
-        for s, l, e in np.argwhere(extra):  # drops that keep another holder
+        # drops that keep another holder; parked copies last, so a parked copy outlives the
+        # copy it stands in for instead of being dropped right away (which looped forever)
+        for s, l, e in np.concatenate([np.argwhere(extra & ~parked), np.argwhere(extra & parked)]):
+            if not cur[s, l, e]:
+                continue
             if cur[:, l, e].sum() >= 2:
                 cur[s, l, e] = False
                 parked[s, l, e] = False
@@ -120,4 +125,6 @@ def plan_migration(current_holders: np.ndarray, target_holders: np.ndarray, expe
         else:
             raise PlacementError("no make-before-break order fits the capacities: "
                                  "every server is full and no expert can be parked")
+    else:
+        raise PlacementError("migration planner made no progress (internal error)")
     return MigrationPlan([ep for ep in epochs if ep])
