@@ -59,15 +59,16 @@ def test_after_heal_with_a_majority_up_the_live_members_are_decided(
     assume(all(len(v.members) >= 3 for v in longest))
     live = sorted(net.live())
     assert net.ids[victim] not in live
-    done = []
-    for node in live:
-        n = net.nodes[node]
-        assert n is not None and n.consensus.current is not None, sc.describe()
-        assert list(n.consensus.current.member_ids()) == live, sc.describe()
-        done.append(n.consensus.current.epoch)
-    epoch = max(done)
-    when = max(t for t, kind, *rest in net.trace if kind == "decided" and rest[1] == epoch)
-    assert when <= heal + DECIDE_BOUND_S, sc.describe()
+    # the first epoch whose members are exactly the live nodes (later false deaths at 30% loss
+    # may start more epochs; that is churn, not a lack of progress)
+    epoch = next((v.epoch for v in longest if list(v.member_ids()) == live), None)
+    assert epoch is not None, sc.describe()
+    when = {}
+    for t, kind, *rest in net.trace:
+        if kind == "decided" and rest[1] == epoch:
+            when.setdefault(rest[0], t)
+    assert set(live) <= set(when), sc.describe()  # every live node learned it
+    assert max(when[n] for n in live) <= heal + DECIDE_BOUND_S, sc.describe()
 
 
 def test_a_death_spreads_in_logarithmic_rounds() -> None:
