@@ -352,7 +352,17 @@ class Consensus:
         p.promises[m.sender] = m
         if len(p.promises) < self._quorum(p):
             return
-        prior = [x for x in p.promises.values() if x.accepted_ballot is not None]
+        # A value accepted under the other quorum system (normal vs operator-forced members)
+        # cannot be re-proposed here (acceptors would refuse it forever); a forced epoch is the
+        # operator's override of a quorum that is lost, so it carries its own value.
+        prior = [
+            x
+            for x in p.promises.values()
+            if x.accepted_ballot is not None
+            and x.accepted_value is not None
+            and x.accepted_value.forced == bool(p.forced_members)
+            and (not p.forced_members or x.accepted_value.member_ids() == p.forced_members)
+        ]
         if prior:
             best = max(prior, key=lambda x: x.accepted_ballot or (0, ""))
             p.chosen = best.accepted_value
