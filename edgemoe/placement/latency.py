@@ -308,7 +308,7 @@ class LatencyAware:
             [cost[s][np.arange(S) != s].min() if S > 1 else 0.0 for s in range(S)])
         self._weights = problem.sample_weights()
         small = self.multistart_max >= S * L * E
-        self._work = np.inf
+        self._work = float(self.search_work)  # the sweeps get one work budget of their own
         starts = []
         if self.priced and self.priced_max_servers >= S:
             starts.append(self._sweep(problem, self._solve_priced(problem)))
@@ -395,6 +395,8 @@ class LatencyAware:
         for _ in range(self.sweeps):
             improved = False
             for s in np.lexsort((np.arange(S), slots)):
+                if self._work <= 0:  # large instances: the budget ends the sweeps
+                    return holders
                 others = np.delete(holders, s, axis=0).any(0)
                 trial = holders.copy()
                 trial[s] = self._server_holdings(problem, s, ~others, int(slots[s]))

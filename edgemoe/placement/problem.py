@@ -193,7 +193,7 @@ def nearest_routes(p: Problem, holders: np.ndarray) -> np.ndarray:
         tie = np.isclose(c, best[None]) & holders
         n_tie = tie.sum(0)
         pick = (np.arange(E)[None, :] + s) % np.maximum(n_tie, 1)  # which tied holder
-        order = np.cumsum(tie, axis=0) - 1  # rank among tied holders
+        order = np.cumsum(tie, axis=0, dtype=np.int32) - 1  # rank among tied holders
         chosen = tie & (order == pick[None])
         route[s] = chosen.argmax(0)
     own = holders
