@@ -100,13 +100,9 @@ def place(
     from edgemoe.placement import get_strategy
 
     problem = build_problem(shape, feasible_capacities(shape, capacities), snapshots)
-    solver = get_strategy(strategy)
-    if getattr(solver, "search_s", 0) > 0:
-        # Every acceptor recomputes a proposal and must get the same answer, but a local
-        # search bounded by wall-clock time ends elsewhere on a busier CPU (and held the event
-        # loop for seconds): no timed search here until it is bounded by a count of moves.
-        solver.search_s = 0.0  # type: ignore[attr-defined]
-    result = solver.place(problem)
+    # Every acceptor recomputes a proposal and must get the same answer: the strategies'
+    # searches are bounded by counts of work, never by wall-clock time.
+    result = get_strategy(strategy).place(problem)
     names = problem.server_names
     assignment = {name: result.held_by(i) for i, name in enumerate(names)}
     routes: dict[str, dict[tuple[int, int], str]] = {}
