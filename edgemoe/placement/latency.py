@@ -30,7 +30,11 @@ Algorithm (all vectorised with numpy):
    baselines' placements; then a local search (replace, relocate, exchange) on the exact
    objective. All search is bounded by a count of evaluated sample rows, not by wall-clock
    time, so every node computes the same placement.
-6. Routing: nearest holder, ties spread by expert (see `nearest_routes`).
+6. Routing: nearest holder; a tie goes to the holder with most of the caller's activations
+   in that layer (`layer_routes` with `prefer`), so a token's remote experts gather on few
+   servers: the objective charges every distinct destination (fan-out, see `problem`).
+7. The `layers` placement (whole layers per server: few destinations) is one more start, so
+   the result is never worse than `layers` on the objective.
 
 Migration (`migrate`): the objective decomposes by layer, so each layer's new holdings can be
 adopted separately; layers are taken in order of gain per byte while the gain over the horizon
@@ -43,11 +47,15 @@ import time
 
 import numpy as np
 
+from edgemoe.placement.layers import Layers
 from edgemoe.placement.problem import (
     Placement,
     Problem,
+    layer_routes,
     make_placement,
+    nearest_routes,
     sample_costs,
+    set_costs,
 )
 
 
@@ -175,7 +183,8 @@ class LatencyAware:
     def __init__(self, sweeps: int = 2, search_work: float = 4e6,
                  multistart_max: int = 2048, set_order: bool = False, priced: bool = True,
                  bisect_steps: int = 6, want_samples: int = 2000,
-                 priced_max_servers: int = 16) -> None:
+                 priced_max_servers: int = 16, gather_routes: bool = True) -> None:
+        self.gather_routes = gather_routes
         self.priced_max_servers = priced_max_servers
         self.want_samples = want_samples
         self.set_order = set_order
@@ -299,14 +308,23 @@ class LatencyAware:
     def place(self, problem: Problem) -> Placement:
         t0 = time.perf_counter()
         holders = self._solve(problem)
-        return make_placement(problem, holders, self.name, time.perf_counter() - t0)
+        return make_placement(problem, holders, self.name, time.perf_counter() - t0,
+                              self._routes(problem, holders))
+
+    def _routes(self, problem: Problem, holders: np.ndarray) -> np.ndarray:
+        return nearest_routes(problem, holders, problem.counts if self.gather_routes else None)
 
     def _solve(self, problem: Problem) -> np.ndarray:
         S, L, E = problem.num_servers, problem.num_layers, problem.num_experts
         cost = self._cost = problem.call_cost()
+        self._fan = problem.fanout_cost()
+        self._prefer = problem.counts if self.gather_routes else None
+        # what a fully local (token, layer) saves at least: one call and its message
         self._remote_cost = np.array(
-            [cost[s][np.arange(S) != s].min() if S > 1 else 0.0 for s in range(S)])
+            [(cost + self._fan)[s][np.arange(S) != s].min() if S > 1 else 0.0
+             for s in range(S)])
         self._weights = problem.sample_weights()
+        self._by_layer = [np.flatnonzero(problem.sample_layer == l) for l in range(L)]
         small = self.multistart_max >= S * L * E
         self._work = float(self.search_work)  # the sweeps get one work budget of their own
         starts = []
@@ -314,6 +332,7 @@ class LatencyAware:
             starts.append(self._sweep(problem, self._solve_priced(problem)))
         if small or not starts:
             starts.append(self._sweep(problem, self._sequential(problem)))
+        starts.append(Layers().place(problem).holders)  # whole layers: few destinations
         # one work budget (sample rows evaluated) for all polishing below: deterministic,
         # unlike a wall-clock limit
         self._work = float(self.search_work)
@@ -324,10 +343,9 @@ class LatencyAware:
             if small:  # small instances: also polish the baselines' placements
                 from edgemoe.placement.dancemoe import DanceMoE
                 from edgemoe.placement.eplb import Eplb
-                from edgemoe.placement.layers import Layers
 
                 starts += [self._local_search(problem, other.place(problem).holders)
-                           for other in (DanceMoE(), Eplb(), Layers())]
+                           for other in (DanceMoE(), Eplb())]
         if len(starts) == 1:
             return starts[0]
         values = [self._total(problem, h) for h in starts]
@@ -416,8 +434,10 @@ class LatencyAware:
         self._work -= len(idx) + holders_l.size * len(holders_l) + 2000  # ~ numpy call overhead
         if len(idx) == 0:
             return 0.0
-        c = np.where(holders_l[None, :, :], self._cost[:, :, None], np.inf).min(1)  # [S, E]
-        per = c[problem.sample_server[idx][:, None], problem.sample_sets[idx]].max(1)
+        route = layer_routes(self._cost, holders_l,
+                             None if self._prefer is None else self._prefer[:, l])
+        s = problem.sample_server[idx]
+        per = set_costs(self._cost, self._fan, s, route[s[:, None], problem.sample_sets[idx]])
         return float((per * self._weights[idx]).sum())
 
     def _local_search(self, problem: Problem, holders: np.ndarray) -> np.ndarray:
@@ -519,4 +539,5 @@ class LatencyAware:
             trial[:, l] = target.holders[:, l]
             if np.all(trial.reshape(S, -1).sum(1) <= problem.slots):
                 holders = trial
-        return make_placement(problem, holders, self.name, target.solve_s)
+        return make_placement(problem, holders, self.name, target.solve_s,
+                              self._routes(problem, holders))

@@ -1,13 +1,16 @@
 """`optimal`: the exact minimum of `objective` as a MILP solved by HiGHS (scipy.optimize.milp).
 
-Variables: x[s,l,e] in {0,1} (s holds (l,e)); w[s,l,e,d] in [0,1] (s routes (l,e) to d, only
+Variables: x[s,l,e] in {0,1} (s holds (l,e)); w[s,l,e,d] in {0,1} (s routes (l,e) to d, only
 for (s,l,e) that appear in s's samples); z[g] >= 0 per group g of identical samples (same
-server, layer and set, weight summed). Constraints: every expert held (sum_s x >= 1), capacity
-(sum_{l,e} x[s] <= slots[s]), route only to holders (w[s,l,e,d] <= x[d,l,e]), one route
-(sum_d w = 1), and z[g] >= sum_d cost[s,d] w[s,l,e,d] for every e of the group's set.
-Minimise sum_g weight_g z[g]. For fixed x the best w is the nearest holder, so the optimum
-is a placement with nearest routing, comparable with every heuristic. Small instances only:
-`max_vars` guards the size; the time limit returns the incumbent (flagged in `status`).
+server, layer and set, weight summed); y[g,d] in [0,1] (g's set calls d). Constraints: every
+expert held (sum_s x >= 1), capacity (sum_{l,e} x[s] <= slots[s]), route only to holders
+(w[s,l,e,d] <= x[d,l,e]), a holder calls itself (w[s,l,e,s] >= x[s,l,e]), one route
+(sum_d w = 1), z[g] >= sum_d cost[s,d] w[s,l,e,d] and y[g,d] >= w[s,l,e,d] for every e of the
+group's set. Minimise sum_g weight_g (z[g] + sum_d fanout_cost[s,d] y[g,d]). The routes are
+part of the solution (with fan-out the nearest holder is not always best: gathering a set on
+one holder saves messages), so the optimum is over (holders, routes) and no heuristic's
+placement, whatever its routing, can beat it. Small instances only: `max_vars` guards the
+size; the time limit returns the incumbent (flagged in `status`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,13 @@ import time
 
 import numpy as np
 
-from edgemoe.placement.problem import Placement, PlacementError, Problem, make_placement
+from edgemoe.placement.problem import (
+    Placement,
+    PlacementError,
+    Problem,
+    make_placement,
+    nearest_routes,
+)
 
 
 class Optimal:
@@ -36,6 +45,7 @@ class Optimal:
         t0 = time.perf_counter()
         S, L, E = problem.num_servers, problem.num_layers, problem.num_experts
         cost = problem.call_cost()
+        fan = problem.fanout_cost()
         w_sample = problem.sample_weights()
         sets = np.sort(problem.sample_sets, axis=1)
         key = np.concatenate([problem.sample_server[:, None], problem.sample_layer[:, None],
@@ -51,7 +61,7 @@ class Optimal:
         nx = S * L * E
         nw = len(need) * S
         ng = len(groups)
-        nvar = nx + nw + ng
+        nvar = nx + nw + ng + ng * S
         if nvar > self.max_vars:
             raise PlacementError(f"instance too large for the exact solver ({nvar} variables "
                                  f"> {self.max_vars}); use a smaller instance")
@@ -98,6 +108,10 @@ class Optimal:
                 np.concatenate([nx + rr, xi(d, nl[kk], ne[kk])]),
                 np.concatenate([np.ones(nw), -np.ones(nw)]),
                 np.full(nw, -np.inf), np.zeros(nw))
+            # w[k, s] - x[s, l, e] >= 0: a holder calls itself
+            add(np.concatenate([k, k]), np.concatenate([nx + k * S + ns, xi(ns, nl, ne)]),
+                np.concatenate([np.ones(len(need)), -np.ones(len(need))]),
+                np.zeros(len(need)), np.full(len(need), np.inf))
             # z[g] - sum_d cost[s,d] w[k(g,e), d] >= 0 for every e in g's set
             K = sets.shape[1]
             gs = np.repeat(np.arange(ng), K)
@@ -113,18 +127,28 @@ class Optimal:
             vw = -cost[np.repeat(ns[ks], S), np.tile(np.arange(S), nrow)]
             add(np.concatenate([rz, rw]), np.concatenate([cz, cw]),
                 np.concatenate([np.ones(nrow), vw]), np.zeros(nrow), np.full(nrow, np.inf))
+            # y[g, d] - w[k(g,e), d] >= 0 for every e in g's set and every d
+            ry = np.arange(nrow * S)
+            cy = nx + nw + ng + np.repeat(gs, S) * S + np.tile(np.arange(S), nrow)
+            add(np.concatenate([ry, ry]), np.concatenate([cy, cw]),
+                np.concatenate([np.ones(nrow * S), -np.ones(nrow * S)]),
+                np.zeros(nrow * S), np.full(nrow * S, np.inf))
         A = coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
                        shape=(r0, nvar)).tocsr()
-        c = np.concatenate([np.zeros(nx), np.zeros(nw), gw])
+        gfan = fan[groups[:, 0]] if ng else np.zeros((0, S))  # [g, d]
+        c = np.concatenate([np.zeros(nx), np.zeros(nw), gw, (gw[:, None] * gfan).ravel()])
         c[:nx] += 1e-9  # among optima prefer fewer copies (fewer bytes to hold)
-        integrality = np.concatenate([np.ones(nx), np.zeros(nw + ng)])
+        integrality = np.concatenate([np.ones(nx + nw), np.zeros(ng + ng * S)])
+        ub = np.concatenate([np.ones(nx + nw), np.full(ng, np.inf), np.ones(ng * S)])
         res = milp(c, constraints=LinearConstraint(A, np.concatenate(lo), np.concatenate(hi)),
-                   integrality=integrality, bounds=Bounds(np.zeros(nvar),
-                                                          np.concatenate([np.ones(nx + nw),
-                                                                          np.full(ng, np.inf)])),
+                   integrality=integrality, bounds=Bounds(np.zeros(nvar), ub),
                    options={"time_limit": self.time_limit_s, "disp": False})
         if res.x is None:
             raise PlacementError(f"exact solver found no solution: {res.message}")
         self.status = "optimal" if res.status == 0 else f"time limit ({res.message})"
         holders = res.x[:nx].reshape(S, L, E) > 0.5
-        return make_placement(problem, holders, self.name, time.perf_counter() - t0)
+        route = nearest_routes(problem, holders)
+        if len(need):  # the solver's routes where samples need them
+            pick = res.x[nx:nx + nw].reshape(len(need), S).argmax(1)
+            route[need[:, 0], need[:, 1], need[:, 2]] = pick
+        return make_placement(problem, holders, self.name, time.perf_counter() - t0, route)

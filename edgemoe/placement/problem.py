@@ -15,7 +15,12 @@ Shapes (S servers, L MoE layers, E routed experts per layer, K top-k, R co-activ
 The cost model (``objective``) is what `edgemoe` and `optimal` minimise: the expected time a
 (token, layer) waits for its slowest remote call, where a call from s to d costs
 ``call_cost[s, d] = rtt + 2 * hidden_bytes * 8 / bandwidth + expert_time / speed[d]`` and
-s calls, for each of its remote experts, the holder given by ``route``.
+s calls, for each of its remote experts, the holder given by ``route``; plus a fan-out term:
+every distinct remote server the set touches adds
+``fanout_cost[s, d] = call_overhead / speed[d] + 2 * hidden_bytes * 8 / bandwidth``, the
+holder time and link time one more message occupies (the per-server transport sends a
+token's hidden state once per destination). Without it one destination and seven cost the
+same, although under load the extra messages queue at holders and on links.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ class Problem:
     sample_sets: np.ndarray
     request_rate: np.ndarray
     expert_time_s: float = 5e-5
+    call_overhead_s: float = 1e-4
     activation_bytes: int = 2
     server_names: tuple[str, ...] = field(default=())
 
@@ -80,6 +86,16 @@ class Problem:
         np.fill_diagonal(cost, 0.0)
         return cost
 
+    def fanout_cost(self) -> np.ndarray:
+        """float [S, S]: seconds one more message s -> d occupies (holder and link); 0 on the
+        diagonal."""
+        bw = np.asarray(self.bandwidth_bps, dtype=np.float64)
+        with np.errstate(divide="ignore"):
+            transfer = 2.0 * self.message_bytes * 8.0 / bw
+        cost = transfer + self.call_overhead_s / np.asarray(self.compute_speed)[None, :]
+        np.fill_diagonal(cost, 0.0)
+        return cost
+
     def sample_weights(self) -> np.ndarray:
         """float [R]: weight of each sample so a server's samples sum to its request rate share."""
         s = self.sample_server
@@ -108,6 +124,7 @@ def validate_problem(p: Problem) -> None:
     _need(p.expert_bytes > 0, f"expert_bytes must be positive, got {p.expert_bytes}")
     _need(p.hidden_size > 0, f"hidden_size must be positive, got {p.hidden_size}")
     _need(p.expert_time_s >= 0, "expert_time_s must not be negative")
+    _need(p.call_overhead_s >= 0, "call_overhead_s must not be negative")
     cap = np.asarray(p.capacity_bytes, dtype=np.float64)
     _need(cap.shape == (S,), "capacity_bytes must be [S]")
     _need(bool(np.all(cap >= 0)), f"negative capacity: {cap.tolist()}")
@@ -177,47 +194,77 @@ def validate_placement(p: Problem, pl: Placement) -> None:
     _need(bool(ok.all()), "a route points at a server that does not hold the expert")
 
 
-def nearest_routes(p: Problem, holders: np.ndarray) -> np.ndarray:
-    """int [S, L, E]: every server calls itself if it holds (l, e), else its cheapest holder.
+def layer_routes(cost: np.ndarray, holders_l: np.ndarray,
+                 prefer: np.ndarray | None = None) -> np.ndarray:
+    """int [S, E]: for one layer, every server calls itself if it holds e, else its cheapest
+    holder (cost [S, S], holders_l bool [S, E]).
 
     Ties (equal link cost) are spread over holders by expert index so no single holder takes
-    every call: deterministic and load-balancing in the common homogeneous case.
+    every call: deterministic and load-balancing in the common homogeneous case. With `prefer`
+    float [S, E] (e.g. each server's activation counts) a tie goes instead to the holder that
+    holds most of the server's preferred mass in this layer, so a token's remote experts
+    gather on few servers (fewer messages).
     """
-    S, L, E = holders.shape
-    cost = p.call_cost()  # [S, S]
-    route = np.empty((S, L, E), dtype=np.int64)
-    big = np.inf
-    for s in range(S):
-        c = np.where(holders, cost[s][:, None, None], big)  # [D, L, E]
-        best = c.min(0)
-        tie = np.isclose(c, best[None]) & holders
-        n_tie = tie.sum(0)
-        pick = (np.arange(E)[None, :] + s) % np.maximum(n_tie, 1)  # which tied holder
-        order = np.cumsum(tie, axis=0, dtype=np.int32) - 1  # rank among tied holders
-        chosen = tie & (order == pick[None])
-        route[s] = chosen.argmax(0)
-    own = holders
-    for s in range(S):
-        route[s][own[s]] = s
+    S, E = holders_l.shape
+    c = np.where(holders_l[None, :, :], cost[:, :, None], np.inf)  # [s, D, E]
+    best = c.min(1)
+    tie = np.isclose(c, best[:, None, :]) & holders_l[None]
+    if prefer is None:
+        n_tie = tie.sum(1)  # [s, E]
+        pick = (np.arange(E)[None, :] + np.arange(S)[:, None]) % np.maximum(n_tie, 1)
+        order = np.cumsum(tie, axis=1, dtype=np.int32) - 1  # rank among tied holders
+        route = (tie & (order == pick[:, None, :])).argmax(1)
+    else:
+        mass = prefer @ holders_l.T.astype(np.float64)  # [s, D]
+        route = np.where(tie, mass[:, :, None], -1.0).argmax(1)  # first of the heaviest
+    own = np.nonzero(holders_l)
+    route[own[0], own[1]] = own[0]
     return route
 
 
-def make_placement(p: Problem, holders: np.ndarray, strategy: str, solve_s: float) -> Placement:
-    """A validated placement with nearest-holder routing."""
-    pl = Placement(holders=holders.astype(bool), route=nearest_routes(p, holders),
-                   strategy=strategy, solve_s=solve_s)
+def nearest_routes(p: Problem, holders: np.ndarray, prefer: np.ndarray | None = None
+                   ) -> np.ndarray:
+    """int [S, L, E]: `layer_routes` for every layer (`prefer` float [S, L, E] or None)."""
+    S, L, E = holders.shape
+    cost = p.call_cost()
+    route = np.empty((S, L, E), dtype=np.int64)
+    for l in range(L):
+        route[:, l] = layer_routes(cost, holders[:, l], None if prefer is None
+                                   else prefer[:, l])
+    return route
+
+
+def make_placement(p: Problem, holders: np.ndarray, strategy: str, solve_s: float,
+                   route: np.ndarray | None = None) -> Placement:
+    """A validated placement; nearest-holder routing unless `route` is given."""
+    if route is None:
+        route = nearest_routes(p, holders)
+    pl = Placement(holders=holders.astype(bool), route=route, strategy=strategy,
+                   solve_s=solve_s)
     validate_placement(p, pl)
     return pl
 
 
+def set_costs(cost: np.ndarray, fan: np.ndarray, s: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """float [R]: slowest call plus one `fan` per distinct remote destination of each row.
+
+    s int [R] origins, d int [R, K] the server each expert of the row is called on.
+    """
+    ss = s[:, None]
+    slowest = cost[ss, d].max(1)
+    d = np.sort(d, axis=1)
+    first = np.ones(d.shape, dtype=bool)
+    first[:, 1:] = d[:, 1:] != d[:, :-1]
+    return slowest + (fan[ss, d] * first).sum(1)
+
+
 def sample_costs(p: Problem, route: np.ndarray) -> np.ndarray:
-    """float [R]: for each co-activation sample, the cost of its slowest remote call."""
+    """float [R]: for each co-activation sample, its slowest remote call plus fan-out."""
     if len(p.sample_server) == 0:
         return np.zeros(0)
-    cost = p.call_cost()
-    s = p.sample_server[:, None]
-    d = route[s, p.sample_layer[:, None], p.sample_sets]  # [R, K]
-    return cost[s, d].max(1)
+    s = p.sample_server
+    d = route[s[:, None], p.sample_layer[:, None], p.sample_sets]  # [R, K]
+    return set_costs(p.call_cost(), p.fanout_cost(), s, d)
 
 
 def objective(p: Problem, pl: Placement) -> float:
