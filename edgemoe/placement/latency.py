@@ -180,7 +180,7 @@ class LatencyAware:
 
     name = "edgemoe"
 
-    def __init__(self, sweeps: int = 2, search_work: float = 4e6,
+    def __init__(self, sweeps: int = 2, search_work: float = 4e6, sweep_work: float = 3e7,
                  multistart_max: int = 2048, set_order: bool = False, priced: bool = True,
                  bisect_steps: int = 6, want_samples: int = 2000,
                  priced_max_servers: int = 16, gather_routes: bool = True) -> None:
@@ -192,6 +192,7 @@ class LatencyAware:
         self.bisect_steps = bisect_steps
         self.sweeps = sweeps
         self.search_work = search_work
+        self.sweep_work = sweep_work
         self.multistart_max = multistart_max
 
     def _server_holdings(self, problem: Problem, s: int, required: np.ndarray,
@@ -326,13 +327,13 @@ class LatencyAware:
         self._weights = problem.sample_weights()
         self._by_layer = [np.flatnonzero(problem.sample_layer == l) for l in range(L)]
         small = self.multistart_max >= S * L * E
-        self._work = float(self.search_work)  # the sweeps get one work budget of their own
         starts = []
         if self.priced and self.priced_max_servers >= S:
             starts.append(self._sweep(problem, self._solve_priced(problem)))
         if small or not starts:
             starts.append(self._sweep(problem, self._sequential(problem)))
-        starts.append(Layers().place(problem).holders)  # whole layers: few destinations
+        # whole layers per server: few destinations; its sweep fills the spare slots
+        starts.append(self._sweep(problem, Layers().place(problem).holders))
         # one work budget (sample rows evaluated) for all polishing below: deterministic,
         # unlike a wall-clock limit
         self._work = float(self.search_work)
@@ -404,23 +405,29 @@ class LatencyAware:
 
     def _sweep(self, problem: Problem, holders: np.ndarray) -> np.ndarray:
         """Coordinate descent: each server re-solves given the others (keeping the experts only
-        it holds), kept when the total objective improves."""
+        it holds), kept when the total objective improves. Each start's sweeps get a work
+        budget of their own (`sweep_work` sample rows evaluated)."""
         S = problem.num_servers
         slots = problem.slots
+        self._work = float(self.sweep_work)
         self._by_layer = [np.flatnonzero(problem.sample_layer == l)
                           for l in range(problem.num_layers)]
-        current = self._total(problem, holders)
+        L = problem.num_layers
+        layer_cost = np.array([self._layer_cost(problem, holders[:, l], l) for l in range(L)])
         for _ in range(self.sweeps):
             improved = False
             for s in np.lexsort((np.arange(S), slots)):
                 if self._work <= 0:  # large instances: the budget ends the sweeps
                     return holders
                 others = np.delete(holders, s, axis=0).any(0)
+                new = self._server_holdings(problem, s, ~others, int(slots[s]))
+                changed = np.flatnonzero((new != holders[s]).any(1))  # only these layers move
                 trial = holders.copy()
-                trial[s] = self._server_holdings(problem, s, ~others, int(slots[s]))
-                v = self._total(problem, trial)
-                if v < current - 1e-15:
-                    holders, current, improved = trial, v, True
+                trial[s] = new
+                v = np.array([self._layer_cost(problem, trial[:, l], l) for l in changed])
+                if len(changed) and v.sum() < layer_cost[changed].sum() - 1e-15:
+                    holders, improved = trial, True
+                    layer_cost[changed] = v
             if not improved:
                 break
         return holders
