@@ -410,8 +410,8 @@ class LatencyAware:
         S = problem.num_servers
         slots = problem.slots
         self._work = float(self.sweep_work)
-        self._by_layer = [np.flatnonzero(problem.sample_layer == l)
-                          for l in range(problem.num_layers)]
+        if self._eval_work(problem) > self._work:  # not even one evaluation fits the budget
+            return holders
         L = problem.num_layers
         layer_cost = np.array([self._layer_cost(problem, holders[:, l], l) for l in range(L)])
         for _ in range(self.sweeps):
@@ -431,6 +431,11 @@ class LatencyAware:
             if not improved:
                 break
         return holders
+
+    def _eval_work(self, problem: Problem) -> float:
+        """Work units `_layer_cost` charges for evaluating every layer once."""
+        S, L, E = problem.num_servers, problem.num_layers, problem.num_experts
+        return float(len(problem.sample_server) + L * (S * S * E + 2000))
 
     def _total(self, problem: Problem, holders: np.ndarray) -> float:
         return sum(self._layer_cost(problem, holders[:, l], l) for l in range(holders.shape[1]))
@@ -454,7 +459,8 @@ class LatencyAware:
         lacks; exchange: servers s and t trade one expert each (moves sole copies).
         """
         S, L, E = holders.shape
-        self._by_layer = [np.flatnonzero(problem.sample_layer == l) for l in range(L)]
+        if self._eval_work(problem) > self._work:  # not even one evaluation fits the budget
+            return holders
         layer_cost = np.array([self._layer_cost(problem, holders[:, l], l) for l in range(L)])
         improved = True
         while improved and self._work > 0:

@@ -206,17 +206,22 @@ def layer_routes(cost: np.ndarray, holders_l: np.ndarray,
     gather on few servers (fewer messages).
     """
     S, E = holders_l.shape
-    c = np.where(holders_l[None, :, :], cost[:, :, None], np.inf)  # [s, D, E]
-    best = c.min(1)
-    tie = np.isclose(c, best[:, None, :]) & holders_l[None]
     if prefer is None:
+        c = np.where(holders_l[None, :, :], cost[:, :, None], np.inf)  # [s, D, E]
+        best = c.min(1)
+        tie = np.isclose(c, best[:, None, :]) & holders_l[None]
         n_tie = tie.sum(1)  # [s, E]
         pick = (np.arange(E)[None, :] + np.arange(S)[:, None]) % np.maximum(n_tie, 1)
         order = np.cumsum(tie, axis=1, dtype=np.int32) - 1  # rank among tied holders
         route = (tie & (order == pick[:, None, :])).argmax(1)
-    else:
+    else:  # one preference order of holders per caller: cost (to 10 ns), mass, index
         mass = prefer @ holders_l.T.astype(np.float64)  # [s, D]
-        route = np.where(tie, mass[:, :, None], -1.0).argmax(1)  # first of the heaviest
+        level = np.round(np.asarray(cost, dtype=np.float64) * 1e8)
+        d = np.broadcast_to(np.arange(S), (S, S))
+        order = np.lexsort((d, -mass, level), axis=-1)
+        rank = np.empty((S, S), dtype=np.int32)
+        np.put_along_axis(rank, order, d.astype(np.int32), axis=-1)
+        route = np.where(holders_l[None, :, :], rank[:, :, None], S).argmin(1)
     own = np.nonzero(holders_l)
     route[own[0], own[1]] = own[0]
     return route
