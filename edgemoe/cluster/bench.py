@@ -166,7 +166,8 @@ def spread(nodes: int, seed: int, crash_at: float = 6.0, duration: float = 0.0) 
 
 def join(nodes: int, seed: int) -> dict[str, Any]:
     """All `nodes` join through seeds within 1 s: gossip rounds from the last start until every
-    node sees every other alive."""
+    node sees every other alive; messages per node until then, and how many of them were
+    full-state push-pulls (join sync and its replies, periodic anti-entropy)."""
     sc = Scenario(nodes=nodes, seed=seed, duration=60.0, layers=2, experts=4, check_every=0.1)
     net = SimNet(sc)
     while net.converged_at is None and net.step():
@@ -178,6 +179,8 @@ def join(nodes: int, seed: int) -> dict[str, Any]:
         "seed": seed,
         "join_rounds": (conv - net.last_start) / gi if conv is not None else None,
         "msgs_per_node_s": net.messages / nodes / max(net.now, 1e-9),
+        "msgs_per_node": net.messages / nodes,
+        "push_pulls_per_node": net.sent_by_type.get("PushPull", 0) / nodes,
     }
 
 

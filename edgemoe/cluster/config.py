@@ -38,6 +38,17 @@ class ClusterConfig:
     max_piggyback: int = 24
     # Full-state anti-entropy with one random peer (also the path by which partitions re-merge).
     push_pull_interval: float = 30.0
+    # Join sync: once its view has grown after start, a node sends its member table to a random
+    # live peer every join_sync_interval (the peer answers with its full state), so views merge
+    # and knowledge doubles per interval when many nodes join at once (piggybacking alone
+    # moves max_piggyback items per message). Lower converges a mass join in fewer seconds at
+    # the cost of more full-state messages while it lasts.
+    join_sync_interval: float = 0.2
+    # Each check that finds the view unchanged doubles the interval; after this many such
+    # checks in a row the phase ends (the periodic push-pull takes over). Each one costs a node
+    # one full-state exchange after its view settled; fewer risk leaving a node that missed a
+    # few members waiting for gossip or the periodic push-pull.
+    join_sync_backoffs: int = 3
     # Dead members are still gossiped to for this long (lets a wrongly-declared node refute).
     gossip_to_dead: float = 30.0
     # Consensus: a proposer that has not heard a quorum within this time retries with a

@@ -4,6 +4,18 @@ Probes one member per protocol period, asks `indirect_checks` peers to probe on 
 suspects a member that stays silent, and declares it dead when the suspicion timeout (which
 shrinks with independent confirmations) runs out unless it refutes with a higher incarnation.
 State changes spread as piggybacked items and by periodic push-pull of the full table.
+
+Join sync: piggybacking moves at most `max_piggyback` items per message, so when N nodes join
+at once through a few seeds, N fresh records crowd every queue and the periodic push-pull
+(tens of seconds) is what finally fills the gaps. A node that has just started and whose view
+has grown since (the join's reply) therefore sends its member table to a random live peer
+every `join_sync_interval`; the peer merges it and answers with its full state (the normal
+push-pull reply), so the two views become their union and knowledge roughly doubles per
+interval: a mass join converges in O(log N) rounds. Checks that find the view unchanged double
+the interval (a node that misses a few members still pulls them from its next peer), and after
+`join_sync_backoffs` of them in a row the phase ends. A node joining a settled cluster does a
+few such exchanges and stops; one that started with a static member list (`preload`) and
+learned nothing new does none.
 """
 
 from __future__ import annotations
@@ -16,7 +28,17 @@ from dataclasses import dataclass, field
 from edgemoe.cluster.config import ClusterConfig
 from edgemoe.cluster.dissemination import BroadcastQueue
 from edgemoe.cluster.effects import MemberAlive, MemberDead, MemberSuspect
-from edgemoe.cluster.messages import Ack, Alive, Dead, Gossip, Item, Ping, PingReq, Suspect
+from edgemoe.cluster.messages import (
+    Ack,
+    Alive,
+    Dead,
+    Gossip,
+    Item,
+    Ping,
+    PingReq,
+    PushPull,
+    Suspect,
+)
 from edgemoe.cluster.outbox import Outbox
 
 ALIVE, SUSPECT, DEAD, LEFT = "alive", "suspect", "dead", "left"
@@ -80,6 +102,10 @@ class Membership:
         self._suspicions: dict[str, _Suspicion] = {}
         self._next_probe = 0.0
         self._next_gossip = 0.0
+        self._sync_at = math.inf  # next join-sync check; inf before start and after the phase
+        self._sync_idle = 0  # join-sync checks in a row that found the view unchanged
+        self._sync_base = 1  # members known at start: the phase syncs once the view grew
+        self._sync_known = 1  # members known at the previous join-sync check
         self._live = 1
         self._alive_ids = [node_id]
         self.changes = 0  # bumped whenever the live set or a capacity may have changed
@@ -130,9 +156,12 @@ class Membership:
         self.queue.push(("m", self.node_id), self.record(self.members[self.node_id]))
         self._next_probe = now + self.rng.uniform(0, self.config.probe_interval)
         self._next_gossip = now + self.rng.uniform(0, self.config.gossip_interval)
+        self._sync_base = self._sync_known = len(self.members)
+        self._sync_idle = 0
+        self._sync_at = now + self.config.join_sync_interval
 
     def next_deadline(self) -> float:
-        t = min(self._next_probe, self._next_gossip)
+        t = min(self._next_probe, self._next_gossip, self._sync_at)
         p = self._probe
         if p is not None and not p.acked:  # an acked probe has no timer left
             t = min(t, p.end_at if p.indirect else p.timeout_at)
@@ -159,6 +188,8 @@ class Membership:
         if now >= self._next_gossip:
             self._next_gossip = now + self.config.gossip_interval
             self._gossip(now, out)
+        if now >= self._sync_at:
+            self._join_sync(now, out)
 
     def _scale(self) -> int:
         return self.awareness + 1
@@ -229,6 +260,23 @@ class Membership:
             if not items:
                 break
             out.send(target, Gossip(self.node_id, self.epoch, tuple(items)))
+
+    def _join_sync(self, now: float, out: Outbox) -> None:
+        """After start, merge tables with a random live peer every join_sync_interval, backing
+        off while the view stays unchanged (see the module docstring)."""
+        known = len(self.members)
+        self._sync_idle = 0 if known != self._sync_known else self._sync_idle + 1
+        self._sync_known = known
+        if self.leaving or self._sync_idle > self.config.join_sync_backoffs:
+            self._sync_at = math.inf
+            return
+        self._sync_at = now + self.config.join_sync_interval * 2**self._sync_idle
+        peers = [n for n in self._alive_ids if n != self.node_id]
+        if known > self._sync_base and peers:
+            # member records only: versioned state is the node's and keeps to its gossip and
+            # periodic push-pull; the peer's reply is a full push-pull as usual
+            msg = PushPull(self.node_id, False, self.full_state(), (), self.epoch)
+            out.send(self.rng.choice(peers), msg)
 
     def piggyback(self) -> tuple[Item, ...]:
         return tuple(self.queue.take(self.config.max_piggyback))

@@ -49,9 +49,11 @@ def test_checker_catches_drops_on_stale_announcements(monkeypatch: pytest.Monkey
     """With the epoch stamp ignored (the bug the property tests found), nodes trust each
     other's stale holdings and drop last copies; the checker counts it, and the run is clean
     with the rule in place."""
+    # a seed on which the reverted rule drops a last copy (seeds 5, 17, 30, 38 of 1..39 do;
+    # the seed moves whenever the cores draw their randomness differently)
     sc = Scenario(
         nodes=8,
-        seed=12,
+        seed=5,
         duration=40.0,
         loss=0.1,
         partitions=((5.0, 15.0, ((0, 1, 2), (3, 4, 5, 6, 7))),),
