@@ -45,42 +45,40 @@ def _print_run(doc: dict[str, Any]) -> None:
         console.print(f"[red]{e}[/red]")
 
 
-def _print_sweep(doc: dict[str, Any]) -> None:
-    from rich.console import Console
+def _table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> Any:
     from rich.table import Table
 
+    t = Table(title=title)
+    for col in columns:
+        t.add_column(col, justify="right")
+    for row in rows:
+        t.add_row(*row)
+    return t
+
+
+def _print_sweep(doc: dict[str, Any]) -> None:
+    from rich.console import Console
+
     console = Console()
-    t = Table(title="membership: one crash in a converged cluster")
-    for col in ("N", "log2 N", "detect s", "spread rounds", "msgs/node/s"):
-        t.add_column(col, justify="right")
-    for r in doc["membership"]:
-        t.add_row(
-            str(r["nodes"]),
-            _fmt(r["log2_n"]),
-            _fmt(r["detect_s"]),
-            _fmt(r["spread_rounds"]),
-            _fmt(r["msgs_per_node_s"]),
-        )
-    console.print(t)
-    t = Table(title="membership: everyone joins through seeds within 1 s")
-    for col in ("N", "rounds to converge", "msgs/node/s"):
-        t.add_column(col, justify="right")
-    for r in doc["join"]:
-        t.add_row(str(r["nodes"]), _fmt(r["join_rounds"]), _fmt(r["msgs_per_node_s"]))
-    console.print(t)
-    t = Table(title="consensus, 8 nodes, one crash (mean over seeds)")
-    for col in ("loss", "decide s mean", "decide s max", "msgs/epoch", "re-place s", "violations"):
-        t.add_column(col, justify="right")
-    for r in doc["consensus"]:
-        t.add_row(
-            f"{r['loss']:.0%}",
-            _fmt(r["decide_s_mean"]),
-            _fmt(r["decide_s_max"]),
-            _fmt(r["consensus_msgs_per_epoch"]),
-            _fmt(r["replace_s_mean"]),
-            str(r["violations_total"]),
-        )
-    console.print(t)
+    console.print(_table(
+        "membership: one crash in a converged cluster",
+        ("N", "log2 N", "detect s", "spread rounds", "msgs/node/s"),
+        [(str(r["nodes"]), _fmt(r["log2_n"]), _fmt(r["detect_s"]), _fmt(r["spread_rounds"]),
+          _fmt(r["msgs_per_node_s"])) for r in doc["membership"]],
+    ))  # fmt: skip
+    console.print(_table(
+        "membership: everyone joins through seeds within 1 s",
+        ("N", "rounds to converge", "msgs/node/s"),
+        [(str(r["nodes"]), _fmt(r["join_rounds"]), _fmt(r["msgs_per_node_s"]))
+         for r in doc["join"]],
+    ))  # fmt: skip
+    console.print(_table(
+        "consensus, 8 nodes, one crash (mean over seeds)",
+        ("loss", "decide s mean", "decide s max", "msgs/epoch", "re-place s", "violations"),
+        [(f"{r['loss']:.0%}", _fmt(r["decide_s_mean"]), _fmt(r["decide_s_max"]),
+          _fmt(r["consensus_msgs_per_epoch"]), _fmt(r["replace_s_mean"]),
+          str(r["violations_total"])) for r in doc["consensus"]],
+    ))  # fmt: skip
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
