@@ -172,6 +172,9 @@ def test_demo_is_interrupted_cleanly_by_sigint(tmp_path: Path) -> None:
         [sys.executable, "-m", "edgemoe.cli", "demo", "--nodes", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "COLUMNS": "160"},
+        # as from a terminal: a shell running the suite as a background job ignores SIGINT,
+        # and the child would inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     assert proc.stdout is not None
     lines: list[str] = []
