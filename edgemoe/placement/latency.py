@@ -15,26 +15,31 @@ Algorithm (all vectorised with numpy):
 2. Per server, an exact dynamic programme over layers picks n_l (sum <= capacity) maximising
    sum_l f[l, n_l]: it concentrates memory on layers it can make fully local instead of
    spreading it thin (the knapsack over non-concave curves that a per-layer quota misses).
-3. Coverage prices (clusters up to `priced_max_servers`). Every expert must be held once, so
-   only sum(slots) - L*E copies can be duplicates: that scarce budget is what couples servers.
-   Each server picks its own sets with the order of `_set_rank` (whole co-activated sets
-   first); a copy another server also wants costs a price lambda; the smallest lambda whose
-   wants leave room for every orphan (expert nobody wants) is found by bisection. Orphans go
-   to the server with room that uses them most, spare slots to each server's most used.
-4. Otherwise (and as a second start on small instances) a sequential pass: servers in
-   ascending capacity choose freely; a server takes uncovered experts when the servers after
-   it cannot hold them all; the last covers the rest.
-5. Coordinate descent sweeps: each server re-solves its DP given the others (its "must keep"
-   set = experts nobody else holds), kept only if the total objective improves. Small
-   instances also try pair moves (two servers choose again in both orders) and polish the
-   baselines' placements; then a local search (replace, relocate, exchange) on the exact
-   objective. All search is bounded by a count of evaluated sample rows, not by wall-clock
-   time, so every node computes the same placement.
+3. Starts. (a) Coverage prices (clusters up to `priced_max_servers`): every expert must be
+   held once, so only sum(slots) - L*E copies can be duplicates, and that scarce budget is
+   what couples servers. Each server picks its own sets with the order of `_set_rank` (whole
+   co-activated sets first); a copy another server also wants costs a price lambda; the
+   smallest lambda whose wants leave room for every orphan (expert nobody wants) is found by
+   bisection. Orphans go to the server with room that uses them most. (b) Small instances: a
+   sequential pass (servers in ascending capacity choose freely; one takes uncovered experts
+   when the servers after it cannot hold them all; the last covers the rest). (c) The
+   `layers` placement, so the result is never worse than `layers` on the objective. (d) Whole
+   layers (`_whole_layers`): each layer on the one server its callers reach most cheaply, so a
+   remote (token, layer) sends one message; on the DeepSeek-V3 shape at 64 servers this start
+   alone is 0.81x `layers` on the objective. The priced start costs ~7 s at 16 servers and
+   lost to (d) there, hence the default limit of 8.
+4. Coordinate descent sweeps, best start first: each server re-solves its DP given the others
+   (its "must keep" set = experts nobody else holds), kept only if the total objective
+   improves; a re-solve with unchanged inputs is not repeated. Small instances also try pair
+   moves (two servers choose again in both orders) and polish the baselines' placements; then
+   a first-improvement local search (add, relocate, replace, exchange) on the exact objective.
+5. Evaluation is incremental (`layer_costs.LayerCosts`): a move re-routes its layers and
+   re-costs only the sample rows whose route changed. All search is bounded by counted work
+   units (`sweep_work`, `search_work`), not by wall-clock time, so every node recomputes the
+   same placement; the defaults keep 64 servers of DeepSeek-V3 shape under 2 s here.
 6. Routing: nearest holder; a tie goes to the holder with most of the caller's activations
    in that layer (`layer_routes` with `prefer`), so a token's remote experts gather on few
    servers: the objective charges every distinct destination (fan-out, see `problem`).
-7. The `layers` placement (whole layers per server: few destinations) is one more start, so
-   the result is never worse than `layers` on the objective.
 
 Migration (`migrate`): the objective decomposes by layer, so each layer's new holdings can be
 adopted separately; layers are taken in order of gain per byte while the gain over the horizon
@@ -44,18 +49,19 @@ outweighs the link time the copy costs and capacities hold.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
+from edgemoe.placement.layer_costs import LayerCosts
 from edgemoe.placement.layers import Layers
 from edgemoe.placement.problem import (
     Placement,
     Problem,
-    layer_routes,
     make_placement,
     nearest_routes,
     sample_costs,
-    set_costs,
 )
 
 
@@ -151,7 +157,12 @@ def _dp(f: np.ndarray, lo: np.ndarray, capacity: int,
     """
     L, E1 = f.shape
     v = f if value is None else value
-    C = int(min(capacity, L * (E1 - 1)))
+    lo = np.asarray(lo, dtype=np.int64)
+    # the DP runs over capacity beyond the required minimum: n_l - lo_l (exact, and far smaller
+    # when most of a server's slots hold experts only it has)
+    C = int(min(capacity, L * (E1 - 1))) - int(lo.sum())
+    if C < 0:
+        raise ValueError("required experts exceed the server's capacity")
     neg = -np.inf
     best = np.full(C + 1, neg)
     best[0] = 0.0
@@ -159,20 +170,27 @@ def _dp(f: np.ndarray, lo: np.ndarray, capacity: int,
     cs = np.arange(C + 1)
     for l in range(L):
         rises = np.flatnonzero(np.diff(f[l]) > 0) + 1
-        cand = np.unique(np.concatenate([[lo[l]], rises[rises > lo[l]]]))
-        prev = cs[:, None] - cand[None, :]  # [C+1, n_cand]
+        cand = np.unique(np.concatenate([[lo[l]], rises[(rises > lo[l]) & (rises <= lo[l] + C)]]))
+        prev = cs[:, None] - (cand - lo[l])[None, :]  # [C+1, n_cand]
         tot = np.where(prev >= 0, best[np.maximum(prev, 0)], neg) + v[l, cand][None, :]
         j = np.argmax(tot, axis=1)
         best = tot[cs, j]
         choice[l] = cand[j]
     c = int(np.argmax(best))
-    if best[c] == neg:
-        raise ValueError("required experts exceed the server's capacity")
     n = np.zeros(L, dtype=np.int64)
     for l in range(L - 1, -1, -1):
         n[l] = choice[l, c]
-        c -= int(n[l])
+        c -= int(n[l] - lo[l])
     return n
+
+
+def _flip(holders: np.ndarray, flips: tuple[tuple[int, int, int, bool], ...]
+          ) -> dict[int, np.ndarray]:
+    """{layer: new holders [S, E]} after setting holders[s, l, e] = v for each flip."""
+    out: dict[int, np.ndarray] = {}
+    for s, l, e, v in flips:
+        out.setdefault(l, holders[:, l].copy())[s, e] = v
+    return out
 
 
 class LatencyAware:
@@ -180,10 +198,10 @@ class LatencyAware:
 
     name = "edgemoe"
 
-    def __init__(self, sweeps: int = 2, search_work: float = 4e6, sweep_work: float = 3e7,
+    def __init__(self, sweeps: int = 2, search_work: float = 2e6, sweep_work: float = 2e6,
                  multistart_max: int = 2048, set_order: bool = False, priced: bool = True,
                  bisect_steps: int = 6, want_samples: int = 2000,
-                 priced_max_servers: int = 16, gather_routes: bool = True) -> None:
+                 priced_max_servers: int = 8, gather_routes: bool = True) -> None:
         self.gather_routes = gather_routes
         self.priced_max_servers = priced_max_servers
         self.want_samples = want_samples
@@ -308,14 +326,17 @@ class LatencyAware:
 
     def place(self, problem: Problem) -> Placement:
         t0 = time.perf_counter()
-        holders = self._solve(problem)
-        return make_placement(problem, holders, self.name, time.perf_counter() - t0,
-                              self._routes(problem, holders))
+        # many small matrix products: BLAS threads only add hand-offs (on a loaded 2-core box
+        # a 64 x 256 product took 11 ms with two threads, 0.15 ms with one)
+        with threadpool_limits(limits=1, user_api="blas"):
+            best = self._solve(problem)
+        return make_placement(problem, best.holders, self.name, time.perf_counter() - t0,
+                              best.route)
 
     def _routes(self, problem: Problem, holders: np.ndarray) -> np.ndarray:
         return nearest_routes(problem, holders, problem.counts if self.gather_routes else None)
 
-    def _solve(self, problem: Problem) -> np.ndarray:
+    def _solve(self, problem: Problem) -> LayerCosts:
         S, L, E = problem.num_servers, problem.num_layers, problem.num_experts
         cost = self._cost = problem.call_cost()
         self._fan = problem.fanout_cost()
@@ -325,32 +346,68 @@ class LatencyAware:
             [(cost + self._fan)[s][np.arange(S) != s].min() if S > 1 else 0.0
              for s in range(S)])
         self._weights = problem.sample_weights()
-        self._by_layer = [np.flatnonzero(problem.sample_layer == l) for l in range(L)]
         small = self.multistart_max >= S * L * E
-        starts = []
+        holders = []
         if self.priced and self.priced_max_servers >= S:
-            starts.append(self._sweep(problem, self._solve_priced(problem)))
-        if small or not starts:
-            starts.append(self._sweep(problem, self._sequential(problem)))
-        # whole layers per server: few destinations; its sweep fills the spare slots
-        starts.append(self._sweep(problem, Layers().place(problem).holders))
-        # one work budget (sample rows evaluated) for all polishing below: deterministic,
-        # unlike a wall-clock limit
+            holders.append(self._solve_priced(problem))
+        if small:
+            holders.append(self._sequential(problem))
+        # whole layers per server (few destinations); their sweeps fill the spare slots
+        holders += [Layers().place(problem).holders, self._whole_layers(problem)]
+        # one work budget for the sweeps and one for the local search, spent on the best start
+        # first: deterministic, unlike a wall-clock limit
+        starts = sorted((self._costs(problem, h) for h in holders), key=lambda ev: ev.total)
+        self._work = float(self.sweep_work)
+        for ev in starts:
+            self._sweep(problem, ev)
+        starts.sort(key=lambda ev: ev.total)
         self._work = float(self.search_work)
-        if small and self._work > 0:
-            starts = [self._pairs(problem, h) for h in starts]
-        if self._work > 0:
-            starts = [self._local_search(problem, h) for h in starts]
-            if small:  # small instances: also polish the baselines' placements
-                from edgemoe.placement.dancemoe import DanceMoE
-                from edgemoe.placement.eplb import Eplb
+        if small:
+            for ev in starts:
+                self._pairs(problem, ev)
+            starts.sort(key=lambda ev: ev.total)
+        for ev in starts:
+            self._local_search(problem, ev)
+        if small and self._work > 0:  # small instances: also polish the baselines' placements
+            from edgemoe.placement.dancemoe import DanceMoE
+            from edgemoe.placement.eplb import Eplb
 
-                starts += [self._local_search(problem, other.place(problem).holders)
-                           for other in (DanceMoE(), Eplb())]
-        if len(starts) == 1:
-            return starts[0]
-        values = [self._total(problem, h) for h in starts]
+            for other in (DanceMoE(), Eplb()):
+                ev = self._costs(problem, other.place(problem).holders)
+                self._local_search(problem, ev)
+                starts.append(ev)
+        values = [ev.total for ev in starts]
         return starts[int(np.argmin(values))]  # first of the best: deterministic
+
+    def _costs(self, problem: Problem, holders: np.ndarray) -> LayerCosts:
+        return LayerCosts(problem, holders, self._weights, self._prefer)
+
+    def _whole_layers(self, problem: Problem) -> np.ndarray:
+        """Each layer whole on one server wherever one has room, so a remote (token, layer)
+        sends one message; the layer goes to the server the others reach most cheaply (most
+        free slots on ties, which spreads layers evenly). A layer that fits nowhere whole
+        fills the freest servers in expert order. Spare slots are left to the sweep.
+        """
+        S, L, E = problem.num_servers, problem.num_layers, problem.num_experts
+        w = np.bincount(problem.sample_server, self._weights, minlength=S)
+        reach = w @ (self._cost + self._fan)  # [S]: what one layer held there costs callers
+        free = problem.slots.copy()
+        holders = np.zeros((S, L, E), dtype=bool)
+        for l in range(L):
+            room = np.flatnonzero(free >= E)
+            if len(room):
+                s = int(room[np.lexsort((room, -free[room], np.round(reach[room] * 1e9)))[0]])
+                holders[s, l] = True
+                free[s] -= E
+                continue
+            e = 0
+            while e < E:
+                s = int(np.argmax(free))
+                n = int(min(free[s], E - e))
+                holders[s, l, e:e + n] = True
+                free[s] -= n
+                e += n
+        return holders
 
     def _sequential(self, problem: Problem, order: np.ndarray | None = None,
                     fixed: np.ndarray | None = None) -> np.ndarray:
@@ -382,150 +439,109 @@ class LatencyAware:
             holders[s] = h
         return holders
 
-    def _pairs(self, problem: Problem, holders: np.ndarray) -> np.ndarray:
+    def _pairs(self, problem: Problem, ev: LayerCosts) -> None:
         """Large-neighbourhood moves: two servers drop everything and choose again in both
         orders, the others fixed (they can swap whole responsibilities, which single-server
         moves cannot); kept when the total objective improves."""
         S = problem.num_servers
-        current = self._total(problem, holders)
+        end = ev.work + self._work
         for _ in range(self.sweeps + 1):
             improved = False
             for s in range(S):
                 for t in range(s + 1, S):
                     for pair in ((s, t), (t, s)):
-                        if self._work <= 0:
-                            return holders
-                        trial = self._sequential(problem, np.array(pair), holders)
-                        v = self._total(problem, trial)
-                        if v < current - 1e-15:
-                            holders, current, improved = trial, v, True
+                        if ev.work >= end:
+                            self._work = 0.0
+                            return
+                        trial = self._sequential(problem, np.array(pair), ev.holders)
+                        changed = np.flatnonzero((trial != ev.holders).any((0, 2)))
+                        improved |= ev.improve({l: trial[:, l] for l in changed})
             if not improved:
                 break
-        return holders
+        self._work = end - ev.work
 
-    def _sweep(self, problem: Problem, holders: np.ndarray) -> np.ndarray:
+    def _sweep(self, problem: Problem, ev: LayerCosts) -> None:
         """Coordinate descent: each server re-solves given the others (keeping the experts only
-        it holds), kept when the total objective improves. Each start's sweeps get a work
-        budget of their own (`sweep_work` sample rows evaluated)."""
+        it holds), kept when the total objective improves; within the shared budget."""
         S = problem.num_servers
         slots = problem.slots
-        self._work = float(self.sweep_work)
-        if self._eval_work(problem) > self._work:  # not even one evaluation fits the budget
-            return holders
-        L = problem.num_layers
-        layer_cost = np.array([self._layer_cost(problem, holders[:, l], l) for l in range(L)])
+        end = ev.work + self._work
+        solved: dict[tuple[int, bytes], np.ndarray] = {}  # a server's choice given its required
         for _ in range(self.sweeps):
             improved = False
             for s in np.lexsort((np.arange(S), slots)):
-                if self._work <= 0:  # large instances: the budget ends the sweeps
-                    return holders
-                others = np.delete(holders, s, axis=0).any(0)
-                new = self._server_holdings(problem, s, ~others, int(slots[s]))
-                changed = np.flatnonzero((new != holders[s]).any(1))  # only these layers move
-                trial = holders.copy()
-                trial[s] = new
-                v = np.array([self._layer_cost(problem, trial[:, l], l) for l in changed])
-                if len(changed) and v.sum() < layer_cost[changed].sum() - 1e-15:
-                    holders, improved = trial, True
-                    layer_cost[changed] = v
+                if ev.work >= end:  # large instances: the budget ends the sweeps
+                    self._work = 0.0
+                    return
+                required = ~np.delete(ev.holders, s, axis=0).any(0)
+                key = (int(s), np.packbits(required).tobytes())
+                if key not in solved:
+                    solved[key] = self._server_holdings(problem, s, required, int(slots[s]))
+                    ev.work += problem.num_layers * problem.num_experts  # ~ its DP
+                new = solved[key]
+                changed = np.flatnonzero((new != ev.holders[s]).any(1))
+                trials = {l: ev.holders[:, l].copy() for l in changed}
+                for l, h in trials.items():
+                    h[s] = new[l]
+                improved |= ev.improve(trials)
             if not improved:
                 break
-        return holders
+        self._work = max(end - ev.work, 0.0)
 
-    def _eval_work(self, problem: Problem) -> float:
-        """Work units `_layer_cost` charges for evaluating every layer once."""
-        S, L, E = problem.num_servers, problem.num_layers, problem.num_experts
-        return float(len(problem.sample_server) + L * (S * S * E + 2000))
-
-    def _total(self, problem: Problem, holders: np.ndarray) -> float:
-        return sum(self._layer_cost(problem, holders[:, l], l) for l in range(holders.shape[1]))
-
-    def _layer_cost(self, problem: Problem, holders_l: np.ndarray, l: int) -> float:
-        """Weighted sample cost of layer l given its holders bool [S, E] (nearest holder)."""
-        idx = self._by_layer[l]
-        self._work -= len(idx) + holders_l.size * len(holders_l) + 2000  # ~ numpy call overhead
-        if len(idx) == 0:
-            return 0.0
-        route = layer_routes(self._cost, holders_l,
-                             None if self._prefer is None else self._prefer[:, l])
-        s = problem.sample_server[idx]
-        per = set_costs(self._cost, self._fan, s, route[s[:, None], problem.sample_sets[idx]])
-        return float((per * self._weights[idx]).sum())
-
-    def _local_search(self, problem: Problem, holders: np.ndarray) -> np.ndarray:
-        """Replace and exchange moves on the exact objective, first improvement, bounded.
-
-        replace: server s drops a copy that someone else also holds and takes an expert it
-        lacks; exchange: servers s and t trade one expert each (moves sole copies).
-        """
-        S, L, E = holders.shape
-        if self._eval_work(problem) > self._work:  # not even one evaluation fits the budget
-            return holders
-        layer_cost = np.array([self._layer_cost(problem, holders[:, l], l) for l in range(L)])
+    def _local_search(self, problem: Problem, ev: LayerCosts) -> None:
+        """First-improvement local search on the exact objective within the shared budget."""
+        end = ev.work + self._work
         improved = True
-        while improved and self._work > 0:
+        while improved and ev.work < end:
             improved = False
-            for s in range(S):
-                held = np.argwhere(holders[s])
-                lacks = np.argwhere(~holders[s])
-                # most promising first: drop least used, add most used by s
-                held = held[np.argsort(problem.counts[s][held[:, 0], held[:, 1]], kind="stable")]
-                lacks = lacks[np.argsort(-problem.counts[s][lacks[:, 0], lacks[:, 1]],
-                                         kind="stable")][: 4 * E]
-                if holders[s].sum() < problem.slots[s]:  # a free slot: plain additions
-                    for li, ei in lacks:
-                        trial = holders.copy()
-                        trial[s, li, ei] = True
-                        v = self._layer_cost(problem, trial[:, li], li)
-                        if v < layer_cost[li] - 1e-15:
-                            holders, layer_cost[li], improved = trial, v, True
-                            break
-                    if improved:
-                        break
-                for lo, eo in held[: 4 * E]:
-                    sole = holders[:, lo, eo].sum() == 1
-                    free_t = [int(t) for t in np.flatnonzero(
-                        holders.reshape(S, -1).sum(1) < problem.slots) if t != s]
-                    if sole and free_t:  # relocate the sole copy to a server with room
-                        for t in free_t:
-                            trial = holders.copy()
-                            trial[s, lo, eo] = False
-                            trial[t, lo, eo] = True
-                            v = self._layer_cost(problem, trial[:, lo], lo)
-                            if v < layer_cost[lo] - 1e-15:
-                                holders, layer_cost[lo], improved = trial, v, True
-                                break
-                        if improved:
-                            break
-                    for li, ei in lacks:
-                        if self._work <= 0:
-                            return holders
-                        movable = holders[:, li, ei] & ~holders[:, lo, eo]
-                        partners = [None] if not sole else [int(t) for t in np.flatnonzero(movable)]
-                        for t in partners:
-                            trial = holders.copy()
-                            trial[s, lo, eo] = False
-                            trial[s, li, ei] = True
-                            if t is not None:  # exchange: t gives (li, ei), takes (lo, eo)
-                                trial[t, li, ei] = False
-                                trial[t, lo, eo] = True
-                                if not trial[:, li, ei].any():
-                                    continue
-                            layers = {int(lo), int(li)}
-                            new = {l: self._layer_cost(problem, trial[:, l], l) for l in layers}
-                            if sum(new.values()) < sum(layer_cost[l] for l in layers) - 1e-15:
-                                holders = trial
-                                for l, v in new.items():
-                                    layer_cost[l] = v
-                                improved = True
-                                break
-                        if improved:
-                            break
-                    if improved:
-                        break
-                if improved:
-                    break
-        return holders
+            for s in range(problem.num_servers):
+                while ev.work < end and self._improve_server(problem, ev, s, end):
+                    improved = True
+        self._work = max(end - ev.work, 0.0)
+
+    def _improve_server(self, problem: Problem, ev: LayerCosts, s: int, end: float) -> bool:
+        for changes in self._moves(problem, ev.holders, s):
+            if ev.work >= end:
+                return False
+            if ev.improve(changes):
+                return True
+        return False
+
+    def _moves(self, problem: Problem, holders: np.ndarray, s: int
+               ) -> Iterator[dict[int, np.ndarray]]:
+        """Server s's candidate moves, most promising first, as {layer: new holders [S, E]}.
+
+        add: s fills a free slot; relocate: s hands a sole copy to a server with room;
+        replace: s drops a copy someone else also holds and takes an expert it lacks;
+        exchange: s and t trade one expert each (moves sole copies). Drops go least used
+        first, additions most used by s first.
+        """
+        S, _, E = holders.shape
+        counts = problem.counts[s]
+        held, lacks = np.argwhere(holders[s]), np.argwhere(~holders[s])
+        held = held[np.argsort(counts[held[:, 0], held[:, 1]], kind="stable")][: 4 * E]
+        lacks = lacks[np.argsort(-counts[lacks[:, 0], lacks[:, 1]], kind="stable")][: 4 * E]
+        room = holders.reshape(S, -1).sum(1) < problem.slots
+
+        def moved(*flips: tuple[int, int, int, bool]) -> dict[int, np.ndarray]:
+            return _flip(holders, flips)
+
+        if room[s]:
+            for li, ei in lacks:
+                yield moved((s, li, ei, True))
+        for lo, eo in held:
+            sole = holders[:, lo, eo].sum() == 1
+            if sole:
+                for t in np.flatnonzero(room):
+                    if t != s:
+                        yield moved((s, lo, eo, False), (int(t), lo, eo, True))
+            for li, ei in lacks:
+                if not sole:
+                    yield moved((s, lo, eo, False), (s, li, ei, True))
+                    continue
+                for t in np.flatnonzero(holders[:, li, ei] & ~holders[:, lo, eo]):
+                    yield moved((s, lo, eo, False), (s, li, ei, True),
+                                (int(t), li, ei, False), (int(t), lo, eo, True))
 
     def migrate(self, problem: Problem, current: Placement, horizon_s: float,
                 bytes_weight: float = 1.0) -> Placement:

@@ -194,10 +194,11 @@ def validate_placement(p: Problem, pl: Placement) -> None:
     _need(bool(ok.all()), "a route points at a server that does not hold the expert")
 
 
-def layer_routes(cost: np.ndarray, holders_l: np.ndarray,
-                 prefer: np.ndarray | None = None) -> np.ndarray:
+def layer_routes(cost: np.ndarray, holders_l: np.ndarray, prefer: np.ndarray | None = None,
+                 experts: np.ndarray | None = None) -> np.ndarray:
     """int [S, E]: for one layer, every server calls itself if it holds e, else its cheapest
-    holder (cost [S, S], holders_l bool [S, E]).
+    holder (cost [S, S], holders_l bool [S, E]). With `experts` (int [M]) only those columns
+    are computed: int [S, M].
 
     Ties (equal link cost) are spread over holders by expert index so no single holder takes
     every call: deterministic and load-balancing in the common homogeneous case. With `prefer`
@@ -206,25 +207,39 @@ def layer_routes(cost: np.ndarray, holders_l: np.ndarray,
     gather on few servers (fewer messages).
     """
     S, E = holders_l.shape
-    if prefer is None:
-        c = np.where(holders_l[None, :, :], cost[:, :, None], np.inf)  # [s, D, E]
-        best = c.min(1)
-        tie = np.isclose(c, best[:, None, :]) & holders_l[None]
-        n_tie = tie.sum(1)  # [s, E]
-        pick = (np.arange(E)[None, :] + np.arange(S)[:, None]) % np.maximum(n_tie, 1)
-        order = np.cumsum(tie, axis=1, dtype=np.int32) - 1  # rank among tied holders
-        route = (tie & (order == pick[:, None, :])).argmax(1)
-    else:  # one preference order of holders per caller: cost (to 10 ns), mass, index
-        mass = prefer @ holders_l.T.astype(np.float64)  # [s, D]
-        level = np.round(np.asarray(cost, dtype=np.float64) * 1e8)
-        d = np.broadcast_to(np.arange(S), (S, S))
-        order = np.lexsort((d, -mass, level), axis=-1)
-        rank = np.empty((S, S), dtype=np.int32)
-        np.put_along_axis(rank, order, d.astype(np.int32), axis=-1)
-        route = np.where(holders_l[None, :, :], rank[:, :, None], S).argmin(1)
-    own = np.nonzero(holders_l)
+    cols = np.arange(E) if experts is None else np.asarray(experts, dtype=np.int64)
+    h = holders_l[:, cols]
+    route = np.broadcast_to(h.argmax(0), (S, len(cols))).copy()  # a sole holder: no choice
+    multi = np.flatnonzero(h.sum(0) > 1)
+    if len(multi):
+        route[:, multi] = _choose_holders(cost, holders_l, cols[multi], prefer)
+    own = np.nonzero(h)
     route[own[0], own[1]] = own[0]
     return route
+
+
+def _choose_holders(cost: np.ndarray, holders_l: np.ndarray, multi: np.ndarray,
+                    prefer: np.ndarray | None) -> np.ndarray:
+    """int [S, len(multi)]: `layer_routes`' choice for the experts `multi` that have several
+    holders (the expensive part: [S, S, len(multi)])."""
+    S = len(holders_l)
+    h = holders_l[:, multi]
+    if prefer is None:
+        c = np.where(h[None, :, :], cost[:, :, None], np.inf)  # [s, D, M]
+        best = c.min(1)
+        tie = np.isclose(c, best[:, None, :]) & h[None]
+        n_tie = tie.sum(1)  # [s, M]
+        pick = (multi[None, :] + np.arange(S)[:, None]) % np.maximum(n_tie, 1)
+        order = np.cumsum(tie, axis=1, dtype=np.int32) - 1  # rank among tied holders
+        return (tie & (order == pick[:, None, :])).argmax(1)
+    # one preference order of holders per caller: cost (to 10 ns), mass, index
+    mass = prefer @ holders_l.T.astype(np.float64)  # [s, D]
+    level = np.round(np.asarray(cost, dtype=np.float64) * 1e8)
+    d = np.broadcast_to(np.arange(S), (S, S))
+    order = np.lexsort((d, -mass, level), axis=-1)
+    rank = np.empty((S, S), dtype=np.int32)
+    np.put_along_axis(rank, order, d.astype(np.int32), axis=-1)
+    return np.where(h[None, :, :], rank[:, :, None], S).argmin(1)
 
 
 def nearest_routes(p: Problem, holders: np.ndarray, prefer: np.ndarray | None = None
