@@ -6,7 +6,9 @@ Messages: every (destination, message) of an `Outbox` is POSTed to the destinati
 lost update the peer set and routing; `FetchShard` runs the migration executor (pull, verify,
 load) and reports `shard_loaded`; `DropShard` frees memory the core says is safe to free.
 The placement function is an `edgemoe.placement` strategy over the members' capacities and
-activation snapshots (deterministic, so acceptors can recompute proposals).
+activation snapshots (deterministic, so acceptors can recompute proposals). The drift measure
+(`edgemoe.stats.drift`) lets the core start an epoch by itself when the members' statistics
+moved away from those the current placement was computed on.
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import msgpack
+import numpy as np
 
 from edgemoe.cluster.config import ClusterConfig
 from edgemoe.cluster.consensus import PlacementInputs, build_proposal
@@ -40,6 +45,7 @@ from edgemoe.daemon.migration import MigrationExecutor
 from edgemoe.daemon.peers import PeerError
 from edgemoe.daemon.placement_fn import ModelShape, place
 from edgemoe.daemon.wire import WireError
+from edgemoe.stats.drift import statistics_drift
 from edgemoe.stats.snapshot import ActivationSnapshot
 
 if TYPE_CHECKING:
@@ -76,9 +82,11 @@ class ClusterDriver:
             manifest.hidden_size,
         )  # fmt: skip
         self.storage = SqliteStorage(daemon.config.state_dir / "consensus.sqlite")
+        self._counts: dict[int, tuple[Any, np.ndarray | None]] = {}  # id(payload) -> counts
         self.core = Node(
             daemon.node_id, daemon.url, daemon.capacity_bytes, storage=self.storage,
-            placement=self._placement, genesis=genesis, config=config or ClusterConfig.lan(),
+            placement=self._placement, genesis=genesis, config=config or self._config(),
+            drift=self._drift,
         )  # fmt: skip
         self.migration = MigrationExecutor(daemon.local, daemon.fetch_and_load,
                                            manifest.expert_bytes)  # fmt: skip
@@ -117,6 +125,38 @@ class ClusterDriver:
         for old in [e for e in self._routes if e < inputs.epoch - 2]:
             del self._routes[old]
         return assignment
+
+    # ---- drift (called by the core when statistics, members or the epoch changed) -----------
+    def _config(self) -> ClusterConfig:
+        cfg = self.d.config
+        threshold = cfg.drift_threshold if cfg.drift_threshold < 1 else math.inf  # 1: off
+        return replace(ClusterConfig.lan(), drift_threshold=threshold,
+                       drift_min_interval=cfg.drift_min_interval)  # fmt: skip
+
+    def _drift(self, current: Mapping[str, Any], used: Mapping[str, Any]) -> float:
+        keep: dict[int, tuple[Any, np.ndarray | None]] = {}
+        value = statistics_drift(self._decoded(current, keep), self._decoded(used, keep))
+        self._counts = keep  # payloads no longer asked about are forgotten
+        self.d.metrics.drift.set(value)
+        return value
+
+    def _decoded(
+        self, payloads: Mapping[str, Any], keep: dict[int, tuple[Any, np.ndarray | None]]
+    ) -> dict[str, np.ndarray]:
+        """Counts of each payload, decoded once per payload object: the core asks again after
+        every statistics change (each node publishes every STATS_INTERVAL_S), and decoding
+        copies the co-activation reservoir too. An entry holds its payload, so its id is not
+        reused while cached."""
+        out: dict[str, np.ndarray] = {}
+        for origin, payload in payloads.items():
+            hit = self._counts.get(id(payload))
+            if hit is None or hit[0] is not payload:
+                snap = _snapshot(payload)
+                hit = (payload, snap.counts if snap is not None else None)
+            keep[id(payload)] = hit
+            if hit[1] is not None:
+                out[origin] = hit[1]
+        return out
 
     # ---- lifecycle ------------------------------------------------------------------------
     @staticmethod
@@ -259,6 +299,7 @@ class ClusterDriver:
                  value.proposer, len(value.members))  # fmt: skip
         self.d.metrics.epoch.set(value.epoch)
         self.d.metrics.epochs_decided.inc()
+        self.d.metrics.epochs_by_reason.labels(reason=value.reason).inc()
         self._spawn(self._notify_decided())
 
     async def _notify_decided(self) -> None:
@@ -345,7 +386,15 @@ class ClusterDriver:
             "placement": {
                 "epoch": cur.epoch if cur else 0,
                 "strategy": self.strategy,
+                "reason": cur.reason if cur else None,
                 "holders": dict(sorted(holders.items())),
+            },
+            "drift": {
+                "value": core.drift_now(),
+                "threshold": core.config.drift_threshold
+                if core.config.drift_threshold < math.inf
+                else None,  # off
+                "min_interval_s": core.config.drift_min_interval,
             },
             "holdings": holdings,
             "stats": stats,

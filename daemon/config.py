@@ -15,7 +15,18 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from edgemoe.cluster.config import ClusterConfig
+
 DEFAULT_PORT = 7600
+# Drift (edgemoe.stats.drift: the share of a node's expert selections that moved to other
+# experts, per layer, worst node) above which the cluster re-places by itself. Measured on the
+# DeepSeek-V2-Lite traces (shared/traces): one task against itself (5 requests against the next
+# 5, or half against half) drifts 0.02-0.08, one task against another 0.29-0.44. A node's
+# decayed counts mix old and new task linearly, so after a task change its drift is
+# (new share) x 0.29-0.44: 0.15 is crossed once a third to a half of its counts are the new
+# task, about one statistics half-life (3-5 min at 300 s), while steady noise stays at half the
+# threshold or less. 0.25 would wait 6-14 min; 1 turns drift epochs off (drift never exceeds 1).
+DEFAULT_DRIFT_THRESHOLD = 0.15
 STRATEGIES = ("uniform", "layers", "eplb", "dancemoe", "edgemoe", "optimal")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _SIZE_UNITS = {
@@ -94,6 +105,9 @@ class DaemonConfig:
     strategy: str = "edgemoe"
     log_level: str = "info"
     advertise_host: str | None = None  # address peers use to reach us; defaults to host
+    drift_threshold: float = DEFAULT_DRIFT_THRESHOLD
+    # seconds; see ClusterConfig.drift_min_interval (hysteresis against an epoch storm)
+    drift_min_interval: float = ClusterConfig.drift_min_interval
 
     @property
     def url(self) -> str:
@@ -122,6 +136,16 @@ def _coerce(key: str, value: Any) -> Any:
             return port
         if key == "capacity":
             return parse_capacity(value)
+        if key == "drift_threshold":
+            threshold = _float(value)
+            if not 0 < threshold <= 1:
+                raise ConfigError(f"drift_threshold: must be in (0, 1] (1: off), got {value!r}")
+            return threshold
+        if key == "drift_min_interval":
+            seconds = _float(value)
+            if not 0 <= seconds < float("inf"):
+                raise ConfigError(f"drift_min_interval: must be seconds >= 0, got {value!r}")
+            return seconds
         if key == "interface":
             items = _as_list(value)
             for item in items:
@@ -146,6 +170,12 @@ def _coerce(key: str, value: Any) -> Any:
         raise
     except (ValueError, TypeError):
         raise ConfigError(f"{key}: invalid value {value!r}") from None
+
+
+def _float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError
+    return float(value)
 
 
 def _as_list(value: Any) -> list[str]:

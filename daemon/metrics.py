@@ -66,6 +66,18 @@ class DaemonMetrics:
         self.epochs_decided = Counter(
             "edgemoe_placement_epochs_decided", "Placement epochs learned", registry=r
         )
+        self.epochs_by_reason = Counter(
+            "edgemoe_placement_epochs_by_reason",
+            "Placement epochs learned, per reason (genesis, membership, drift, operator, leave)",
+            ["reason"],
+            registry=r,
+        )
+        self.drift = Gauge(
+            "edgemoe_statistics_drift",
+            "Drift of the members' activation statistics from those the current placement "
+            "was computed on (0: same proportions, 1: all moved); compare drift_threshold",
+            registry=r,
+        )
         self.members_alive = Gauge("edgemoe_members_alive", "Members seen alive", registry=r)
         self.migration_bytes = Counter(
             "edgemoe_migration_bytes", "Shard bytes fetched from peers", registry=r

@@ -64,6 +64,12 @@ class ClusterConfig:
     propose_stagger: float = 0.5
     # Statistics drift above this (injected measure) starts a new epoch; inf disables.
     drift_threshold: float = math.inf
+    # Hysteresis of drift: a drift trigger fires no sooner than this long after the node
+    # learned the last decided epoch (of any reason: a fresh epoch was placed on fresh
+    # statistics and its migration is still under way). Bounds drift epochs to one per
+    # interval however noisy the workload, at the cost of following a real shift this much
+    # later; membership triggers never wait for it (lost experts must be re-placed at once).
+    drift_min_interval: float = 30.0
     # Catch-up requests to a peer whose decision log is longer: at most one per this interval.
     catchup_interval: float = 1.0
     # Migration: a fetch not confirmed within this time is reissued (maybe from another source).

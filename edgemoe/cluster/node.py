@@ -43,6 +43,8 @@ from edgemoe.cluster.outbox import Outbox
 from edgemoe.cluster.stats_map import VersionedMap
 from edgemoe.cluster.storage import Storage
 
+# (current statistics payloads, the payloads the current epoch was placed on), both per origin
+# -> how far they moved apart (compared with `ClusterConfig.drift_threshold`)
 DriftFn = Callable[[Mapping[str, Any], Mapping[str, Any]], float]
 STATS, HOLDINGS = "stats", "holdings"
 _CONSENSUS = (Prepare, Promise, Accept, Accepted, Nack, Learn, CatchUp)
@@ -91,6 +93,7 @@ class Node:
         self._trigger_reason = ""
         self._trigger_key: tuple[int, int, int] | None = None
         self._trigger_why: str | None = None
+        self._decided_at = 0.0  # when we learned the last decision (drift hysteresis)
         self._stats_changes = 0
         self._started = False
         for v in self.consensus.log:
@@ -127,11 +130,24 @@ class Node:
     def stats_snapshots(self) -> dict[str, tuple[int, Any]]:
         return {o: v for o in self.stats if (v := self.stats.get(o)) is not None}
 
+    def drift_now(self) -> float | None:
+        """Drift of the current epoch's members' statistics from those it was placed on
+        (None without a drift measure or a decided epoch). Non-members' statistics are left
+        out: a dead node's last snapshot stays in the map and must not re-place forever."""
+        cur = self.consensus.current
+        if self.drift is None or cur is None:
+            return None
+        ids = cur.member_ids()
+        used = {s.origin: s.payload for s in cur.snapshots}
+        now_stats = {o: p for o, (_, p) in self.stats_snapshots().items() if o in ids}
+        return self.drift(now_stats, used)
+
     # ---- inputs ------------------------------------------------------------------------
 
     def start(self, now: float) -> Outbox:
         out = Outbox()
         self._started = True
+        self._decided_at = now  # a (re)started node has not seen the workload settle yet
         self.membership.start(now)
         self._next_push_pull = now + self.rng.uniform(0, self.config.push_pull_interval)
         self.migration.announce(out)  # holdings (empty after a restart) at a fresh version
@@ -333,6 +349,7 @@ class Node:
             if isinstance(eff, Decided) and eff.epoch > self.migration.epoch:
                 self.migration.on_decided(eff.value)
                 self._trigger_at = None
+                self._decided_at = now
         self.membership.epoch = self.epoch
         changed = self.migration.step(now, self.routing, self.is_alive, out)
         if changed or self.routing.epoch_of(self.node_id) != self.epoch:
@@ -366,10 +383,9 @@ class Node:
             return None
         if tuple(wanted) != cur.members:
             return "membership"
-        if self.drift is not None and self.config.drift_threshold < float("inf"):
-            used = {s.origin: s.payload for s in cur.snapshots}
-            now_stats = {o: p for o, (_, p) in self.stats_snapshots().items()}
-            if self.drift(now_stats, used) > self.config.drift_threshold:
+        if self.config.drift_threshold < float("inf"):
+            drift = self.drift_now()
+            if drift is not None and drift > self.config.drift_threshold:
                 return "drift"
         return None
 
@@ -380,12 +396,17 @@ class Node:
         if reason is None:
             self._trigger_at = None
             return
-        if self._trigger_at is None:
+        if self._trigger_at is None or reason != self._trigger_reason:
+            # (re)armed when the reason changes too: a membership change must not wait out
+            # the hold of a drift trigger armed before it
             order = sorted(a for a in self.consensus.acceptors() if self.is_alive(a))
             rank = order.index(self.node_id) if self.node_id in order else len(order)
             jitter = self.rng.uniform(0, self.config.propose_stagger)
             delay = self.config.propose_delay + rank * self.config.propose_stagger + jitter
-            self._trigger_at = now + delay
+            start = now
+            if reason == "drift":
+                start = max(now, self._decided_at + self.config.drift_min_interval)
+            self._trigger_at = start + delay
             self._trigger_reason = reason
             return
         if now >= self._trigger_at:
