@@ -60,27 +60,31 @@ class DanceMoE:
                 holders[s, l, top] = True
         usage = counts  # a holder's own use of an expert
         total_use = counts.sum(0)
+        free = problem.slots - holders.reshape(S, -1).sum(1)  # kept up to date below
+        copies = holders.sum(0)  # [L, E], kept up to date below
         for l in range(L):
             uncovered = np.nonzero(~holders[:, l].any(0))[0]
             uncovered = uncovered[np.lexsort((uncovered, -total_use[l, uncovered]))]
             for u in uncovered:
-                free = problem.slots - holders.reshape(S, -1).sum(1)
                 if (free > 0).any():
-                    holders[int(np.argmax(free)), l, u] = True
+                    s = int(np.argmax(free))
+                    holders[s, l, u] = True
+                    free[s] -= 1
+                    copies[l, u] += 1
                     continue
-                copies = holders.sum(0)  # [L, E]
-                dup = holders & (copies > 1)[None]
-                same = dup[:, l, :]
+                same = holders[:, l, :] & (copies[l] > 1)[None]
                 if same.any():
                     cand = np.where(same, usage[:, l, :], np.inf)
                     s, e = np.unravel_index(int(np.argmin(cand)), cand.shape)
-                    holders[s, l, e] = False
-                    holders[s, l, u] = True
+                    ll = l
                 else:
+                    dup = holders & (copies > 1)[None]
                     cand = np.where(dup, usage, np.inf)
                     s, ll, e = np.unravel_index(int(np.argmin(cand)), cand.shape)
-                    holders[s, ll, e] = False
-                    holders[s, l, u] = True
+                holders[s, ll, e] = False
+                holders[s, l, u] = True
+                copies[ll, e] -= 1
+                copies[l, u] += 1
         return make_placement(problem, holders, self.name, time.perf_counter() - t0)
 
     def migrate(self, problem: Problem, current: Placement, horizon_s: float) -> Placement:

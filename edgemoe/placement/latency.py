@@ -54,7 +54,7 @@ from collections.abc import Iterator
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from edgemoe.placement.layer_costs import LayerCosts
+from edgemoe.placement.layer_costs import LayerCosts, SampleIndex
 from edgemoe.placement.layers import Layers
 from edgemoe.placement.problem import (
     Placement,
@@ -198,7 +198,7 @@ class LatencyAware:
 
     name = "edgemoe"
 
-    def __init__(self, sweeps: int = 2, search_work: float = 2e6, sweep_work: float = 2e6,
+    def __init__(self, sweeps: int = 2, search_work: float = 1e6, sweep_work: float = 1e6,
                  multistart_max: int = 2048, set_order: bool = False, priced: bool = True,
                  bisect_steps: int = 6, want_samples: int = 2000,
                  priced_max_servers: int = 8, gather_routes: bool = True) -> None:
@@ -346,6 +346,7 @@ class LatencyAware:
             [(cost + self._fan)[s][np.arange(S) != s].min() if S > 1 else 0.0
              for s in range(S)])
         self._weights = problem.sample_weights()
+        self._index = SampleIndex(problem, self._weights)
         small = self.multistart_max >= S * L * E
         holders = []
         if self.priced and self.priced_max_servers >= S:
@@ -380,7 +381,7 @@ class LatencyAware:
         return starts[int(np.argmin(values))]  # first of the best: deterministic
 
     def _costs(self, problem: Problem, holders: np.ndarray) -> LayerCosts:
-        return LayerCosts(problem, holders, self._weights, self._prefer)
+        return LayerCosts(problem, holders, self._index, self._prefer)
 
     def _whole_layers(self, problem: Problem) -> np.ndarray:
         """Each layer whole on one server wherever one has room, so a remote (token, layer)

@@ -38,10 +38,34 @@ class _Trial:
     value: float
 
 
+class SampleIndex:
+    """The co-activation sample split by layer, built once per problem and shared by every
+    `LayerCosts` of it: rows, their (origin, expert) pairs and the reverse map."""
+
+    def __init__(self, problem: Problem, weights: np.ndarray) -> None:
+        S, L, E = problem.num_servers, problem.num_layers, problem.num_experts
+        K = problem.sample_sets.shape[1]
+        order = np.argsort(problem.sample_layer, kind="stable")
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(problem.sample_layer,
+                                                            minlength=L))])
+        by_layer = [order[bounds[l]:bounds[l + 1]] for l in range(L)]
+        self.origin = [problem.sample_server[i] for i in by_layer]
+        # flat index of (origin, expert) into a layer's route [S, E], per row and top-k slot
+        self.flat = [problem.sample_server[i, None] * E + problem.sample_sets[i]
+                     for i in by_layer]
+        self.weight = [weights[i] for i in by_layer]
+        # and back: the rows that use each (origin, expert), CSR-style ([S*E + 1], [rows*K])
+        self.uses: list[tuple[np.ndarray, np.ndarray]] = []
+        for f in self.flat:
+            pos = np.argsort(f.ravel(), kind="stable")
+            ptr = np.concatenate([[0], np.cumsum(np.bincount(f.ravel(), minlength=S * E))])
+            self.uses.append((ptr.astype(np.int64), (pos // K).astype(np.int32)))
+
+
 class LayerCosts:
     """Routes and costs of one placement (holders bool [S, L, E]), updated move by move."""
 
-    def __init__(self, problem: Problem, holders: np.ndarray, weights: np.ndarray,
+    def __init__(self, problem: Problem, holders: np.ndarray, index: SampleIndex,
                  prefer: np.ndarray | None) -> None:
         S, L, E = holders.shape
         self.problem = problem
@@ -49,12 +73,8 @@ class LayerCosts:
         self._call = problem.call_cost()
         self._fan = problem.fanout_cost()
         self._prefer = prefer
-        by_layer = [np.flatnonzero(problem.sample_layer == l) for l in range(L)]
-        self._origin = [problem.sample_server[i] for i in by_layer]
-        # flat index of (origin, expert) into a layer's route [S, E], per row and top-k slot
-        self._flat = [problem.sample_server[i, None] * E + problem.sample_sets[i]
-                      for i in by_layer]
-        self._weight = [weights[i] for i in by_layer]
+        self._origin, self._flat, self._weight = index.origin, index.flat, index.weight
+        self._uses = index.uses
         self.work = 0.0  # units spent so far (see the module docstring)
         self.route = np.empty((S, L, E), dtype=np.int64)
         self._row_cost: list[np.ndarray] = []
@@ -68,10 +88,6 @@ class LayerCosts:
     @property
     def total(self) -> float:
         return float(self.cost.sum())
-
-    def full_work(self) -> float:
-        """Units one evaluation of every layer from scratch costs (what __init__ spent)."""
-        return float(sum(len(f) for f in self._flat) + len(self._flat) * TRIAL_OVERHEAD)
 
     def _routes(self, l: int, holders_l: np.ndarray, experts: np.ndarray | None = None
                 ) -> np.ndarray:
@@ -88,6 +104,16 @@ class LayerCosts:
         d = route_l.ravel()[self._flat[l][rows]]
         return set_costs(self._call, self._fan, self._origin[l][rows], d)
 
+    def _rows_using(self, l: int, pairs: np.ndarray) -> np.ndarray:
+        """int [n]: the rows of layer l whose sets call one of `pairs` (flat origin*E+expert)."""
+        ptr, rows = self._uses[l]
+        lo, n = ptr[pairs], ptr[pairs + 1] - ptr[pairs]
+        if not n.sum():
+            return np.zeros(0, dtype=np.int64)
+        # positions lo[i] .. lo[i] + n[i] - 1 for every pair, in one vector
+        at = np.repeat(lo - np.concatenate([[0], np.cumsum(n)[:-1]]), n) + np.arange(n.sum())
+        return np.unique(rows[at]).astype(np.int64)
+
     def trial(self, l: int, holders_l: np.ndarray) -> _Trial:
         """Layer l's cost if its holders were `holders_l` (bool [S, E]); nothing changes.
 
@@ -97,11 +123,11 @@ class LayerCosts:
         moved = (holders_l != old).any(1)
         experts = np.flatnonzero((holders_l | old)[moved].any(0))
         route = self.route[:, l].copy()
+        rows = np.zeros(0, dtype=np.int64)
         if len(experts):
             route[:, experts] = self._routes(l, holders_l, experts)
-        changed = (route != self.route[:, l]).ravel()
-        rows = np.flatnonzero(changed[self._flat[l]].any(1)) if changed.any() else \
-            np.zeros(0, dtype=np.int64)
+            cs, ce = np.nonzero(route[:, experts] != self.route[:, l][:, experts])
+            rows = self._rows_using(l, cs * holders_l.shape[1] + experts[ce])
         row_cost = self._cost_rows(l, rows, route)
         delta = float((row_cost - self._row_cost[l][rows]) @ self._weight[l][rows])
         return _Trial(l, holders_l, route, rows, row_cost, float(self.cost[l]) + delta)

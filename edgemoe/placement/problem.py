@@ -221,25 +221,27 @@ def layer_routes(cost: np.ndarray, holders_l: np.ndarray, prefer: np.ndarray | N
 def _choose_holders(cost: np.ndarray, holders_l: np.ndarray, multi: np.ndarray,
                     prefer: np.ndarray | None) -> np.ndarray:
     """int [S, len(multi)]: `layer_routes`' choice for the experts `multi` that have several
-    holders (the expensive part: [S, S, len(multi)])."""
+    holders, among the servers D holding any of them ([S, D, len(multi)] work)."""
     S = len(holders_l)
     h = holders_l[:, multi]
+    D = np.flatnonzero(h.any(1))  # ascending, so position order is server order
+    hD = h[D]
     if prefer is None:
-        c = np.where(h[None, :, :], cost[:, :, None], np.inf)  # [s, D, M]
+        c = np.where(hD[None, :, :], cost[:, D, None], np.inf)  # [s, D, M]
         best = c.min(1)
-        tie = np.isclose(c, best[:, None, :]) & h[None]
+        tie = np.isclose(c, best[:, None, :]) & hD[None]
         n_tie = tie.sum(1)  # [s, M]
         pick = (multi[None, :] + np.arange(S)[:, None]) % np.maximum(n_tie, 1)
         order = np.cumsum(tie, axis=1, dtype=np.int32) - 1  # rank among tied holders
-        return (tie & (order == pick[:, None, :])).argmax(1)
+        return D[(tie & (order == pick[:, None, :])).argmax(1)]
     # one preference order of holders per caller: cost (to 10 ns), mass, index
-    mass = prefer @ holders_l.T.astype(np.float64)  # [s, D]
-    level = np.round(np.asarray(cost, dtype=np.float64) * 1e8)
-    d = np.broadcast_to(np.arange(S), (S, S))
+    mass = prefer @ holders_l[D].T.astype(np.float64)  # [s, D]
+    level = np.round(np.asarray(cost, dtype=np.float64)[:, D] * 1e8)
+    d = np.broadcast_to(np.arange(len(D)), (S, len(D)))
     order = np.lexsort((d, -mass, level), axis=-1)
-    rank = np.empty((S, S), dtype=np.int32)
+    rank = np.empty((S, len(D)), dtype=np.int32)
     np.put_along_axis(rank, order, d.astype(np.int32), axis=-1)
-    return np.where(h[None, :, :], rank[:, :, None], S).argmin(1)
+    return D[np.where(hD[None, :, :], rank[:, :, None], len(D)).argmin(1)]
 
 
 def nearest_routes(p: Problem, holders: np.ndarray, prefer: np.ndarray | None = None

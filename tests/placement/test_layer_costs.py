@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgemoe.placement import objective
-from edgemoe.placement.layer_costs import LayerCosts
+from edgemoe.placement.layer_costs import LayerCosts, SampleIndex
 from edgemoe.placement.problem import Placement, nearest_routes
 from tests.placement.conftest import random_problem
 
@@ -22,7 +22,8 @@ def test_incremental_costs_equal_a_fresh_evaluation_after_any_moves(seed: int, h
     holders = np.zeros((S, L, E), dtype=bool)
     holders[rng.integers(0, S, (L, E)), np.arange(L)[:, None], np.arange(E)[None]] = True
     prefer = p.counts
-    ev = LayerCosts(p, holders, p.sample_weights(), prefer)
+    index = SampleIndex(p, p.sample_weights())
+    ev = LayerCosts(p, holders, index, prefer)
     adopted = 0
     for _ in range(moves):
         l = int(rng.integers(L))
@@ -32,7 +33,7 @@ def test_incremental_costs_equal_a_fresh_evaluation_after_any_moves(seed: int, h
         trial = ev.trial(l, h)
         fresh_holders = ev.holders.copy()
         fresh_holders[:, l] = h
-        fresh = LayerCosts(p, fresh_holders, p.sample_weights(), prefer)
+        fresh = LayerCosts(p, fresh_holders, SampleIndex(p, p.sample_weights()), prefer)
         assert np.isclose(trial.value, fresh.cost[l], rtol=1e-9, atol=1e-15)
         assert np.array_equal(trial.route, fresh.route[:, l])
         adopted += ev.improve({l: h})
