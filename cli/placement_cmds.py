@@ -81,12 +81,13 @@ def _table(doc: dict[str, Any], title: str) -> None:
             f"{e['bytes_between_servers'] / max(d['bytes_between_servers'], 1):.3f}x"
         )
     for row in doc["scenario"].get("scale_solve_s", []):
-        console.print(
-            "solve s at "
-            + ", ".join(
-                f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
-            )
-        )
+        times = ", ".join(f"{k}={v:.3f}" for k, v in row.items()
+                          if k != "servers" and not k.endswith("_objective_s"))
+        line = f"solve s (best of 3) at servers={row['servers']}: {times}"
+        if "edgemoe_objective_s" in row and "layers_objective_s" in row:
+            e, lay = row["edgemoe_objective_s"], row["layers_objective_s"]
+            line += f"; objective edgemoe {e * 1e3:.3f} ms = {e / max(lay, 1e-15):.3f}x layers"
+        console.print(line)
     gap = doc["scenario"].get("optimal_gap")
     if gap is not None:
         console.print(f"edgemoe objective gap to optimal: {gap * 100:.2f}%")
