@@ -115,6 +115,7 @@ STATS_INTERVAL_S = 3.0  # daemon's statistics publication period (cluster_driver
 # STEADY picks experts {1, 7} and {3, 6, 7}, SHIFTED {0, 2, 5} and {1, 2, 5}.
 STEADY, SHIFTED = "aaaaaaaaaaaaaaaa", "zzzz zzzz zzzz"
 NEW_TOKENS = 8
+STEADY_PAUSE_S = 0.2
 
 
 @pytest.fixture(scope="module")
@@ -139,10 +140,11 @@ def pair(tiny: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 class Workload:
-    """One client thread sending `prompt` to a node back to back until stopped."""
+    """One client thread sending `prompt` to a node, `pause` s apart, until stopped."""
 
-    def __init__(self, send: Callable[[str], None], prompt: str) -> None:
+    def __init__(self, send: Callable[[str], None], prompt: str, pause: float = 0.0) -> None:
         self.prompt = prompt
+        self.pause = pause
         self.sent = 0
         self.errors: list[str] = []
         self._send = send
@@ -158,6 +160,7 @@ class Workload:
             except AssertionError as exc:
                 self.errors.append(str(exc))
                 return
+            self._stop.wait(self.pause)
 
     def stop(self) -> None:
         self._stop.set()
@@ -183,7 +186,8 @@ def test_a_workload_shift_moves_experts_without_an_operator(pair: Cluster) -> No
 
     first = wait_for(lambda: placed(pair), 90, "the first placement")
     assert first["placement"]["reason"] in ("genesis", "membership")
-    load = Workload(send, STEADY)
+    # paced: the fewer steady selections pile up, the sooner the shifted ones outweigh them
+    load = Workload(send, STEADY, pause=STEADY_PAUSE_S)
     try:
         # a's first statistics are full drift from the placement made before any request
         settled = wait_for(
