@@ -75,6 +75,11 @@ SCHEMA: tuple[Key, ...] = (
     Key("device", "auto", "auto, cpu, cuda, cuda:N or mps."),
     Key("strategy", "edgemoe",
         "Placement strategy: uniform, layers, eplb, dancemoe, edgemoe or optimal."),
+    Key("drift_threshold", 0.15,
+        "Re-place experts by itself when a node's requests moved this share of their expert\n"
+        "selections to other experts since the placement was decided (0-1; 1: never)."),
+    Key("drift_min_interval", 30.0,
+        "Seconds a drift-triggered epoch waits after the last decided one (against epoch storms)."),
     Key("log_level", "info", "debug, info, warning, error or critical."),
 )  # fmt: skip
 

@@ -39,6 +39,12 @@ def _daemon_command(app: typer.Typer) -> None:
         device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N")] = None,
         strategy: Annotated[str | None, typer.Option(help="Placement strategy")] = None,
         log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error")] = None,
+        drift_threshold: Annotated[
+            float | None, typer.Option(help="Re-place when statistics drift above this (0-1)")
+        ] = None,
+        drift_min_interval: Annotated[
+            float | None, typer.Option(help="Seconds between drift-triggered epochs, at least")
+        ] = None,
     ) -> None:
         """Run one edgemoe node: discover peers, agree on placement, serve the API."""
         from edgemoe.daemon.config import ConfigError, load_config
@@ -47,6 +53,7 @@ def _daemon_command(app: typer.Typer) -> None:
             model_dir=model_dir, state_dir=state_dir, host=host, port=port, capacity=capacity,
             cluster_id=cluster_id, secret=secret, interface=interface, seed_peer=seed_peer,
             api_token=api_token, device=device, strategy=strategy, log_level=log_level,
+            drift_threshold=drift_threshold, drift_min_interval=drift_min_interval,
         )  # fmt: skip
         try:
             cfg = load_config(config, flags)
