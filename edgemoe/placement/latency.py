@@ -203,7 +203,9 @@ class LatencyAware:
                  multistart_max: int = 2048, set_order: bool = False, priced: bool = True,
                  bisect_steps: int = 6, want_samples: int = 2000,
                  priced_max_servers: int = 8, gather_routes: bool = True,
-                 homes_max: int = 256, small_search_work: float = 4e6) -> None:
+                 homes_max: int = 256, small_search_work: float = 4e6,
+                 set_moves: bool = True) -> None:
+        self.set_moves = set_moves
         self.homes_max = homes_max
         self.small_search_work = small_search_work
         self.gather_routes = gather_routes
@@ -553,6 +555,9 @@ class LatencyAware:
         if room[s]:
             for li, ei in lacks:
                 yield moved((s, li, ei, True))
+        if self.set_moves:
+            yield from self._set_moves(problem, holders, s, held)
+            yield from self._gather_moves(problem, holders, s, held)
         for lo, eo in held:
             sole = holders[:, lo, eo].sum() == 1
             if sole:
@@ -566,6 +571,65 @@ class LatencyAware:
                 for t in np.flatnonzero(holders[:, li, ei] & ~holders[:, lo, eo]):
                     yield moved((s, lo, eo, False), (s, li, ei, True),
                                 (int(t), li, ei, False), (int(t), lo, eo, True))
+
+    def _set_moves(self, problem: Problem, holders: np.ndarray, s: int, held: np.ndarray
+                   ) -> Iterator[dict[int, np.ndarray]]:
+        """s completes one of its own top-k sets that misses two or more experts (a single
+        expert is what replace does), making room by dropping its least used copies that
+        another server also holds: a set is only worth something whole, so the experts it
+        misses must arrive together."""
+        free = int(problem.slots[s] - holders[s].sum())
+        spare = [(int(l), int(e)) for l, e in held if holders[:, l, e].sum() > 1]
+        for l, members in self._own_sets(problem, s):
+            missing = [int(e) for e in members if not holders[s, l, e]]
+            need = len(missing) - free
+            if len(missing) < 2:
+                continue
+            drops = [(lo, eo) for lo, eo in spare if not (lo == l and eo in members)][:max(need, 0)]
+            if len(drops) < need:
+                continue
+            yield _flip(holders, tuple((s, lo, eo, False) for lo, eo in drops)
+                        + tuple((s, l, e, True) for e in missing))
+
+    def _gather_moves(self, problem: Problem, holders: np.ndarray, s: int, held: np.ndarray
+                      ) -> Iterator[dict[int, np.ndarray]]:
+        """t hands s its part of layer l that s lacks and takes back as many of s's least used
+        experts of other layers (those t lacks): layers gather on one server, so a remote
+        (token, layer) sends one message instead of several."""
+        S, L, _ = holders.shape
+        free = int(problem.slots[s] - holders[s].sum())
+        for t in range(S):
+            if t == s:
+                continue
+            for l in range(L):
+                give = np.flatnonzero(holders[t, l] & ~holders[s, l])
+                if not len(give):
+                    continue
+                back = [(int(lo), int(eo)) for lo, eo in held
+                        if lo != l and not holders[t, lo, eo]][:max(len(give) - free, 0)]
+                if len(back) < len(give) - free:
+                    continue
+                yield _flip(holders, tuple((s, l, int(e), True) for e in give)
+                            + tuple((t, l, int(e), False) for e in give)
+                            + tuple((s, lo, eo, False) for lo, eo in back)
+                            + tuple((t, lo, eo, True) for lo, eo in back))
+
+    def _own_sets(self, problem: Problem, s: int) -> list[tuple[int, np.ndarray]]:
+        """s's distinct sampled (layer, top-k set)s, heaviest first (at most 4 E), cached."""
+        cache = self.__dict__.setdefault("_sets_cache", {})
+        key = (id(problem), s)
+        if key not in cache:
+            m = np.flatnonzero(problem.sample_server == s)
+            if not len(m):
+                cache[key] = []
+            else:
+                rows = np.concatenate([problem.sample_layer[m, None],
+                                       np.sort(problem.sample_sets[m], axis=1)], axis=1)
+                uniq, inv = np.unique(rows, axis=0, return_inverse=True)
+                w = np.bincount(inv.ravel(), self._weights[m], minlength=len(uniq))
+                top = np.lexsort((np.arange(len(uniq)), -w))[: 4 * problem.num_experts]
+                cache[key] = [(int(uniq[i, 0]), uniq[i, 1:]) for i in top]
+        return cache[key]
 
     def migrate(self, problem: Problem, current: Placement, horizon_s: float,
                 bytes_weight: float = 1.0) -> Placement:
