@@ -95,6 +95,25 @@ def _table(doc: dict[str, Any], title: str) -> None:
         console.print(f"{name}: skipped ({why})")
 
 
+def _gap_table(rows: list[dict[str, Any]], strategies: tuple[str, ...]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="objective gap to the MILP optimum (%)")
+    table.add_column("seed: SxLxE top-k", no_wrap=True)
+    for col in (*strategies, "edgemoe solve s"):
+        table.add_column(col, justify="right")
+    for row in rows:
+        table.add_row(row["instance"], *(f"{row[s] * 100:.2f}" for s in strategies),
+                      f"{row['edgemoe_solve_s']:.2f}")
+    console = Console()
+    console.print(table)
+    gaps = [row["edgemoe"] * 100 for row in rows]
+    within = sum(g <= 3.0 for g in gaps)
+    console.print(f"edgemoe gap: max {max(gaps):.2f}%, mean {sum(gaps) / len(gaps):.2f}%, "
+                  f"{within} of {len(gaps)} instances within 3%")
+
+
 def _plot(doc: dict[str, Any], out: Path) -> None:
     import matplotlib
 
@@ -144,7 +163,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
     @bench.command("placement")
     def bench_placement(
-        scenario: Annotated[str, typer.Option(help="paper, paper4, drift or scale")] = "paper",
+        scenario: Annotated[str, typer.Option(help="paper, paper4, drift, scale or gap")] = "paper",
         json_out: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
         plot: Annotated[Path | None, typer.Option(help="PNG bar chart")] = None,
         trace: Annotated[Path | None, typer.Option(help="trace npz (or EDGEMOE_TRACES)")] = None,
@@ -165,9 +184,16 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
         from edgemoe.placement import STRATEGIES
         from edgemoe.placement.problem import PlacementError
-        from edgemoe.sim.bench import preset, run, scale_solve_times
+        from edgemoe.sim.bench import HEURISTICS, optimal_gaps, preset, run, scale_solve_times
         from edgemoe.stats.traces import TraceError, default_trace_path
 
+        if scenario == "gap":  # small random instances where the MILP proves the optimum
+            rows = optimal_gaps()
+            _gap_table(rows, HEURISTICS)
+            if json_out:
+                json_out.write_text(json.dumps({"scenario": {"name": "gap"}, "gaps": rows},
+                                               indent=2))
+            return
         try:
             sizes = [int(x) for x in servers.split(",")] if scenario == "scale" else []
             sc = preset(scenario, servers=16 if scenario == "scale" else 64)

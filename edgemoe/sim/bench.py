@@ -16,6 +16,7 @@ import numpy as np
 
 from edgemoe.placement import STRATEGIES, get_strategy
 from edgemoe.placement.dancemoe import DanceMoE
+from edgemoe.placement.instances import random_problem
 from edgemoe.placement.latency import LatencyAware
 from edgemoe.placement.migration import plan_migration
 from edgemoe.placement.problem import Placement, PlacementError, Problem, objective
@@ -236,4 +237,34 @@ def scale_solve_times(sizes: list[int], seed: int = 0,
     return rows
 
 
-__all__ = ["HEURISTICS", "STRATEGIES", "Scenario", "preset", "run", "scale_solve_times"]
+def gap_instances() -> list[tuple[str, Problem]]:
+    """The small instances the optimal gap is reported on: 6 of 3 servers x 2 layers x 6
+    experts (top-2, heterogeneous links and speeds), 6 of 4 x 3 x 8 (top-3, every other one
+    homogeneous)."""
+    out = []
+    for seed in range(12):
+        if seed < 6:
+            p = random_problem(seed, S=3, L=2, E=6, K=2, samples=80)
+        else:
+            p = random_problem(seed, S=4, L=3, E=8, K=3, samples=150, hetero=seed % 2 == 0)
+        out.append((f"{seed}: {p.num_servers}x{p.num_layers}x{p.num_experts} k{p.top_k}", p))
+    return out
+
+
+def optimal_gaps(strategies: tuple[str, ...] = HEURISTICS) -> list[dict[str, Any]]:
+    """Every heuristic's objective over the MILP optimum's, minus 1, on `gap_instances`."""
+    rows = []
+    for name, problem in gap_instances():
+        best = objective(problem, get_strategy("optimal").place(problem))
+        row: dict[str, Any] = {"instance": name, "optimal_objective_s": best}
+        for strat in strategies:
+            t0 = time.perf_counter()
+            pl = get_strategy(strat).place(problem)
+            row[f"{strat}_solve_s"] = time.perf_counter() - t0
+            row[strat] = objective(problem, pl) / max(best, 1e-15) - 1
+        rows.append(row)
+    return rows
+
+
+__all__ = ["HEURISTICS", "STRATEGIES", "Scenario", "optimal_gaps", "preset", "run",
+           "scale_solve_times"]

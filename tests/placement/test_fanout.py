@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from edgemoe.placement import Placement, Problem, get_strategy, objective
+from edgemoe.placement.instances import random_problem
 from edgemoe.placement.problem import nearest_routes
-from tests.placement.conftest import random_problem
 
 
 def _three_servers() -> Problem:

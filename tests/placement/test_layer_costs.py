@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgemoe.placement import objective
+from edgemoe.placement.instances import random_problem
 from edgemoe.placement.layer_costs import LayerCosts, SampleIndex
 from edgemoe.placement.problem import Placement, nearest_routes
-from tests.placement.conftest import random_problem
 
 
 @settings(max_examples=25, deadline=None)

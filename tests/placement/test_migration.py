@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgemoe.placement import PlacementError, get_strategy, plan_migration
-from tests.placement.conftest import random_problem
+from edgemoe.placement.instances import random_problem
 
 
 def _replay(cur: np.ndarray, plan, cap: np.ndarray, budget: int) -> np.ndarray:

@@ -6,8 +6,8 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from edgemoe.placement import get_strategy, objective
+from edgemoe.placement.instances import random_problem
 from edgemoe.sim.simulator import Cluster, Request, Timing, simulate
-from tests.placement.conftest import random_problem
 
 HEURISTICS = ["uniform", "layers", "eplb", "dancemoe", "edgemoe"]
 

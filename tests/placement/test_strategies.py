@@ -15,7 +15,7 @@ from edgemoe.placement import (
     objective,
     validate_placement,
 )
-from tests.placement.conftest import random_problem
+from edgemoe.placement.instances import random_problem
 
 HEURISTICS = ["uniform", "layers", "eplb", "dancemoe", "edgemoe"]
 
