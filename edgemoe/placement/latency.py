@@ -41,9 +41,10 @@ Algorithm (all vectorised with numpy):
    in that layer (`layer_routes` with `prefer`), so a token's remote experts gather on few
    servers: the objective charges every distinct destination (fan-out, see `problem`).
 
-Migration (`migrate`): the objective decomposes by layer, so each layer's new holdings can be
-adopted separately; layers are taken in order of gain per byte while the gain over the horizon
-outweighs the link time the copy costs and capacities hold.
+Migration (`migrate`): every copy the new placement holds that the current one does not costs
+its transfer time, spread over the (token, layer)s of the horizon; the search from the current
+placement under that price and a fresh placement priced alike compete, so only what pays for
+its bytes moves.
 """
 
 from __future__ import annotations
@@ -62,7 +63,6 @@ from edgemoe.placement.problem import (
     Problem,
     make_placement,
     nearest_routes,
-    sample_costs,
 )
 
 
@@ -342,8 +342,9 @@ class LatencyAware:
     def _routes(self, problem: Problem, holders: np.ndarray) -> np.ndarray:
         return nearest_routes(problem, holders, problem.counts if self.gather_routes else None)
 
-    def _solve(self, problem: Problem) -> LayerCosts:
-        S, L, E = problem.num_servers, problem.num_layers, problem.num_experts
+    def _prepare(self, problem: Problem) -> None:
+        """What every start and search of one problem shares."""
+        S = problem.num_servers
         cost = self._cost = problem.call_cost()
         self._fan = problem.fanout_cost()
         self._prefer = problem.counts if self.gather_routes else None
@@ -353,6 +354,10 @@ class LatencyAware:
              for s in range(S)])
         self._weights = problem.sample_weights()
         self._index = SampleIndex(problem, self._weights)
+
+    def _solve(self, problem: Problem) -> LayerCosts:
+        S, L, E = problem.num_servers, problem.num_layers, problem.num_experts
+        self._prepare(problem)
         small = self.multistart_max >= S * L * E
         holders = []
         if self.priced and self.priced_max_servers >= S:
@@ -633,28 +638,35 @@ class LatencyAware:
 
     def migrate(self, problem: Problem, current: Placement, horizon_s: float,
                 bytes_weight: float = 1.0) -> Placement:
-        """Adopt the target layer by layer where gain over the horizon beats the copy time."""
-        target = self.place(problem)
+        """Where to go from `current` now that the statistics are `problem`'s.
+
+        Every copy the result holds that `current` does not costs its transfer time over the
+        mean link, spread over the (token, layer)s served in `horizon_s` (objective units).
+        Two candidates, priced alike: the sweeps and local search started from `current` (they
+        move only what pays for its bytes) and a fresh placement; the cheaper wins, so nothing
+        moves when nothing pays.
+        """
+        t0 = time.perf_counter()
         S, L = problem.num_servers, problem.num_layers
         rate = float(np.sum(problem.request_rate))
         bw = np.asarray(problem.bandwidth_bps, dtype=np.float64)[~np.eye(S, dtype=bool)]
         bw_mean = float(bw.mean()) if len(bw) else 1.0
-        w = problem.sample_weights()
-        cur_cost = sample_costs(problem, current.route) * w
-        tgt_cost = sample_costs(problem, target.route) * w
-        gains = np.bincount(problem.sample_layer, cur_cost - tgt_cost, minlength=L)
-        new_bytes = (target.holders & ~current.holders).sum((0, 2)) * problem.expert_bytes
-        # sample weights sum to 1 over all (token, layer) pairs, so L * gains[l] is the seconds
-        # layer l saves per token; over the horizon vs the link time the copies occupy
-        value = gains * L * rate * horizon_s - bytes_weight * new_bytes * 8.0 / bw_mean
-        holders = current.holders.copy()
-        order = np.argsort(-(gains / np.maximum(new_bytes, 1)), kind="stable")
-        for l in order:
-            if value[l] <= 0:
-                continue
-            trial = holders.copy()
-            trial[:, l] = target.holders[:, l]
-            if np.all(trial.reshape(S, -1).sum(1) <= problem.slots):
-                holders = trial
-        return make_placement(problem, holders, self.name, target.solve_s,
-                              self._routes(problem, holders))
+        copy_s = bytes_weight * problem.expert_bytes * 8.0 / bw_mean
+        copy_cost = copy_s / max(L * rate * horizon_s, 1e-12)
+        fresh = self.place(problem).holders
+        with threadpool_limits(limits=1, user_api="blas"):
+            self._prepare(problem)
+
+            def priced(holders: np.ndarray) -> LayerCosts:
+                return LayerCosts(problem, holders, self._index, self._prefer,
+                                  base=current.holders, copy_cost=copy_cost)
+
+            stay = priced(current.holders)
+            self._work = float(self.sweep_work)
+            self._sweep(problem, stay)
+            self._work = float(self.search_work)
+            self._local_search(problem, stay)
+            go = priced(fresh)
+            best = stay if stay.total <= go.total else go
+        return make_placement(problem, best.holders, self.name, time.perf_counter() - t0,
+                              best.route)

@@ -66,10 +66,15 @@ class LayerCosts:
     """Routes and costs of one placement (holders bool [S, L, E]), updated move by move."""
 
     def __init__(self, problem: Problem, holders: np.ndarray, index: SampleIndex,
-                 prefer: np.ndarray | None) -> None:
+                 prefer: np.ndarray | None, base: np.ndarray | None = None,
+                 copy_cost: float = 0.0) -> None:
+        """`base` and `copy_cost`: every copy held that `base` (bool [S, L, E], e.g. the
+        current placement) does not hold adds `copy_cost` to its layer's cost (migration)."""
         S, L, E = holders.shape
         self.problem = problem
         self.holders = holders.copy()
+        self._base = base
+        self._copy_cost = copy_cost
         self._call = problem.call_cost()
         self._fan = problem.fanout_cost()
         self._prefer = prefer
@@ -83,7 +88,12 @@ class LayerCosts:
             self.route[:, l] = self._routes(l, self.holders[:, l])
             rows = self._cost_rows(l, np.arange(len(self._flat[l])), self.route[:, l])
             self._row_cost.append(rows)
-            self.cost[l] = float(rows @ self._weight[l])
+            self.cost[l] = float(rows @ self._weight[l]) + self._copies(l, self.holders[:, l])
+
+    def _copies(self, l: int, holders_l: np.ndarray) -> float:
+        if self._base is None or not self._copy_cost:
+            return 0.0
+        return self._copy_cost * int((holders_l & ~self._base[:, l]).sum())
 
     @property
     def total(self) -> float:
@@ -130,6 +140,7 @@ class LayerCosts:
             rows = self._rows_using(l, cs * holders_l.shape[1] + experts[ce])
         row_cost = self._cost_rows(l, rows, route)
         delta = float((row_cost - self._row_cost[l][rows]) @ self._weight[l][rows])
+        delta += self._copies(l, holders_l) - self._copies(l, old)
         return _Trial(l, holders_l, route, rows, row_cost, float(self.cost[l]) + delta)
 
     def improve(self, changes: Mapping[int, np.ndarray]) -> bool:

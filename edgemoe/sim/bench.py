@@ -177,8 +177,8 @@ def run(sc: Scenario, timing: Timing | None = None) -> dict[str, Any]:
             continue
         changes: list[Change] = []
         if after is not None and switch_s is not None:
-            target = _migrate(name, sc, after, pl, horizon_s=max(
-                requests[-1].arrival_s - switch_s, 1.0))
+            last = max(r.arrival_s for r in requests)  # (the list is not in arrival order)
+            target = _migrate(name, sc, after, pl, horizon_s=max(last - switch_s, 1.0))
             if target is not pl and (target.holders != pl.holders).any():
                 plan = plan_migration(pl.holders, target.holders, problem.expert_bytes,
                                       budget_bytes=10 * problem.expert_bytes * max(
