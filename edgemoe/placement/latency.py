@@ -62,7 +62,6 @@ from edgemoe.placement.problem import (
     Placement,
     Problem,
     make_placement,
-    nearest_routes,
 )
 
 
@@ -338,9 +337,6 @@ class LatencyAware:
             best = self._solve(problem)
         return make_placement(problem, best.holders, self.name, time.perf_counter() - t0,
                               best.route)
-
-    def _routes(self, problem: Problem, holders: np.ndarray) -> np.ndarray:
-        return nearest_routes(problem, holders, problem.counts if self.gather_routes else None)
 
     def _prepare(self, problem: Problem) -> None:
         """What every start and search of one problem shares."""

@@ -71,7 +71,6 @@ class LayerCosts:
         """`base` and `copy_cost`: every copy held that `base` (bool [S, L, E], e.g. the
         current placement) does not hold adds `copy_cost` to its layer's cost (migration)."""
         S, L, E = holders.shape
-        self.problem = problem
         self.holders = holders.copy()
         self._base = base
         self._copy_cost = copy_cost
