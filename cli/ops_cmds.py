@@ -336,11 +336,18 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             if model
             else "no model yet"
         )
+        placement = cluster.get("placement", {})
+        drift = cluster.get("drift", {})
+        value, limit = drift.get("value"), drift.get("threshold")
+        drift_text = "n/a" if value is None else f"{value:.2f}"
+        drift_text += " (off)" if limit is None else f" of {limit:.2f}"
         out = console()
         out.print(
             f"node [bold]{cluster['node_id']}[/] at {target.url} (via {target.how}); {what}; "
             f"local share {cluster.get('local_share', 0):.0%}, "
             f"remote {human_bytes(cluster.get('remote_bytes', 0))}; "
+            f"epoch {placement.get('epoch', 0)} ({placement.get('reason') or 'none yet'}), "
+            f"statistics drift {drift_text}; "
             f"migration: {mig.get('pending', 0)} pending, "
             f"{human_bytes(mig.get('bytes_moved', 0))} moved"
         )

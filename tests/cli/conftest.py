@@ -27,7 +27,7 @@ def cluster_state(url: str) -> dict[str, Any]:
             {"node_id": "node-b", "url": "http://127.0.0.1:9", "state": "suspect",
              "capacity_bytes": 5 * 4096, "incarnation": 4},
         ],
-        "placement": {"epoch": 3, "strategy": "edgemoe", "holders": {
+        "placement": {"epoch": 3, "strategy": "edgemoe", "reason": "drift", "holders": {
             "0/0": ["node-a"], "0/1": ["node-a", "node-b"], "0/2": ["node-b"], "0/3": ["node-b"],
             "1/0": ["node-a"], "1/1": ["node-a"], "1/2": ["node-b"], "1/3": ["node-a", "node-b"],
         }},
@@ -40,6 +40,7 @@ def cluster_state(url: str) -> dict[str, Any]:
                        "counts": [[0.0, 1.0, 4.0, 5.0], [0.0, 0.0, 8.0, 2.0]]},
         },
         "local_share": 0.85, "remote_bytes": 123456,
+        "drift": {"value": 0.07, "threshold": 0.15, "min_interval_s": 30.0},
         "migration": {"pending": 1, "bytes_moved": 8192},
     }  # fmt: skip
 
