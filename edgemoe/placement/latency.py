@@ -649,9 +649,8 @@ class LatencyAware:
         bw_mean = float(bw.mean()) if len(bw) else 1.0
         copy_s = bytes_weight * problem.expert_bytes * 8.0 / bw_mean
         copy_cost = copy_s / max(L * rate * horizon_s, 1e-12)
-        fresh = self.place(problem).holders
         with threadpool_limits(limits=1, user_api="blas"):
-            self._prepare(problem)
+            fresh = self._solve(problem).holders  # (which also prepares the shared state)
 
             def priced(holders: np.ndarray) -> LayerCosts:
                 return LayerCosts(problem, holders, self._index, self._prefer,
