@@ -49,6 +49,7 @@ its bytes moves.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections.abc import Iterator
@@ -350,6 +351,7 @@ class LatencyAware:
              for s in range(S)])
         self._weights = problem.sample_weights()
         self._index = SampleIndex(problem, self._weights)
+        self._own_sets_cache: dict[int, list[tuple[int, np.ndarray]]] = {}  # see `_own_sets`
 
     def _solve(self, problem: Problem) -> LayerCosts:
         S, L, E = problem.num_servers, problem.num_layers, problem.num_experts
@@ -471,60 +473,65 @@ class LatencyAware:
         orders, the others fixed (they can swap whole responsibilities, which single-server
         moves cannot); kept when the total objective improves."""
         S = problem.num_servers
-        end = ev.work + self._work
-        for _ in range(self.sweeps + 1):
-            improved = False
-            for s in range(S):
-                for t in range(s + 1, S):
-                    for pair in ((s, t), (t, s)):
-                        if ev.work >= end:
-                            self._work = 0.0
-                            return
-                        trial = self._sequential(problem, np.array(pair), ev.holders)
-                        changed = np.flatnonzero((trial != ev.holders).any((0, 2)))
-                        improved |= ev.improve({l: trial[:, l] for l in changed})
-            if not improved:
-                break
-        self._work = end - ev.work
+        with self._budget(ev) as end:
+            for _ in range(self.sweeps + 1):
+                improved = False
+                for s in range(S):
+                    for t in range(s + 1, S):
+                        for pair in ((s, t), (t, s)):
+                            if ev.work >= end:
+                                return
+                            trial = self._sequential(problem, np.array(pair), ev.holders)
+                            changed = np.flatnonzero((trial != ev.holders).any((0, 2)))
+                            improved |= ev.improve({l: trial[:, l] for l in changed})
+                if not improved:
+                    break
 
     def _sweep(self, problem: Problem, ev: LayerCosts) -> None:
         """Coordinate descent: each server re-solves given the others (keeping the experts only
         it holds), kept when the total objective improves; within the shared budget."""
         S = problem.num_servers
         slots = problem.slots
-        end = ev.work + self._work
         solved: dict[tuple[int, bytes], np.ndarray] = {}  # a server's choice given its required
-        for _ in range(self.sweeps):
-            improved = False
-            for s in np.lexsort((np.arange(S), slots)):
-                if ev.work >= end:  # large instances: the budget ends the sweeps
-                    self._work = 0.0
-                    return
-                required = ~np.delete(ev.holders, s, axis=0).any(0)
-                key = (int(s), np.packbits(required).tobytes())
-                if key not in solved:
-                    solved[key] = self._server_holdings(problem, s, required, int(slots[s]))
-                    ev.work += problem.num_layers * problem.num_experts  # ~ its DP
-                new = solved[key]
-                changed = np.flatnonzero((new != ev.holders[s]).any(1))
-                trials = {l: ev.holders[:, l].copy() for l in changed}
-                for l, h in trials.items():
-                    h[s] = new[l]
-                improved |= ev.improve(trials)
-            if not improved:
-                break
-        self._work = max(end - ev.work, 0.0)
+        with self._budget(ev) as end:
+            for _ in range(self.sweeps):
+                improved = False
+                for s in np.lexsort((np.arange(S), slots)):
+                    if ev.work >= end:  # large instances: the budget ends the sweeps
+                        return
+                    required = ~np.delete(ev.holders, s, axis=0).any(0)
+                    key = (int(s), np.packbits(required).tobytes())
+                    if key not in solved:
+                        solved[key] = self._server_holdings(problem, s, required, int(slots[s]))
+                        ev.work += problem.num_layers * problem.num_experts  # ~ its DP
+                    new = solved[key]
+                    changed = np.flatnonzero((new != ev.holders[s]).any(1))
+                    trials = {l: ev.holders[:, l].copy() for l in changed}
+                    for l, h in trials.items():
+                        h[s] = new[l]
+                    improved |= ev.improve(trials)
+                if not improved:
+                    break
 
     def _local_search(self, problem: Problem, ev: LayerCosts) -> None:
         """First-improvement local search on the exact objective within the shared budget."""
+        with self._budget(ev) as end:
+            improved = True
+            while improved and ev.work < end:
+                improved = False
+                for s in range(problem.num_servers):
+                    while ev.work < end and self._improve_server(problem, ev, s, end):
+                        improved = True
+
+    @contextlib.contextmanager
+    def _budget(self, ev: LayerCosts) -> Iterator[float]:
+        """The shared budget as an end mark on `ev`'s work counter; whatever ends the phase,
+        what it left is the next phase's budget."""
         end = ev.work + self._work
-        improved = True
-        while improved and ev.work < end:
-            improved = False
-            for s in range(problem.num_servers):
-                while ev.work < end and self._improve_server(problem, ev, s, end):
-                    improved = True
-        self._work = max(end - ev.work, 0.0)
+        try:
+            yield end
+        finally:
+            self._work = max(end - ev.work, 0.0)
 
     def _improve_server(self, problem: Problem, ev: LayerCosts, s: int, end: float) -> bool:
         for changes in self._moves(problem, ev.holders, s):
@@ -616,21 +623,21 @@ class LatencyAware:
                             + tuple((t, lo, eo, True) for lo, eo in back))
 
     def _own_sets(self, problem: Problem, s: int) -> list[tuple[int, np.ndarray]]:
-        """s's distinct sampled (layer, top-k set)s, heaviest first (at most 4 E), cached."""
-        cache = self.__dict__.setdefault("_sets_cache", {})
-        key = (id(problem), s)
-        if key not in cache:
+        """s's distinct sampled (layer, top-k set)s, heaviest first (at most 4 E), kept for the
+        problem being solved (`_prepare` starts afresh)."""
+        cache = self._own_sets_cache
+        if s not in cache:
             m = np.flatnonzero(problem.sample_server == s)
             if not len(m):
-                cache[key] = []
+                cache[s] = []
             else:
                 rows = np.concatenate([problem.sample_layer[m, None],
                                        np.sort(problem.sample_sets[m], axis=1)], axis=1)
                 uniq, inv = np.unique(rows, axis=0, return_inverse=True)
                 w = np.bincount(inv.ravel(), self._weights[m], minlength=len(uniq))
                 top = np.lexsort((np.arange(len(uniq)), -w))[: 4 * problem.num_experts]
-                cache[key] = [(int(uniq[i, 0]), uniq[i, 1:]) for i in top]
-        return cache[key]
+                cache[s] = [(int(uniq[i, 0]), uniq[i, 1:]) for i in top]
+        return cache[s]
 
     def migrate(self, problem: Problem, current: Placement, horizon_s: float,
                 bytes_weight: float = 1.0) -> Placement:
