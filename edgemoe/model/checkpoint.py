@@ -27,6 +27,7 @@ from edgemoe.model.families import (
     build_model,
     decoder_layer_index,
     experts_modules,
+    fp32_kept,
     load_config,
     num_experts_of,
     top_k_of,
@@ -185,18 +186,20 @@ def plan_checkpoint(model_dir: str | Path) -> CheckpointPlan:
     ]
     by_module = {plan.module: plan for plan in layers}
     renamings, converters = _split_conversions(meta)
+    # What the family keeps in float32 in some half dtype (float16 asks for both of its lists).
+    kept_fp32 = fp32_kept(meta, torch.float16)
     dense: dict[str, TensorRef] = {}
     groups: dict[tuple[str, int], ConvertedGroup] = {}
 
     for ref in refs:
-        if ref.dtype != dtype and not (ref.dtype == torch.float32 and _kept_fp32(meta, ref.key)):
-            raise ModelError(
-                f"{ref.file}: tensor {ref.key} has dtype {ref.dtype}, expected {dtype}"
-            )
         renamed = apply_renamings(ref.key, renamings)
         target, pattern = rename_source_key(
             ref.key, renamings, converters, meta.base_model_prefix, expected
         )
+        if ref.dtype != dtype and not (ref.dtype == torch.float32 and kept_fp32(target)):
+            raise ModelError(
+                f"{ref.file}: tensor {ref.key} has dtype {ref.dtype}, expected {dtype}"
+            )
         module, _, param = target.rpartition(".")
         plan = by_module.get(module)
         if plan is not None and param in plan.shapes:
@@ -258,14 +261,6 @@ def plan_checkpoint(model_dir: str | Path) -> CheckpointPlan:
         if lacking_params:
             raise ModelError(f"{_where(files)}: missing tensor {plan.module}.{lacking_params[0]}")
     return CheckpointPlan(root, config, dtype, num_experts, top_k_of(config), dense, layers, files)
-
-
-def _kept_fp32(model: torch.nn.Module, key: str) -> bool:
-    """Whether the family keeps this tensor in float32 (e.g. DeepSeek-V3's correction bias)."""
-    names = list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    names += list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
-    parts = key.split(".")
-    return any(name in parts for name in names)
 
 
 def _where(files: list[Path]) -> str:

@@ -8,6 +8,7 @@ tiny test configurations.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -179,3 +180,20 @@ def decoder_layer_index(module_name: str) -> int:
         if part == "layers" and parts[i + 1].isdigit():
             return int(parts[i + 1])
     raise ModelError(f"cannot tell the decoder layer of {module_name!r}")
+
+
+def fp32_kept(model: nn.Module, dtype: torch.dtype) -> Callable[[str], bool]:
+    """Which parameter names the family keeps in float32 when loaded in `dtype`.
+
+    Asks the library the way `from_pretrained` does (`_get_dtype_plan`, matched with its own
+    glob alternation), so a pattern such as DeepSeek-V3's `gate.weight` (transformers 5.24)
+    is honoured without a copied list.
+    """
+    from transformers.core_model_loading import build_glob_alternation
+
+    plan = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
+    kept = [pattern for pattern, want in plan.items() if want == torch.float32]
+    if not kept:
+        return lambda name: False
+    alternation = build_glob_alternation(kept)[0]
+    return lambda name: alternation.search(name) is not None

@@ -11,7 +11,7 @@ from torch import nn
 from edgemoe.model.distributed import DistributedExperts
 from edgemoe.model.errors import ModelError
 from edgemoe.model.executor import ExpertDirectory
-from edgemoe.model.families import build_model, experts_modules
+from edgemoe.model.families import build_model, experts_modules, fp32_kept
 from edgemoe.model.manifest import Manifest
 from edgemoe.model.routing import RoutingTrace
 from edgemoe.model.shard import DENSE_NAME, file_problem
@@ -89,19 +89,10 @@ def load_distributed_model(
 
 def _keep_fp32_params(model: nn.Module, dtype: torch.dtype) -> None:
     """Follow from_pretrained: the family's keep-in-fp32 parameters stay float32 in half dtypes."""
-    names: list[str] = []
-    if dtype in (torch.float16, torch.bfloat16):
-        names += list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
-    if dtype == torch.float16:
-        names += list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    if not names:
-        return
-    for module_name, module in model.named_modules():
-        inside = any(part in names for part in module_name.split("."))
-        for store in (module._parameters, module._buffers):
-            for name, tensor in store.items():
-                if tensor is not None and tensor.is_floating_point() and (inside or name in names):
-                    tensor.data = tensor.data.float()
+    kept = fp32_kept(model, dtype)
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and kept(name):
+            tensor.data = tensor.data.float()
 
 
 def distributed_blocks(model: nn.Module) -> list[DistributedExperts]:
