@@ -36,6 +36,22 @@ def _daemon_command(app: typer.Typer) -> None:
         api_token: Annotated[
             str | None, typer.Option(help="Bearer token of the client API")
         ] = None,
+        admin_token: Annotated[
+            str | None, typer.Option(help="Bearer token of the administrative routes")
+        ] = None,
+        secret_file: Annotated[
+            str | None, typer.Option(help="File holding the cluster secret")
+        ] = None,
+        api_token_file: Annotated[
+            str | None, typer.Option(help="File holding the API token")
+        ] = None,
+        admin_token_file: Annotated[
+            str | None, typer.Option(help="File holding the admin token")
+        ] = None,
+        tls_cert: Annotated[
+            str | None, typer.Option(help="PEM certificate chain: the client API speaks HTTPS")
+        ] = None,
+        tls_key: Annotated[str | None, typer.Option(help="PEM key of tls_cert")] = None,
         device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N")] = None,
         strategy: Annotated[str | None, typer.Option(help="Placement strategy")] = None,
         log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error")] = None,
@@ -52,7 +68,10 @@ def _daemon_command(app: typer.Typer) -> None:
         flags = dict(
             model_dir=model_dir, state_dir=state_dir, host=host, port=port, capacity=capacity,
             cluster_id=cluster_id, secret=secret, interface=interface, seed_peer=seed_peer,
-            api_token=api_token, device=device, strategy=strategy, log_level=log_level,
+            api_token=api_token, admin_token=admin_token, secret_file=secret_file,
+            api_token_file=api_token_file, admin_token_file=admin_token_file,
+            tls_cert=tls_cert, tls_key=tls_key, device=device, strategy=strategy,
+            log_level=log_level,
             drift_threshold=drift_threshold, drift_min_interval=drift_min_interval,
         )  # fmt: skip
         try:

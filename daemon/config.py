@@ -34,6 +34,16 @@ _SIZE_UNITS = {
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }  # fmt: skip
 _LIST_KEYS = ("interface", "seed_peer")
+_PATH_KEYS = (
+    "state_dir", "model_dir", "secret_file", "api_token_file", "admin_token_file", "tls_cert",
+    "tls_key",
+)  # fmt: skip
+# key -> the file key that may supply it
+_FROM_FILE = {
+    "secret": "secret_file",
+    "api_token": "api_token_file",
+    "admin_token": "admin_token_file",
+}
 
 
 class ConfigError(ValueError):
@@ -101,6 +111,18 @@ class DaemonConfig:
     interface: tuple[str, ...] = ()
     seed_peer: tuple[tuple[str, int], ...] = ()
     api_token: str | None = None
+    # Token of the administrative routes (migrate, operator member sets); the inference token
+    # above does not grant them.
+    admin_token: str | None = None
+    # Secrets from files (systemd `LoadCredential=`: a relative name is looked up in
+    # $CREDENTIALS_DIRECTORY), so none has to appear on a command line. The value read is
+    # used where the key itself (secret, api_token, admin_token) is not given.
+    secret_file: Path | None = None
+    api_token_file: Path | None = None
+    admin_token_file: Path | None = None
+    # PEM certificate chain and key: the client API speaks HTTPS when both are given.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     device: str = "cpu"
     strategy: str = "edgemoe"
     log_level: str = "info"
@@ -123,7 +145,7 @@ _KEYS = {f.name for f in fields(DaemonConfig)} | {"config"}
 def _coerce(key: str, value: Any) -> Any:
     """Turn a raw TOML/env/flag value into the field's type, or raise ConfigError naming it."""
     try:
-        if key in ("state_dir", "model_dir"):
+        if key in _PATH_KEYS:
             if not isinstance(value, str | Path) or not str(value):
                 raise ConfigError(f"{key}: must be a path")
             return Path(value).expanduser()
@@ -186,6 +208,19 @@ def _as_list(value: Any) -> list[str]:
     raise ConfigError(f"expected a list, got {value!r}")
 
 
+def _read_secret(key: str, path: Path, env: Mapping[str, str]) -> str:
+    """A secret kept in a file: relative names come from systemd's credentials directory."""
+    if not path.is_absolute() and env.get("CREDENTIALS_DIRECTORY"):
+        path = Path(env["CREDENTIALS_DIRECTORY"]) / path
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
+    if not value:
+        raise ConfigError(f"{key}: {path} is empty")
+    return value
+
+
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in _KEYS - {"config"}:
@@ -217,11 +252,17 @@ def load_config(
     raw.update(_from_env(env))
     raw.update({k: v for k, v in (flags or {}).items() if v not in (None, (), [])})
     raw.pop("config", None)
+    for key, file_key in _FROM_FILE.items():
+        if raw.get(key) in (None, "") and raw.get(file_key) not in (None, ""):
+            raw[key] = _read_secret(file_key, _coerce(file_key, raw[file_key]), env)
     values = {k: _coerce(k, v) for k, v in raw.items()}
+    if ("tls_cert" in values) != ("tls_key" in values):
+        raise ConfigError("tls_cert, tls_key: give both (PEM certificate chain and its key)")
     for required in ("secret", "state_dir"):
         if required not in values:
+            also = f" or {_FROM_FILE[required]}" if required in _FROM_FILE else ""
             raise ConfigError(
                 f"{required}: missing (flag --{required.replace('_', '-')}, "
-                f"EDGEMOE_{required.upper()} or the config file)"
+                f"EDGEMOE_{required.upper()} or the config file{also})"
             )
     return DaemonConfig(**values)

@@ -73,6 +73,25 @@ def test_unknown_toml_key_is_refused(tmp_path: Path) -> None:
         load_config(toml, {}, env={})
 
 
+def test_secrets_come_from_files_and_systemd_credentials(tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "secret").write_text("s" * 32 + "\n")
+    (tmp_path / "admin").write_text("admin-token\n")
+    flags = {"state_dir": str(tmp_path), "secret_file": "secret",
+             "admin_token_file": str(tmp_path / "admin")}  # fmt: skip
+    cfg = load_config(None, flags, env={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert cfg.secret == "s" * 32 and cfg.admin_token == "admin-token"
+    # The key itself wins over its file.
+    env = {"CREDENTIALS_DIRECTORY": str(creds)}
+    cfg = load_config(None, {**flags, "secret": "t" * 32}, env=env)
+    assert cfg.secret == "t" * 32
+    with pytest.raises(ConfigError, match="secret_file: cannot read"):
+        load_config(None, {**flags, "secret_file": str(tmp_path / "nope")}, env={})
+    with pytest.raises(ConfigError, match="tls_cert, tls_key: give both"):
+        load_config(None, {**flags, "tls_cert": str(tmp_path / "c.pem")}, env={})
+
+
 def test_node_id_persists(tmp_path: Path) -> None:
     first = load_or_create_node_id(tmp_path / "state")
     assert load_or_create_node_id(tmp_path / "state") == first
