@@ -89,7 +89,7 @@ def test_secrets_come_from_files_and_systemd_credentials(tmp_path: Path) -> None
     with pytest.raises(ConfigError, match="secret_file: cannot read"):
         load_config(None, {**flags, "secret_file": str(tmp_path / "nope")}, env={})
     with pytest.raises(ConfigError, match="tls_cert, tls_key: give both"):
-        load_config(None, {**flags, "tls_cert": str(tmp_path / "c.pem")}, env={})
+        load_config(None, {**flags, "tls_cert": str(tmp_path / "c.pem")}, env=env)
 
 
 def test_node_id_persists(tmp_path: Path) -> None:
