@@ -325,7 +325,13 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 
 async def healthz(request: web.Request) -> web.StreamResponse:
     d = _daemon(request)
-    return web.json_response({"ok": True, "node_id": d.node_id, "ready": d.engine is not None})
+    return web.json_response({"ok": True, "node_id": d.node_id, "ready": d.engine is not None,
+                              "tasks": _task_health(d)})  # fmt: skip
+
+
+def _task_health(d: Daemon) -> dict[str, Any]:
+    """Supervised tasks that failed (logged, counted and restarted): {"failed": {name: ...}}."""
+    return {"failed": d.supervisor.failed()}
 
 
 def add_routes(app: web.Application) -> None:

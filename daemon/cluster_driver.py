@@ -165,8 +165,8 @@ class ClusterDriver:
 
     async def start(self) -> None:
         self.apply(self.core.start(self.now()))
-        self._spawn(self._timer())
-        self._spawn(self._publish_stats())
+        self._spawn(self._timer, "cluster timer", restart=True)
+        self._spawn(self._publish_stats, "cluster statistics", restart=True)
 
     async def leave(self) -> None:
         """Hand our experts over (a new epoch without us, bounded wait), then say goodbye.
@@ -205,8 +205,10 @@ class ClusterDriver:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.storage.close()
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
+    def _spawn(self, coro: Any, name: str, *, restart: bool = False) -> None:
+        """A supervised task (`coro` a coroutine, or with `restart` a function making one)."""
+        factory = coro if restart else (lambda: coro)
+        task = self.d.supervisor.spawn(name, factory, restart=restart)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -257,7 +259,7 @@ class ClusterDriver:
     # ---- outputs of the core ----------------------------------------------------------------
     def apply(self, out: Outbox) -> None:
         for dest, msg in out.messages:
-            self._spawn(self._send(dest, msg))
+            self._spawn(self._send(dest, msg), "gossip send")
         for eff in out.effects:
             self._effect(eff)
         if out.effects:
@@ -267,7 +269,7 @@ class ClusterDriver:
         client = self.d.client(dest)
         if client is None:
             addr = self.core.address_of(dest)
-            if addr is None or (peer := self.d.add_peer(dest, addr)) is None:
+            if addr is None or (peer := self.d.add_peer(dest, addr, trusted=True)) is None:
                 return
             client = peer.client
         async with self._sends:
@@ -279,14 +281,14 @@ class ClusterDriver:
 
     def _effect(self, eff: Any) -> None:
         if isinstance(eff, MemberAlive):
-            if eff.node != self.d.node_id:
-                self.d.add_peer(eff.node, eff.addr)
+            if eff.node != self.d.node_id:  # vouched for by an authenticated member
+                self.d.add_peer(eff.node, eff.addr, trusted=True)
         elif isinstance(eff, MemberSuspect | MemberDead):
             log.info("member %s is %s", eff.node, type(eff).__name__.removeprefix("Member"))
         elif isinstance(eff, Decided):
             self._on_decided(eff.value)
         elif isinstance(eff, FetchShard):
-            self._spawn(self._fetch(eff))
+            self._spawn(self._fetch(eff), "migration fetch")
         elif isinstance(eff, DropShard):
             log.info("dropping expert %d/%d (epoch %d)", eff.layer, eff.expert, eff.epoch)
             self.migration.drop([(eff.layer, eff.expert)])
@@ -300,7 +302,7 @@ class ClusterDriver:
         self.d.metrics.epoch.set(value.epoch)
         self.d.metrics.epochs_decided.inc()
         self.d.metrics.epochs_by_reason.labels(reason=value.reason).inc()
-        self._spawn(self._notify_decided())
+        self._spawn(self._notify_decided(), "decision notice")
 
     async def _notify_decided(self) -> None:
         async with self._decided:

@@ -2,7 +2,8 @@
 
 Announces ``_edgemoe._tcp.local.`` with TXT node_id, cluster_id, fingerprint, proto, port
 (never a secret) and browses for peers; a peer of another cluster or with an incompatible
-model fingerprint is ignored (logged once per node).
+model fingerprint is ignored (logged once per node). What mDNS says is not authenticated: a
+peer found here becomes a member only once it proves it holds the cluster secret.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import asyncio
 import logging
 import socket
 from collections.abc import Callable
+from typing import Any
 
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from edgemoe.daemon.supervisor import Supervisor
 from edgemoe.daemon.wire import PROTOCOL_VERSION
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,7 @@ class Discovery:
         port: int,
         fingerprint: Callable[[], str],
         on_peer: OnPeer,
+        supervisor: Supervisor | None = None,
     ) -> None:
         if not interfaces:
             raise ValueError("mDNS needs at least one explicit interface address")
@@ -51,7 +55,8 @@ class Discovery:
         self._browser: AsyncServiceBrowser | None = None
         self._info: AsyncServiceInfo | None = None
         self._ignored: set[str] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.supervisor = supervisor or Supervisor()
 
     def _service_info(self) -> AsyncServiceInfo:
         props = {
@@ -100,7 +105,8 @@ class Discovery:
     ) -> None:
         if state_change not in (ServiceStateChange.Added, ServiceStateChange.Updated):
             return
-        task = asyncio.ensure_future(self._resolve(service_type, name))
+        coro = self._resolve(service_type, name)
+        task = self.supervisor.spawn("mdns resolve", lambda: coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

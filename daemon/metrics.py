@@ -91,6 +91,25 @@ class DaemonMetrics:
         self.corrupt_shards = Counter(
             "edgemoe_corrupt_shards", "Fetched shards refused for size or sha256", registry=r
         )
+        self.peer_refused = Counter(
+            "edgemoe_peer_requests_refused",
+            "Peer requests refused before their body was read (signature: the sender does not "
+            "hold our cluster secret; envelope: malformed, stale, replayed or misaddressed)",
+            ["reason"],
+            registry=r,
+        )
+        self.peer_messages_refused = Counter(
+            "edgemoe_peer_messages_refused",
+            "Signed cluster messages refused (type, field, value, unknown, sender, rejected)",
+            ["reason"],
+            registry=r,
+        )
+        self.task_failures = Counter(
+            "edgemoe_task_failures",
+            "Failures of supervised long-lived tasks (restarted with backoff), per task",
+            ["task"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -27,7 +27,8 @@ from edgemoe.daemon.peers import PeerClient, PeerError
 from edgemoe.daemon.remote import LocalShareTap, Router
 from edgemoe.daemon.rpc import ExpertService
 from edgemoe.daemon.store import CorruptShard, ShardFetcher, ShardStore
-from edgemoe.daemon.wire import MAX_PEER_BODY, ReplayGuard, unpack
+from edgemoe.daemon.supervisor import Supervisor
+from edgemoe.daemon.wire import MAX_PEER_BODY, ReplayGuard, keys_for
 from edgemoe.model.local import LocalExperts
 from edgemoe.model.manifest import Manifest
 from edgemoe.model.shard import DENSE_NAME
@@ -35,6 +36,8 @@ from edgemoe.stats.recorder import ActivationRecorder
 
 log = logging.getLogger(__name__)
 SEED_WAIT_S = 3.0
+VERIFY_PEER_FIRST_S = 1.0  # pause before asking an unauthenticated peer again; doubles
+VERIFY_PEER_MAX_S = 30.0
 
 
 @dataclass
@@ -43,6 +46,9 @@ class Peer:
     url: str
     fingerprint: str
     client: PeerClient
+    # proved it holds the cluster secret (signed answer or request); only such a peer is a
+    # member, a source of model files or a placement target
+    trusted: bool = False
 
 
 def resolve_device(name: str) -> str:
@@ -59,7 +65,10 @@ class Daemon:
         self.node_id = load_or_create_node_id(config.state_dir)
         self.secret = config.secret.encode()
         self.replay = ReplayGuard()
+        self.keys = keys_for(self.secret)
+        self.peer_gate = peer_api.PeerGate()
         self.metrics = DaemonMetrics()
+        self.supervisor = Supervisor(self._task_failed)
         self.device = resolve_device(config.device)
         self.store = ShardStore(config.model_dir or config.state_dir / "model")
         self.fetcher = ShardFetcher(self.store, on_bytes=self._fetched)
@@ -108,14 +117,14 @@ class Daemon:
             self.discovery = Discovery(
                 list(self.config.interface), node_id=self.node_id,
                 cluster_id=self.config.cluster_id, host=host, port=self.config.port,
-                fingerprint=self.fingerprint, on_peer=self.add_peer,
+                fingerprint=self.fingerprint, on_peer=self.add_peer, supervisor=self.supervisor,
             )  # fmt: skip
             await self.discovery.start()
         self._seed_tasks = [
-            self._spawn(self._contact_seed(f"http://{host}:{port}"))
+            self._spawn(self._contact_seed(f"http://{host}:{port}"), f"seed {host}:{port}")
             for host, port in self.config.seed_peer
         ]
-        self._spawn(self._bootstrap())
+        self._spawn(self._bootstrap(), "bootstrap")
 
     async def stop(self) -> None:
         """Leave gracefully (announce, hand duties over), then close everything."""
@@ -142,17 +151,18 @@ class Daemon:
         if self.engine is not None:
             self.engine.close()
 
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coro)
+    def _spawn(self, coro: Any, name: str = "background", *, restart: bool = False
+               ) -> asyncio.Task[Any]:  # fmt: skip
+        """Run a task under the supervisor: `coro` is a coroutine (run once) or, with
+        `restart`, a function making one (run again after a failure)."""
+        factory = coro if callable(coro) else (lambda: coro)
+        task = self.supervisor.spawn(name, factory, restart=restart)
         self._tasks.add(task)
-
-        def done(t: asyncio.Task[Any]) -> None:
-            self._tasks.discard(t)
-            if not t.cancelled() and t.exception() is not None:
-                log.error("background task failed", exc_info=t.exception())
-
-        task.add_done_callback(done)
+        task.add_done_callback(self._tasks.discard)
         return task
+
+    def _task_failed(self, name: str) -> None:
+        self.metrics.task_failures.labels(task=name).inc()
 
     # ---- identity and peers -----------------------------------------------------------------
     def _fetched(self, n: int) -> None:
@@ -176,8 +186,10 @@ class Daemon:
             "ready": self.engine is not None,
         }
 
-    def add_peer(self, node_id: str, url: str, fingerprint: str = "") -> Peer | None:
-        """A peer found by mDNS, a seed or gossip; (re)creates its pooled client."""
+    def add_peer(self, node_id: str, url: str, fingerprint: str = "", *, trusted: bool = False
+                 ) -> Peer | None:  # fmt: skip
+        """A peer found by mDNS, a seed or gossip; (re)creates its pooled client. A peer not
+        `trusted` (mDNS says anything) is asked to prove the secret before it counts."""
         if node_id == self.node_id or self._stopping:
             return None
         mine = self.fingerprint()
@@ -191,32 +203,76 @@ class Daemon:
         if peer is not None and peer.url == url:
             if fingerprint and not peer.fingerprint:
                 peer.fingerprint = fingerprint
+            if trusted and not peer.trusted:
+                self._trust(peer)
             return peer
         if peer is not None:
-            self._spawn(peer.client.close())
-        peer = Peer(node_id, url, fingerprint, PeerClient(url, self.node_id, self.secret))
+            self._spawn(peer.client.close(), "close peer client")
+            trusted = trusted or peer.trusted
+        client = PeerClient(url, self.node_id, self.secret, peer_id=node_id)
+        peer = Peer(node_id, url, fingerprint, client)
         self.peers[node_id] = peer
         log.info("peer %s at %s", node_id, url)
+        if trusted:
+            self._trust(peer)
+        else:
+            self._spawn(self._verify_peer(peer), f"verify peer {node_id}")
+        return peer
+
+    def _trust(self, peer: Peer) -> None:
+        peer.trusted = True
         self._peer_event.set()
         if self.cluster is not None:
-            self.cluster.peer_found(node_id, url)
-        return peer
+            self.cluster.peer_found(peer.node_id, peer.url)
+
+    async def _verify_peer(self, peer: Peer) -> None:
+        """Ask a peer found unauthenticated for its signed hello until it answers one; until
+        then it is neither a member nor a source (said once, not at every retry)."""
+        pause = VERIFY_PEER_FIRST_S
+        said = False
+        while not peer.trusted and self.peers.get(peer.node_id) is peer and not self._stopping:
+            try:
+                await peer.client.hello()
+                log.info("peer %s authenticated", peer.node_id)
+                self._trust(peer)
+                return
+            except PeerError as exc:
+                if not said:
+                    said = True
+                    log.warning("peer %s at %s is not authenticated (%s): not a member",
+                                peer.node_id, peer.url, exc)  # fmt: skip
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, VERIFY_PEER_MAX_S)
+
+    def note_authenticated(self, sender: str) -> None:
+        """`sender` signed a request with our secret: a peer known by that id is trusted."""
+        peer = self.peers.get(sender)
+        if peer is not None and not peer.trusted:
+            self._trust(peer)
 
     async def _contact_seed(self, url: str) -> None:
         probe = PeerClient(url, self.node_id, self.secret)
+        said = False
         try:
             for attempt in range(600):
                 try:
-                    raw = await probe.get_bytes("/v1/hello", timeout_s=5.0)
-                    info = unpack(raw)
+                    info = await probe.hello()  # signed by the seed: it holds the secret
                     if info.get("cluster_id") != self.config.cluster_id:
                         log.warning("seed %s belongs to cluster %r", url, info.get("cluster_id"))
                         return
-                    self.add_peer(str(info["node_id"]), url, str(info.get("fingerprint", "")))
+                    self.add_peer(str(info["node_id"]), url, str(info.get("fingerprint", "")),
+                                  trusted=True)  # fmt: skip
                     return
-                except (PeerError, KeyError, TypeError, ValueError, AttributeError) as exc:
-                    if attempt % 10 == 0:
+                except PeerError as exc:
+                    if exc.status in (401, 502) and not said:  # answered, but unauthenticated
+                        said = True
+                        log.warning("seed %s is not authenticated (%s): ignored", url, exc)
+                    elif attempt % 10 == 0 and exc.status not in (401, 502):
                         log.info("seed %s not answering yet (%s)", url, exc)
+                    await asyncio.sleep(1.0)
+                except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                    if attempt % 10 == 0:
+                        log.info("seed %s answered a malformed hello (%s)", url, exc)
                     await asyncio.sleep(1.0)
         finally:
             await probe.close()
@@ -236,7 +292,7 @@ class Daemon:
 
     def sources(self, exclude: str | None = None) -> list[PeerClient]:
         """Peers to fetch files from: live ones first."""
-        peers = [p for p in self.peers.values() if p.node_id != exclude]
+        peers = [p for p in self.peers.values() if p.node_id != exclude and p.trusted]
         peers.sort(key=lambda p: not self.is_alive(p.node_id))
         return [p.client for p in peers]
 
@@ -247,7 +303,7 @@ class Daemon:
             # let every answering seed be known first, so the dense part comes from all of them
             await asyncio.wait(self._seed_tasks, timeout=SEED_WAIT_S)
         while not self.store.ready():
-            if not self.peers:
+            if not any(p.trusted for p in self.peers.values()):
                 self._peer_event.clear()
                 await self._peer_event.wait()
                 continue
@@ -278,7 +334,8 @@ class Daemon:
         )
         self.cluster = ClusterDriver(self, genesis=[self.node_id] if self.seeded else [])
         for peer in self.peers.values():
-            self.cluster.peer_found(peer.node_id, peer.url)
+            if peer.trusted:
+                self.cluster.peer_found(peer.node_id, peer.url)
         await self.cluster.start()
         self.ready.set()
         log.info("node %s ready: model %s", self.node_id, self.model_id)
@@ -293,7 +350,8 @@ class Daemon:
     async def _fetch_manifest(self) -> None:
         """Ask every known peer in turn, those announcing a model fingerprint first: a peer that
         is itself still bootstrapping answers 503, and must not hide the one that has it."""
-        peers = sorted(self.peers.values(), key=lambda p: not p.fingerprint)
+        trusted = [p for p in self.peers.values() if p.trusted]
+        peers = sorted(trusted, key=lambda p: not p.fingerprint)
         errors: list[str] = []
         for peer in peers:
             try:

@@ -8,7 +8,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 
-from edgemoe.daemon.wire import pack, signed_headers
+from edgemoe.daemon.wire import keys_for, pack, request_headers
 
 from .conftest import SECRET, TOKEN, Node, TinyModel
 
@@ -25,7 +25,8 @@ def disk_state(*roots: Path) -> dict[str, str]:
 def signed(
     node: Node, method: str, path: str, body: bytes = b"", **kw: object
 ) -> tuple[int, object]:
-    headers = signed_headers(SECRET.encode(), "feedfeedfeedfeed", method, path, body)
+    headers = request_headers(keys_for(SECRET.encode()), "feedfeedfeedfeed", node.node_id,
+                              method, path, body)  # fmt: skip
     headers.update(kw.pop("override", {}))  # type: ignore[arg-type]
     return node.request(
         method, path, raw=body if method == "POST" else None, token=None, headers=headers
@@ -149,7 +150,8 @@ def test_every_endpoint_refuses_bad_input_and_keeps_serving(solo: Node, tiny: Ti
         assert needle.lower() in reason.lower(), (name, reason)
 
     # a replayed request (same nonce) is refused even though its signature is valid
-    headers = signed_headers(SECRET.encode(), "feedfeedfeedfeed", "POST", fwd, good)
+    headers = request_headers(keys_for(SECRET.encode()), "feedfeedfeedfeed", solo.node_id,
+                              "POST", fwd, good)  # fmt: skip
     assert solo.request("POST", fwd, raw=good, token=None, headers=headers)[0] == 200
     status, body = solo.request("POST", fwd, raw=good, token=None, headers=headers)
     assert status == 401 and "replayed" in body["error"]["message"]

@@ -10,14 +10,17 @@ import pytest
 from edgemoe.daemon.config import Capacity, ConfigError, load_config, parse_capacity
 from edgemoe.daemon.identity import load_or_create_node_id
 from edgemoe.daemon.wire import (
+    BodyCheck,
     ReplayGuard,
     WireError,
+    check_envelope,
     decode_array,
     encode_array,
+    keys_for,
     pack,
-    signed_headers,
+    parse_envelope,
+    request_headers,
     unpack,
-    verify,
 )
 
 SECRET = "s" * 32
@@ -98,29 +101,42 @@ def test_node_id_persists(tmp_path: Path) -> None:
     assert len(first) == 16
 
 
+A, B = "a" * 16, "b" * 16
+
+
+def _verify(key: bytes, guard: ReplayGuard, method: str, path: str, headers: dict[str, str],
+            body: bytes, me: str = B) -> str:  # fmt: skip
+    env = parse_envelope(headers)
+    check_envelope(keys_for(key), guard, me, method, path, env)
+    check = BodyCheck(env, 1 << 20)
+    check.feed(body)
+    check.finish()
+    return env.sender
+
+
 def test_signed_request_verifies_once_and_tampering_fails() -> None:
     key = SECRET.encode()
     body = pack({"x": 1})
-    headers = signed_headers(key, "n1", "POST", "/v1/gossip", body)
+    headers = request_headers(keys_for(key), A, B, "POST", "/v1/gossip", body)
     guard = ReplayGuard()
-    assert verify(key, guard, "POST", "/v1/gossip", headers, body) == "n1"
+    assert _verify(key, guard, "POST", "/v1/gossip", headers, body) == A
     with pytest.raises(WireError, match="replayed"):
-        verify(key, guard, "POST", "/v1/gossip", headers, body)
-    fresh = signed_headers(key, "n1", "POST", "/v1/gossip", body)
+        _verify(key, guard, "POST", "/v1/gossip", headers, body)
+    fresh = request_headers(keys_for(key), A, B, "POST", "/v1/gossip", body)
+    with pytest.raises(WireError, match="sha256"):
+        _verify(key, guard, "POST", "/v1/gossip", fresh, body + b"!")
     with pytest.raises(WireError, match="HMAC"):
-        verify(key, guard, "POST", "/v1/gossip", fresh, body + b"!")
+        _verify(b"other" * 8, guard, "POST", "/v1/gossip", fresh, body)
     with pytest.raises(WireError, match="HMAC"):
-        verify(b"other" * 8, guard, "POST", "/v1/gossip", fresh, body)
-    with pytest.raises(WireError, match="HMAC"):
-        verify(key, guard, "POST", "/v1/experts/forward", fresh, body)
+        _verify(key, guard, "POST", "/v1/experts/forward", fresh, body)
 
 
 def test_stale_timestamp_is_refused() -> None:
     key = SECRET.encode()
-    headers = signed_headers(key, "n1", "GET", "/v1/dense", b"")
+    headers = request_headers(keys_for(key), A, B, "GET", "/v1/dense", b"")
     guard = ReplayGuard(clock=lambda: float(headers["X-Edgemoe-Time"]) + 31)
     with pytest.raises(WireError, match="window"):
-        verify(key, guard, "GET", "/v1/dense", headers, b"")
+        _verify(key, guard, "GET", "/v1/dense", headers, b"")
 
 
 def test_tensor_fields_are_checked() -> None:

@@ -68,7 +68,8 @@ class FaultyProxy:
 async def _setup(solo: Node, tmp: Path, mode: str) -> tuple[FaultyProxy, PeerClient, ShardStore]:
     proxy = FaultyProxy(solo.port, mode)
     port = await proxy.start()
-    client = PeerClient(f"http://127.0.0.1:{port}", "feedfeedfeedfeed", SECRET.encode())
+    client = PeerClient(f"http://127.0.0.1:{port}", "feedfeedfeedfeed", SECRET.encode(),
+                        peer_id=solo.node_id)  # fmt: skip
     store = ShardStore(tmp / "store")
     store.install_manifest(await client.get_bytes("/v1/manifest"), None)
     return proxy, client, store
