@@ -37,7 +37,7 @@ from edgemoe.cluster.effects import (
     MemberDead,
     MemberSuspect,
 )
-from edgemoe.cluster.messages import Proposal, Snapshot, from_wire, to_wire
+from edgemoe.cluster.messages import MessageError, Proposal, Snapshot, from_wire, to_wire
 from edgemoe.cluster.node import Node
 from edgemoe.cluster.outbox import Outbox
 from edgemoe.cluster.storage import SqliteStorage
@@ -100,6 +100,7 @@ class ClusterDriver:
         self._failures: dict[tuple[int, int], int] = {}  # failed fetches in a row, per shard
         self._leaving = False  # handing over: still driving the core
         self._left = False  # goodbye said: the core is no longer driven
+        self._refused_logged: set[tuple[str, str]] = set()  # (sender, reason) said once
 
     # ---- placement (called by the core, also to verify others' proposals) -------------------
     def _placement(self, inputs: PlacementInputs) -> Mapping[str, Iterable[tuple[int, int]]]:
@@ -244,17 +245,35 @@ class ClusterDriver:
         self._wake.set()
 
     async def on_message(self, sender: str, raw: Any) -> Any:
+        """A signed message from `sender`: decoded against its declared types, handed to the
+        core; whatever is wrong with it is refused (counted, a 4xx), never raised further."""
         try:
             msg = from_wire(raw)
-        except ValueError as exc:
+        except MessageError as exc:
+            self._refuse(sender, exc.reason, str(exc))
             raise WireError(f"bad cluster message: {exc}") from None
         if getattr(msg, "sender", sender) != sender:
+            self._refuse(sender, "sender", "message sender differs from the signed sender")
             raise WireError("message sender differs from the signed sender", 403)
         if self._left:
             return {"ok": False}
         self.d.metrics.gossip_messages.labels(direction="in").inc()
-        self.apply(self.core.handle(self.now(), msg))
+        try:
+            out = self.core.handle(self.now(), msg)
+        except Exception as exc:  # well typed but impossible: the core must not stop
+            self._refuse(sender, "rejected", f"{type(exc).__name__}: {exc}", trace=exc)
+            raise WireError(f"cluster message rejected: {type(exc).__name__}") from None
+        self.apply(out)
         return {"ok": True}
+
+    def _refuse(self, sender: str, reason: str, detail: str, trace: BaseException | None = None
+                ) -> None:  # fmt: skip
+        self.d.metrics.peer_messages_refused.labels(reason=reason).inc()
+        key = (sender, reason)
+        if key not in self._refused_logged and len(self._refused_logged) < 1024:
+            self._refused_logged.add(key)
+            log.warning("refused a cluster message from %s (%s): %s", sender, reason, detail,
+                        exc_info=trace)  # fmt: skip
 
     # ---- outputs of the core ----------------------------------------------------------------
     def apply(self, out: Outbox) -> None:
