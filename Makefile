@@ -42,4 +42,9 @@ test-latest:
 	$(LATEST)/bin/ruff check .
 	$(LATEST)/bin/python -m pytest -q
 
-.PHONY: install demo test constraints test-latest
+# Fuzz every peer decoder and peer route of a real daemon with many more examples than `make test`.
+fuzz: install
+	EDGEMOE_FUZZ_EXAMPLES=2000 $(VENV)/bin/python -m pytest -q -s -p no:cacheprovider \
+		tests/daemon/test_peer_fuzz.py
+
+.PHONY: install demo test constraints test-latest fuzz
