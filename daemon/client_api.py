@@ -1,20 +1,26 @@
 """Client endpoints: OpenAI-compatible completions (with SSE streaming), models, cluster, health,
 metrics. Bearer-token authenticated except /healthz; every bad request is a 4xx with a reason.
+
+A generation is admitted only while the node has a free slot (engine.MAX_ADMITTED; else 429 with
+Retry-After) and is cancelled when its client goes away, streamed or not: the connection is
+watched while the answer is computed, and the worker stops at its next token.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from edgemoe.daemon.engine import GenerationParams, GenerationResult
+from edgemoe.daemon.engine import Busy, GenerationParams, GenerationResult
 from edgemoe.daemon.peer_api import DAEMON_KEY, error
 
 if TYPE_CHECKING:
@@ -24,12 +30,18 @@ log = logging.getLogger(__name__)
 MAX_CLIENT_BODY = 1 << 20
 MAX_PROMPT_TOKENS = 4096
 MAX_NEW_TOKENS = 2048
+# How often a generation's connection is checked for a client that went away (seconds); a
+# cancelled generation still runs until the check and then its current token.
+DISCONNECT_POLL_S = 0.1
 
 
 class BadRequest(Exception):
-    def __init__(self, reason: str, status: int = 400) -> None:
+    def __init__(
+        self, reason: str, status: int = 400, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(reason)
         self.status = status
+        self.headers = headers or {}
 
 
 def _daemon(request: web.Request) -> Daemon:
@@ -164,7 +176,9 @@ def _guard(handler):  # type: ignore[no-untyped-def]
             return response
         except BadRequest as exc:
             status = exc.status
-            return error(exc.status, str(exc))
+            response = error(exc.status, str(exc))
+            response.headers.update(exc.headers)
+            return response
         except (web.HTTPException, ConnectionError):  # aiohttp's own answers; client gone
             raise
         except Exception as exc:  # one failing request never takes the daemon down
@@ -211,8 +225,47 @@ async def _completion(request: web.Request, chat: bool) -> web.StreamResponse:
     created = int(time.time())
     kind = "chat.completion" if chat else "text_completion"
     assert d.engine is not None
+    try:
+        slot = d.engine.admit()
+    except Busy as exc:
+        d.metrics.busy.inc()
+        raise BadRequest(str(exc), 429, {"Retry-After": str(exc.retry_after)}) from None
+    cancel = threading.Event()
+    watch = asyncio.ensure_future(_watch_client(request, cancel))
+    with slot:
+        try:
+            return await _answer(request, d, ids, params, cancel, chat=chat, stream=stream,
+                                 rid=rid, created=created, kind=kind, model=model)  # fmt: skip
+        finally:
+            watch.cancel()
+
+
+async def _watch_client(request: web.Request, cancel: threading.Event) -> None:
+    """Set `cancel` once the request's connection is gone (aiohttp does not cancel handlers)."""
+    while (transport := request.transport) is not None and not transport.is_closing():
+        await asyncio.sleep(DISCONNECT_POLL_S)
+    cancel.set()
+
+
+async def _answer(
+    request: web.Request,
+    d: Daemon,
+    ids: list[int],
+    params: GenerationParams,
+    cancel: threading.Event,
+    *,
+    chat: bool,
+    stream: bool,
+    rid: str,
+    created: int,
+    kind: str,
+    model: str,
+) -> web.StreamResponse:
+    assert d.engine is not None
     if not stream:
-        result = await d.generate(ids, params)
+        result = await d.generate(ids, params, cancel)
+        if result.finish_reason == "cancelled":  # nobody is left to read an answer
+            raise BadRequest("the client closed the connection", 499)
         choice: dict[str, Any] = {
             "index": 0,
             "finish_reason": result.finish_reason,
@@ -257,7 +310,7 @@ async def _completion(request: web.Request, chat: bool) -> web.StreamResponse:
     done: list[GenerationResult] = []
     produced: list[int] = []
     text_so_far = ""
-    tokens = d.stream(ids, params, done.append)
+    tokens = d.stream(ids, params, done.append, cancel)
     try:
         async with contextlib.aclosing(tokens):  # closing it stops the generation
             async for tok in tokens:

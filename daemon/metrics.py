@@ -27,7 +27,12 @@ class DaemonMetrics:
         )
         self.cancelled = Counter(
             "edgemoe_generations_cancelled",
-            "Streamed generations stopped because the client went away",
+            "Generations stopped because the client went away",
+            registry=r,
+        )
+        self.busy = Counter(
+            "edgemoe_generations_refused_busy",
+            "Generation requests answered 429: the node's admission limit was reached",
             registry=r,
         )
         self.remote_calls = Counter(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
@@ -335,16 +336,20 @@ class Daemon:
 
     # ---- generation ---------------------------------------------------------------------------
     def _account(self, result: GenerationResult) -> None:
+        if result.finish_reason == "cancelled":
+            self.metrics.cancelled.inc()
         n = len(result.token_ids)
         self.metrics.generated_tokens.inc(n)
         self.metrics.generation_seconds.observe(result.seconds)
         if result.seconds > 0:
             self.metrics.tokens_per_second.set(n / result.seconds)
 
-    async def generate(self, prompt_ids: list[int], params: GenerationParams) -> GenerationResult:
+    async def generate(
+        self, prompt_ids: list[int], params: GenerationParams, cancel: threading.Event
+    ) -> GenerationResult:
         assert self.engine is not None and self.recorder is not None
         self.recorder.note_request()
-        result = await self.engine.generate(prompt_ids, params)
+        result = await self.engine.generate(prompt_ids, params, cancel)
         self._account(result)
         return result
 
@@ -353,6 +358,7 @@ class Daemon:
         prompt_ids: list[int],
         params: GenerationParams,
         on_done: Callable[[GenerationResult], None],
+        cancel: threading.Event,
     ) -> AsyncGenerator[int, None]:
         assert self.engine is not None and self.recorder is not None
         self.recorder.note_request()
@@ -361,7 +367,7 @@ class Daemon:
             self._account(result)
             on_done(result)
 
-        return self.engine.stream(prompt_ids, params, done, self.metrics.cancelled.inc)
+        return self.engine.stream(prompt_ids, params, done, self.metrics.cancelled.inc, cancel)
 
     # ---- cluster ------------------------------------------------------------------------------
     async def on_gossip(self, sender: str, message: Any) -> Any:

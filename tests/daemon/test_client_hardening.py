@@ -1,0 +1,84 @@
+"""The client API under abuse: abandoned generations stop, a full node says 429, bad input of
+any kind is a 4xx with a reason (never a 500 or a logged traceback)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+
+from edgemoe.daemon.engine import MAX_ADMITTED
+
+from .conftest import MAX_NEW, PROMPTS, TOKEN, Node, TinyModel, wait_for
+
+CANCELLED = "edgemoe_generations_cancelled_total"
+HEADERS = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+
+
+def metric(node: Node, name: str) -> float:
+    status, body = node.request("GET", "/metrics")
+    assert status == 200
+    for line in body.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} missing")
+
+
+def raw_post(node: Node, path: str, body: dict) -> socket.socket:
+    """Send a request and return the socket without reading the answer."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", node.port), timeout=30)
+    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n")  # fmt: skip
+    sock.sendall(head.encode() + data)
+    return sock
+
+
+def answers_reference(node: Node, tiny: TinyModel) -> bool:
+    status, done = node.request("POST", "/v1/completions", {
+        "prompt": PROMPTS[0], "max_tokens": MAX_NEW, "temperature": 0})  # fmt: skip
+    return status == 200 and done["choices"][0]["token_ids"] == tiny.reference[PROMPTS[0]]
+
+
+def test_client_leaving_a_non_streaming_request_stops_its_generation(
+    solo: Node, tiny: TinyModel
+) -> None:
+    before = metric(solo, CANCELLED)
+    body = {"prompt": PROMPTS[1], "max_tokens": 2048, "temperature": 0, "stream": False}
+    socks = [raw_post(solo, "/v1/completions", body), raw_post(solo, "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": 2048,
+        "temperature": 0})]  # fmt: skip
+    time.sleep(1.0)  # both are generating (or waiting for a worker)
+    for sock in socks:
+        sock.close()
+    wait_for(lambda: metric(solo, CANCELLED) == before + 2, 30, "both generations to stop")
+    assert answers_reference(solo, tiny)
+
+
+def test_a_full_node_answers_429_with_retry_after_then_serves_again(
+    solo: Node, tiny: TinyModel
+) -> None:
+    body = json.dumps({"prompt": PROMPTS[1], "max_tokens": 2048, "stream": True})
+    held = []
+    try:
+        for _ in range(MAX_ADMITTED):
+            conn = http.client.HTTPConnection("127.0.0.1", solo.port, timeout=60)
+            conn.request("POST", "/v1/completions", body, HEADERS)
+            assert conn.getresponse().status == 200  # admitted: headers are out
+            held.append(conn)
+        conn = http.client.HTTPConnection("127.0.0.1", solo.port, timeout=30)
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": "x", "max_tokens": 4}),
+                     HEADERS)  # fmt: skip
+        resp = conn.getresponse()
+        answer = json.loads(resp.read())
+        assert resp.status == 429, answer
+        assert int(resp.headers["Retry-After"]) >= 1
+        assert "busy" in answer["error"]["message"]
+        conn.close()
+    finally:
+        for conn in held:
+            conn.sock.close()
+            conn.close()
+    wait_for(lambda: answers_reference(solo, tiny), 60, "the node to serve again")
+    assert metric(solo, "edgemoe_generations_refused_busy_total") >= 1
