@@ -378,7 +378,8 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 
 async def healthz(request: web.Request) -> web.StreamResponse:
     d = _daemon(request)
-    return web.json_response({"ok": True, "node_id": d.node_id, "ready": d.engine is not None})
+    ready, state = d.readiness()
+    return web.json_response({"ok": True, "node_id": d.node_id, "ready": ready, "state": state})
 
 
 def add_routes(app: web.Application) -> None:

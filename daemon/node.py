@@ -27,6 +27,7 @@ from edgemoe.daemon.metrics import DaemonMetrics
 from edgemoe.daemon.peers import PeerClient, PeerError
 from edgemoe.daemon.remote import LocalShareTap, Router
 from edgemoe.daemon.rpc import ExpertService
+from edgemoe.daemon.startup import StartupError, check_exposure, claim_dir
 from edgemoe.daemon.store import CorruptShard, ShardFetcher, ShardStore
 from edgemoe.daemon.wire import MAX_PEER_BODY, ReplayGuard, unpack
 from edgemoe.model.local import LocalExperts
@@ -57,12 +58,22 @@ class Daemon:
 
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
-        self.node_id = load_or_create_node_id(config.state_dir)
+        check_exposure(config)
+        self._claims = [claim_dir(config.state_dir, "state dir")]
+        try:
+            self._claims.append(claim_dir(store_root(config), "model dir"))
+            self.node_id = load_or_create_node_id(config.state_dir)
+        except (OSError, ValueError) as exc:
+            self.release_dirs()
+            raise StartupError(str(exc)) from None
+        except StartupError:
+            self.release_dirs()
+            raise
         self.secret = config.secret.encode()
         self.replay = ReplayGuard()
         self.metrics = DaemonMetrics()
         self.device = resolve_device(config.device)
-        self.store = ShardStore(config.model_dir or config.state_dir / "model")
+        self.store = ShardStore(store_root(config))
         self.fetcher = ShardFetcher(self.store, on_bytes=self._fetched)
         self.bytes_fetched = 0
         # A node started with the whole model decides the first epoch (the genesis acceptor);
@@ -86,6 +97,10 @@ class Daemon:
         self._stopping = False
         self._seed_tasks: list[asyncio.Task[Any]] = []
         self._ignored: set[str] = set()
+        # Why the node does not serve yet ("" once it does); "failed: ..." ends the process
+        # (`failed` is set; main exits with EXIT_CANNOT_START).
+        self.phase = "starting"
+        self.failed = asyncio.Event()
 
     # ---- lifecycle ----------------------------------------------------------------------------
     async def __aenter__(self) -> Daemon:
@@ -116,7 +131,7 @@ class Daemon:
             self._spawn(self._contact_seed(f"http://{host}:{port}"))
             for host, port in self.config.seed_peer
         ]
-        self._spawn(self._bootstrap())
+        self._spawn(self._bootstrap_or_fail())
 
     async def stop(self) -> None:
         """Leave gracefully (announce, hand duties over), then close everything."""
@@ -142,6 +157,11 @@ class Daemon:
             await asyncio.to_thread(self.expert_service.stop)
         if self.engine is not None:
             self.engine.close()
+        self.release_dirs()
+
+    def release_dirs(self) -> None:
+        for claim in self._claims:
+            claim.release()
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -242,6 +262,34 @@ class Daemon:
         return [p.client for p in peers]
 
     # ---- startup ------------------------------------------------------------------------------
+    async def _bootstrap_or_fail(self) -> None:
+        """A bootstrap error that leaves the node unable to serve ends the process with one
+        line; transient ones (peers, transfers) are retried inside `_bootstrap` and shown in
+        /healthz meanwhile."""
+        try:
+            await self._bootstrap()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.phase = f"failed: {type(exc).__name__}: {exc}"
+            log.error("cannot serve: %s", self.phase[8:])
+            self.failed.set()
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, why not): the model is loaded, and an epoch is in force or this node holds
+        every expert itself (a node alone can serve before its first epoch)."""
+        if self.phase:
+            return False, self.phase
+        m = self.store.manifest
+        if self.cluster is not None and self.cluster.core.epoch >= 1:
+            return True, "serving"
+        whole = m is not None and len(self.local.held() if self.local else ()) == (
+            m.num_layers * m.num_experts
+        )
+        if whole:
+            return True, "serving alone (no placement epoch yet)"
+        return False, "waiting for the first placement epoch"
+
     async def _bootstrap(self) -> None:
         """Get the manifest and the dense part (from peers if needed), then load and serve."""
         if not self.store.ready() and self._seed_tasks:
@@ -249,14 +297,18 @@ class Daemon:
             await asyncio.wait(self._seed_tasks, timeout=SEED_WAIT_S)
         while not self.store.ready():
             if not self.peers:
+                self.phase = "no model here and no peer found yet"
                 self._peer_event.clear()
                 await self._peer_event.wait()
                 continue
+            self.phase = "fetching the model from peers"
             try:
                 await self._fetch_model_files()
             except (PeerError, CorruptShard, OSError) as exc:
+                self.phase = f"fetching the model from peers (retrying: {exc})"
                 log.warning("fetching the model from peers failed (%s); retrying", exc)
                 await asyncio.sleep(1.0)
+        self.phase = "loading the model"
         manifest = self.store.manifest
         assert manifest is not None
         if self.discovery is not None:
@@ -281,6 +333,7 @@ class Daemon:
         for peer in self.peers.values():
             self.cluster.peer_found(peer.node_id, peer.url)
         await self.cluster.start()
+        self.phase = ""
         self.ready.set()
         log.info("node %s ready: model %s", self.node_id, self.model_id)
 
