@@ -73,9 +73,8 @@ def test_read_only_state_dir_exits_5(tmp_path: Path) -> None:
     code, out = run_to_exit(cmd)
     assert code == 5, out
     line = one_error_line(out)
-    assert (f"state dir {state} is not usable" in line and "Read-only" in line) or (
-        "Permission denied" in line
-    ), line
+    assert f"state dir {state} is not usable" in line, line
+    assert "Read-only" in line or "Permission denied" in line, line
 
 
 def test_daemon_beyond_loopback_without_tokens_exits_5(tmp_path: Path) -> None:
