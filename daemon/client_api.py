@@ -1,6 +1,15 @@
 """Client endpoints: OpenAI-compatible completions (with SSE streaming), models, cluster, health,
 metrics. Bearer-token authenticated except /healthz; every bad request is a 4xx with a reason.
 
+Roles: the inference token (`api_token`) opens the client routes; the administrative routes
+(POST /v1/cluster/migrate: re-placement and the operator's member set) need `admin_token`, and
+the inference token gets 403 there. The admin token also opens the client routes (an operator's
+CLI reads /v1/cluster with it). A node that listens beyond loopback refuses to start without
+both tokens (startup.check_exposure), so an unset token only happens on a loopback-only node;
+there, an unset api_token leaves the client routes open to local processes, and an unset
+admin_token lets the admin routes take the inference token (or none when that is unset too),
+from loopback peers only, so a reverse proxy on another address cannot lend them out.
+
 A generation is admitted only while the node has a free slot (engine.MAX_ADMITTED; else 429 with
 Retry-After) and is cancelled when its client goes away, streamed or not: the connection is
 watched while the answer is computed, and the worker stops at its next token.
@@ -22,6 +31,7 @@ from aiohttp import web
 
 from edgemoe.daemon.engine import Busy, GenerationParams, GenerationResult
 from edgemoe.daemon.peer_api import DAEMON_KEY, error
+from edgemoe.daemon.startup import is_loopback
 
 if TYPE_CHECKING:
     from edgemoe.daemon.node import Daemon
@@ -48,12 +58,38 @@ def _daemon(request: web.Request) -> Daemon:
     return request.app[DAEMON_KEY]  # type: ignore[return-value]
 
 
-def _check_token(request: web.Request) -> None:
-    token = _daemon(request).config.api_token
-    if not token:
-        return
+def _bearer(request: web.Request) -> bytes | None:
+    """The bearer token's bytes as sent (any bytes: the header is not trusted to be text)."""
     got = request.headers.get("Authorization", "")
-    if not got.startswith("Bearer ") or not hmac.compare_digest(got[7:].encode(), token.encode()):
+    if not got.startswith("Bearer "):
+        return None
+    try:  # aiohttp keeps undecodable header bytes as surrogate escapes
+        return got[7:].encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return b""
+
+
+def _matches(got: bytes | None, token: str | None) -> bool:
+    if got is None or not token:
+        return False
+    return hmac.compare_digest(got, token.encode())
+
+
+def _check_token(request: web.Request, *, admin: bool) -> None:
+    """The module docstring's roles: 401 without a valid token, 403 for the wrong role."""
+    cfg = _daemon(request).config
+    got = _bearer(request)
+    if admin and cfg.admin_token:
+        if _matches(got, cfg.admin_token):
+            return
+        if _matches(got, cfg.api_token):
+            raise BadRequest("this route needs the admin token; the API token does not grant it",
+                             403)  # fmt: skip
+        raise BadRequest("missing or wrong admin token (Authorization: Bearer ...)", 401)
+    if admin and not is_loopback(request.remote or ""):
+        raise BadRequest("admin routes of a node without admin_token serve loopback clients only",
+                         403)  # fmt: skip
+    if cfg.api_token and not (_matches(got, cfg.api_token) or _matches(got, cfg.admin_token)):
         raise BadRequest("missing or wrong API token (Authorization: Bearer ...)", 401)
 
 
@@ -163,14 +199,17 @@ def _usage(result: GenerationResult) -> dict[str, int]:
     }
 
 
-def _guard(handler):  # type: ignore[no-untyped-def]
-    """Token check, readiness, and BadRequest -> JSON 4xx for a client handler."""
+def _guard(handler=None, *, admin: bool = False):  # type: ignore[no-untyped-def]
+    """Token check (the admin role with ``admin=True``), and BadRequest -> JSON 4xx for a
+    client handler."""
+    if handler is None:
+        return lambda h: _guard(h, admin=admin)
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
         d = _daemon(request)
         status = 500
         try:
-            _check_token(request)
+            _check_token(request, admin=admin)
             response = await handler(request)
             status = response.status
             return response
@@ -351,7 +390,7 @@ async def cluster(request: web.Request) -> web.StreamResponse:
     return web.json_response(_daemon(request).cluster_view())
 
 
-@_guard
+@_guard(admin=True)
 async def migrate(request: web.Request) -> web.StreamResponse:
     d = _daemon(request)
     body = await _json_body(request)

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+
+import pytest
 
 from edgemoe.daemon.engine import MAX_ADMITTED
 
-from .conftest import MAX_NEW, PROMPTS, TOKEN, Node, TinyModel, wait_for
+from .conftest import MAX_NEW, PROMPTS, TOKEN, Node, TinyModel, make_node, wait_for
 
 CANCELLED = "edgemoe_generations_cancelled_total"
 HEADERS = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
@@ -82,3 +88,46 @@ def test_a_full_node_answers_429_with_retry_after_then_serves_again(
             conn.close()
     wait_for(lambda: answers_reference(solo, tiny), 60, "the node to serve again")
     assert metric(solo, "edgemoe_generations_refused_busy_total") >= 1
+
+
+ADMIN = "test-admin-token-9876543210"
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    """A node with both tokens: inference and administration are separate roles."""
+    node = make_node(tmp_path_factory.mktemp("guarded"), "guarded", shard_dir=tiny.shard_dir,
+                     cluster_id="guarded", capacity="100%", mdns=False,
+                     extra=["--admin-token", ADMIN])  # fmt: skip
+    node.start()
+    try:
+        node.wait_ready(120)
+        yield node
+    finally:
+        node.stop()
+
+
+def test_admin_routes_need_the_admin_token_not_the_api_token(guarded: Node) -> None:
+    dry = {"dry_run": True}
+    status, body = guarded.request("POST", "/v1/cluster/migrate", dry, token=TOKEN)
+    assert status == 403 and "needs the admin token" in body["error"]["message"], body
+    status, body = guarded.request("POST", "/v1/cluster/migrate", dry, token=None)
+    assert status == 401, body
+    status, body = guarded.request("POST", "/v1/cluster/migrate", dry, token="\xff" * 8)
+    assert status == 401, body
+    status, body = guarded.request("POST", "/v1/cluster/migrate", dry, token=ADMIN)
+    assert status == 200 and body["decided"] is False, body
+    assert guarded.request("GET", "/v1/cluster", token=ADMIN)[0] == 200  # the CLI reads with it
+    assert guarded.request("GET", "/v1/cluster", token=TOKEN)[0] == 200
+
+
+def test_cli_migrate_sends_the_admin_token(guarded: Node) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEMOE_")}
+    cmd = [sys.executable, "-m", "edgemoe.cli", "migrate", "--node", guarded.url,
+           "--api-token", TOKEN, "--dry-run", "--json"]  # fmt: skip
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert refused.returncode == 4, refused.stderr
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60,
+                          env={**env, "EDGEMOE_ADMIN_TOKEN": ADMIN})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["decided"] is False
