@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 MAX_CLIENT_BODY = 1 << 20
 MAX_PROMPT_TOKENS = 4096
 MAX_NEW_TOKENS = 2048
+# Below this a temperature divides the logits into infinities (NaN probabilities): use 0 (greedy).
+MIN_TEMPERATURE = 1e-3
+MAX_SEED = 2**63 - 1  # torch's generator seed is a 64-bit integer
+# Seconds a client may take to send its whole body once its headers are in.
+BODY_TIMEOUT_S = 30.0
 # How often a generation's connection is checked for a client that went away (seconds); a
 # cancelled generation still runs until the check and then its current token.
 DISCONNECT_POLL_S = 0.1
@@ -93,19 +98,45 @@ def _check_token(request: web.Request, *, admin: bool) -> None:
         raise BadRequest("missing or wrong API token (Authorization: Bearer ...)", 401)
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
+async def _read_body(request: web.Request) -> bytes:
+    """The whole body, at most MAX_CLIENT_BODY bytes and BODY_TIMEOUT_S seconds."""
+    too_big = BadRequest(f"body exceeds {MAX_CLIENT_BODY} bytes", 413)
     if request.content_length is not None and request.content_length > MAX_CLIENT_BODY:
-        raise BadRequest(f"body exceeds {MAX_CLIENT_BODY} bytes", 413)
-    raw = await request.content.read(MAX_CLIENT_BODY + 1)
-    if len(raw) > MAX_CLIENT_BODY:
-        raise BadRequest(f"body exceeds {MAX_CLIENT_BODY} bytes", 413)
+        raise too_big
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            while chunk := await request.content.readany():
+                size += len(chunk)
+                if size > MAX_CLIENT_BODY:
+                    raise too_big
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BadRequest(f"body not received within {BODY_TIMEOUT_S:.0f} s", 408) from None
+    return b"".join(chunks)
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    raw = await _read_body(request)
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"body is not JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("body nests too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
     return body
+
+
+def _text(value: str, what: str) -> str:
+    """A string the tokenizer can take: JSON lets through lone surrogates, UTF-8 does not."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"{what} contains an unpaired surrogate (invalid Unicode)") from None
+    return value
 
 
 def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:
@@ -129,11 +160,16 @@ def _params(body: dict[str, Any]) -> GenerationParams:
     if n not in (1, None):
         raise BadRequest("only n = 1 is supported")
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise BadRequest("seed must be an integer")
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED
+    ):
+        raise BadRequest(f"seed must be an integer in [0, {MAX_SEED}]")
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise BadRequest(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, 2.0]")
     return GenerationParams(
         max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        temperature=temperature,
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1.0,
         seed=seed,
     )
@@ -155,7 +191,7 @@ def _prompt_ids(d: Daemon, body: dict[str, Any]) -> list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        ids = engine.encode(prompt)
+        ids = engine.encode(_text(prompt, "prompt"))
     elif isinstance(prompt, list) and all(
         isinstance(t, int) and not isinstance(t, bool) for t in prompt
     ):
@@ -182,7 +218,7 @@ def _chat_ids(d: Daemon, body: dict[str, Any]) -> list[int]:
             raise BadRequest("each message needs a string content")
         if m.get("role") not in ("system", "user", "assistant"):
             raise BadRequest("message role must be system, user or assistant")
-        clean.append({"role": m["role"], "content": m["content"]})
+        clean.append({"role": m["role"], "content": _text(m["content"], "message content")})
     assert d.engine is not None
     ids = d.engine.chat_prompt(clean)
     if len(ids) > MAX_PROMPT_TOKENS:

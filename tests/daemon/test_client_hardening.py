@@ -131,3 +131,44 @@ def test_cli_migrate_sends_the_admin_token(guarded: Node) -> None:
                           env={**env, "EDGEMOE_ADMIN_TOKEN": ADMIN})  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["decided"] is False
+
+
+def tracebacks(node: Node) -> int:
+    return node.log_path.read_text(errors="replace").count("Traceback")
+
+
+BAD_BODIES = [
+    ({"prompt": "x", "temperature": 1e-300}, 400, "temperature must be 0"),
+    ({"prompt": "x", "temperature": 0.5, "seed": 2**200}, 400, "seed must be an integer in"),
+    ({"prompt": "x", "seed": -1}, 400, "seed must be an integer in"),
+    ({"prompt": "lone \ud800 surrogate"}, 400, "prompt contains an unpaired surrogate"),
+    ({"prompt": "x", "max_tokens": 10**30}, 400, "max_tokens must be in"),
+    ({"prompt": "x", "max_tokens": 1e400}, 400, "max_tokens must be an integer"),
+    ({"prompt": "x", "top_p": float("nan")}, 400, "top_p must be a number"),
+    ({"prompt": "x", "temperature": float("inf")}, 400, "temperature must be a number"),
+    ({"prompt": ["a", "b"]}, 400, "prompt must be a string or a list of token ids"),
+    ({"prompt": "x", "stream": "yes"}, 400, "stream must be true or false"),
+]
+
+
+def test_bad_generation_parameters_are_400s_with_a_reason_and_no_traceback(
+    solo: Node, tiny: TinyModel
+) -> None:
+    before = tracebacks(solo)
+    for body, status, reason in BAD_BODIES:
+        got, answer = solo.request("POST", "/v1/completions", body)
+        assert (got, reason in answer["error"]["message"]) == (status, True), (body, answer)
+    chat = {"messages": [{"role": "user", "content": "\udfff"}]}
+    got, answer = solo.request("POST", "/v1/chat/completions", chat)
+    assert got == 400 and "message content contains an unpaired surrogate" in str(answer)
+    nested = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    got, answer = solo.request("POST", "/v1/completions", raw=nested)
+    assert got == 400 and "nests too deeply" in answer["error"]["message"], answer
+    for header in (b"Bearer \xff", b"Bearer \xc3", b"\xff\xfe"):
+        sock = socket.create_connection(("127.0.0.1", solo.port), timeout=30)
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                     b"Authorization: " + header + b"\r\n\r\n")  # fmt: skip
+        assert sock.recv(4096).startswith(b"HTTP/1.1 401"), header
+        sock.close()
+    assert tracebacks(solo) == before, solo.log()
+    assert answers_reference(solo, tiny)
