@@ -22,6 +22,7 @@ from edgemoe.daemon.cluster_driver import HANDOVER_TIMEOUT_S, ClusterDriver
 from edgemoe.daemon.config import DaemonConfig
 from edgemoe.daemon.discovery import Discovery
 from edgemoe.daemon.engine import GenerationParams, GenerationResult, InferenceEngine
+from edgemoe.daemon.http_server import KEEPALIVE_S, GuardedSite
 from edgemoe.daemon.identity import load_or_create_node_id
 from edgemoe.daemon.metrics import DaemonMetrics
 from edgemoe.daemon.peers import PeerClient, PeerError
@@ -115,9 +116,11 @@ class Daemon:
         app[peer_api.DAEMON_KEY] = self
         peer_api.add_routes(app)
         client_api.add_routes(app)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+        self._runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=2.0, keepalive_timeout=KEEPALIVE_S
+        )
         await self._runner.setup()
-        await web.TCPSite(self._runner, self.config.host, self.config.port).start()
+        await GuardedSite(self._runner, self.config.host, self.config.port).start()
         log.info("node %s listening on %s (store %s)", self.node_id, self.url, self.store.root)
         if self.config.interface:
             host = self.url.split("//", 1)[1].rsplit(":", 1)[0]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from edgemoe.daemon.engine import MAX_ADMITTED
+from edgemoe.daemon.http_server import HEAD_TIMEOUT_S
 
 from .conftest import MAX_NEW, PROMPTS, TOKEN, Node, TinyModel, make_node, wait_for
 
@@ -171,4 +173,32 @@ def test_bad_generation_parameters_are_400s_with_a_reason_and_no_traceback(
         assert sock.recv(4096).startswith(b"HTTP/1.1 401"), header
         sock.close()
     assert tracebacks(solo) == before, solo.log()
+    assert answers_reference(solo, tiny)
+
+
+def test_slowloris_connections_are_dropped_and_do_not_block_a_client(
+    solo: Node, tiny: TinyModel
+) -> None:
+    slow = []
+    for _ in range(200):  # more than MAX_UNPROVEN: the oldest go at once, the rest time out
+        sock = socket.create_connection(("127.0.0.1", solo.port), timeout=5)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        slow.append(sock)
+    start = time.monotonic()
+    assert answers_reference(solo, tiny)  # a client sending its request at once is served
+    held = set(slow)
+    while held and time.monotonic() < start + HEAD_TIMEOUT_S + 15:
+        for sock in list(held):
+            try:
+                sock.sendall(b"X-Slow: 1\r\n")  # one more header line: never a complete head
+                readable = select.select([sock], [], [], 0)[0]
+                if readable and not sock.recv(1):
+                    raise ConnectionResetError
+            except OSError:
+                held.discard(sock)
+                sock.close()
+        time.sleep(1.0)
+    for sock in held:
+        sock.close()
+    assert not held, f"{len(held)} of 200 slow connections still open"
     assert answers_reference(solo, tiny)
