@@ -93,6 +93,11 @@ class DaemonMetrics:
             ["kind"],
             registry=r,
         )
+        self.damaged_shards = Counter(
+            "edgemoe_damaged_shards",
+            "Verified shards found changed on disk and no longer matching (fetched again)",
+            registry=r,
+        )
         self.corrupt_shards = Counter(
             "edgemoe_corrupt_shards", "Fetched shards refused for size or sha256", registry=r
         )

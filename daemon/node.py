@@ -38,6 +38,9 @@ from edgemoe.stats.recorder import ActivationRecorder
 
 log = logging.getLogger(__name__)
 SEED_WAIT_S = 3.0
+# Seconds between checks of the shards this node holds against what verified (one stat per
+# file while nothing changed): a file damaged on disk is fetched again within about this long.
+SHARD_CHECK_S = 5.0
 
 
 @dataclass
@@ -339,6 +342,25 @@ class Daemon:
         self.phase = ""
         self.ready.set()
         log.info("node %s ready: model %s", self.node_id, self.model_id)
+        self._spawn(self._watch_shards())
+
+    async def _watch_shards(self) -> None:
+        """Fetch again, from peers, any held shard or side file that changed on disk and no
+        longer matches the manifest (`ShardStore.has` already refuses to serve it)."""
+        while True:
+            await asyncio.sleep(SHARD_CHECK_S)
+            if self.local is None:
+                continue
+            rels = self.store.side_files() + [
+                Manifest.expert_path(layer, expert) for layer, expert in sorted(self.local.held())
+            ]
+            for rel in await asyncio.to_thread(self.store.damaged, rels):
+                self.metrics.damaged_shards.inc()
+                log.warning("%s is damaged on disk; fetching it again", rel)
+                try:
+                    await self.fetcher.fetch(rel, self.sources(), split=rel == DENSE_NAME)
+                except (PeerError, CorruptShard, OSError) as exc:
+                    log.warning("%s: could not fetch it again yet (%s)", rel, exc)
 
     async def _fetch_model_files(self) -> None:
         if self.store.manifest is None:
