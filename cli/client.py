@@ -178,6 +178,8 @@ def resolve_node(
     api_token: str | None,
     *,
     mdns_timeout: float = 3.0,
+    admin_token: str | None = None,
+    admin: bool = False,
 ) -> Node:
     """Pick the daemon: ``--node`` first, else the local one from the config file if it answers,
     else the first one found by mDNS on the config's interfaces. The token comes from
@@ -193,6 +195,8 @@ def resolve_node(
             if node is None or config_path is not None:
                 raise ClientError(str(exc), EXIT_CONFIG) from None
     token = api_token or (cfg.api_token if cfg is not None else None)
+    if admin:  # administrative routes: the admin token; a node without one takes the API token
+        token = admin_token or (cfg.admin_token if cfg is not None else None) or token
     if node:
         return Node(normalise_url(node), token, "--node")
     if cfg is None:

@@ -515,10 +515,15 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         node: NodeOption = None,
         config: config_cmds.ConfigOption = None,
         api_token: TokenOption = None,
+        admin_token: Annotated[
+            str | None,
+            typer.Option("--admin-token", envvar="EDGEMOE_ADMIN_TOKEN",
+                         help="Bearer token of the administrative routes"),
+        ] = None,
         json_out: JsonOption = False,
     ) -> None:
         """Ask for a rebalance now from the current statistics and show the plan."""
-        target = resolve_node(node, config, api_token)
+        target = resolve_node(node, config, api_token, admin_token=admin_token, admin=True)
         if members:
             members = expand_ids(members, member_ids(target.get("/v1/cluster")))
         result = target.post(

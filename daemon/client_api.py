@@ -1,21 +1,37 @@
 """Client endpoints: OpenAI-compatible completions (with SSE streaming), models, cluster, health,
 metrics. Bearer-token authenticated except /healthz; every bad request is a 4xx with a reason.
+
+Roles: the inference token (`api_token`) opens the client routes; the administrative routes
+(POST /v1/cluster/migrate: re-placement and the operator's member set) need `admin_token`, and
+the inference token gets 403 there. The admin token also opens the client routes (an operator's
+CLI reads /v1/cluster with it). A node that listens beyond loopback refuses to start without
+both tokens (startup.check_exposure), so an unset token only happens on a loopback-only node;
+there, an unset api_token leaves the client routes open to local processes, and an unset
+admin_token lets the admin routes take the inference token (or none when that is unset too),
+from loopback peers only, so a reverse proxy on another address cannot lend them out.
+
+A generation is admitted only while the node has a free slot (engine.MAX_ADMITTED; else 429 with
+Retry-After) and is cancelled when its client goes away, streamed or not: the connection is
+watched while the answer is computed, and the worker stops at its next token.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from edgemoe.daemon.engine import GenerationParams, GenerationResult
+from edgemoe.daemon.engine import Busy, GenerationParams, GenerationResult
 from edgemoe.daemon.peer_api import DAEMON_KEY, error
+from edgemoe.daemon.startup import is_loopback
 
 if TYPE_CHECKING:
     from edgemoe.daemon.node import Daemon
@@ -24,40 +40,103 @@ log = logging.getLogger(__name__)
 MAX_CLIENT_BODY = 1 << 20
 MAX_PROMPT_TOKENS = 4096
 MAX_NEW_TOKENS = 2048
+# Below this a temperature divides the logits into infinities (NaN probabilities): use 0 (greedy).
+MIN_TEMPERATURE = 1e-3
+MAX_SEED = 2**63 - 1  # torch's generator seed is a 64-bit integer
+# Seconds a client may take to send its whole body once its headers are in.
+BODY_TIMEOUT_S = 30.0
+# How often a generation's connection is checked for a client that went away (seconds); a
+# cancelled generation still runs until the check and then its current token.
+DISCONNECT_POLL_S = 0.1
 
 
 class BadRequest(Exception):
-    def __init__(self, reason: str, status: int = 400) -> None:
+    def __init__(
+        self, reason: str, status: int = 400, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(reason)
         self.status = status
+        self.headers = headers or {}
 
 
 def _daemon(request: web.Request) -> Daemon:
     return request.app[DAEMON_KEY]  # type: ignore[return-value]
 
 
-def _check_token(request: web.Request) -> None:
-    token = _daemon(request).config.api_token
-    if not token:
-        return
+def _bearer(request: web.Request) -> bytes | None:
+    """The bearer token's bytes as sent (any bytes: the header is not trusted to be text)."""
     got = request.headers.get("Authorization", "")
-    if not got.startswith("Bearer ") or not hmac.compare_digest(got[7:].encode(), token.encode()):
+    if not got.startswith("Bearer "):
+        return None
+    try:  # aiohttp keeps undecodable header bytes as surrogate escapes
+        return got[7:].encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return b""
+
+
+def _matches(got: bytes | None, token: str | None) -> bool:
+    if got is None or not token:
+        return False
+    return hmac.compare_digest(got, token.encode())
+
+
+def _check_token(request: web.Request, *, admin: bool) -> None:
+    """The module docstring's roles: 401 without a valid token, 403 for the wrong role."""
+    cfg = _daemon(request).config
+    got = _bearer(request)
+    if admin and cfg.admin_token:
+        if _matches(got, cfg.admin_token):
+            return
+        if _matches(got, cfg.api_token):
+            raise BadRequest("this route needs the admin token; the API token does not grant it",
+                             403)  # fmt: skip
+        raise BadRequest("missing or wrong admin token (Authorization: Bearer ...)", 401)
+    if admin and not is_loopback(request.remote or ""):
+        raise BadRequest("admin routes of a node without admin_token serve loopback clients only",
+                         403)  # fmt: skip
+    if cfg.api_token and not (_matches(got, cfg.api_token) or _matches(got, cfg.admin_token)):
         raise BadRequest("missing or wrong API token (Authorization: Bearer ...)", 401)
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
+async def _read_body(request: web.Request) -> bytes:
+    """The whole body, at most MAX_CLIENT_BODY bytes and BODY_TIMEOUT_S seconds."""
+    too_big = BadRequest(f"body exceeds {MAX_CLIENT_BODY} bytes", 413)
     if request.content_length is not None and request.content_length > MAX_CLIENT_BODY:
-        raise BadRequest(f"body exceeds {MAX_CLIENT_BODY} bytes", 413)
-    raw = await request.content.read(MAX_CLIENT_BODY + 1)
-    if len(raw) > MAX_CLIENT_BODY:
-        raise BadRequest(f"body exceeds {MAX_CLIENT_BODY} bytes", 413)
+        raise too_big
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            while chunk := await request.content.readany():
+                size += len(chunk)
+                if size > MAX_CLIENT_BODY:
+                    raise too_big
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BadRequest(f"body not received within {BODY_TIMEOUT_S:.0f} s", 408) from None
+    return b"".join(chunks)
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    raw = await _read_body(request)
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"body is not JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("body nests too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
     return body
+
+
+def _text(value: str, what: str) -> str:
+    """A string the tokenizer can take: JSON lets through lone surrogates, UTF-8 does not."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"{what} contains an unpaired surrogate (invalid Unicode)") from None
+    return value
 
 
 def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:
@@ -81,11 +160,16 @@ def _params(body: dict[str, Any]) -> GenerationParams:
     if n not in (1, None):
         raise BadRequest("only n = 1 is supported")
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise BadRequest("seed must be an integer")
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED
+    ):
+        raise BadRequest(f"seed must be an integer in [0, {MAX_SEED}]")
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise BadRequest(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, 2.0]")
     return GenerationParams(
         max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        temperature=temperature,
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1.0,
         seed=seed,
     )
@@ -107,7 +191,7 @@ def _prompt_ids(d: Daemon, body: dict[str, Any]) -> list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        ids = engine.encode(prompt)
+        ids = engine.encode(_text(prompt, "prompt"))
     elif isinstance(prompt, list) and all(
         isinstance(t, int) and not isinstance(t, bool) for t in prompt
     ):
@@ -134,7 +218,7 @@ def _chat_ids(d: Daemon, body: dict[str, Any]) -> list[int]:
             raise BadRequest("each message needs a string content")
         if m.get("role") not in ("system", "user", "assistant"):
             raise BadRequest("message role must be system, user or assistant")
-        clean.append({"role": m["role"], "content": m["content"]})
+        clean.append({"role": m["role"], "content": _text(m["content"], "message content")})
     assert d.engine is not None
     ids = d.engine.chat_prompt(clean)
     if len(ids) > MAX_PROMPT_TOKENS:
@@ -151,20 +235,25 @@ def _usage(result: GenerationResult) -> dict[str, int]:
     }
 
 
-def _guard(handler):  # type: ignore[no-untyped-def]
-    """Token check, readiness, and BadRequest -> JSON 4xx for a client handler."""
+def _guard(handler=None, *, admin: bool = False):  # type: ignore[no-untyped-def]
+    """Token check (the admin role with ``admin=True``), and BadRequest -> JSON 4xx for a
+    client handler."""
+    if handler is None:
+        return lambda h: _guard(h, admin=admin)
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
         d = _daemon(request)
         status = 500
         try:
-            _check_token(request)
+            _check_token(request, admin=admin)
             response = await handler(request)
             status = response.status
             return response
         except BadRequest as exc:
             status = exc.status
-            return error(exc.status, str(exc))
+            response = error(exc.status, str(exc))
+            response.headers.update(exc.headers)
+            return response
         except (web.HTTPException, ConnectionError):  # aiohttp's own answers; client gone
             raise
         except Exception as exc:  # one failing request never takes the daemon down
@@ -211,8 +300,47 @@ async def _completion(request: web.Request, chat: bool) -> web.StreamResponse:
     created = int(time.time())
     kind = "chat.completion" if chat else "text_completion"
     assert d.engine is not None
+    try:
+        slot = d.engine.admit()
+    except Busy as exc:
+        d.metrics.busy.inc()
+        raise BadRequest(str(exc), 429, {"Retry-After": str(exc.retry_after)}) from None
+    cancel = threading.Event()
+    watch = asyncio.ensure_future(_watch_client(request, cancel))
+    with slot:
+        try:
+            return await _answer(request, d, ids, params, cancel, chat=chat, stream=stream,
+                                 rid=rid, created=created, kind=kind, model=model)  # fmt: skip
+        finally:
+            watch.cancel()
+
+
+async def _watch_client(request: web.Request, cancel: threading.Event) -> None:
+    """Set `cancel` once the request's connection is gone (aiohttp does not cancel handlers)."""
+    while (transport := request.transport) is not None and not transport.is_closing():
+        await asyncio.sleep(DISCONNECT_POLL_S)
+    cancel.set()
+
+
+async def _answer(
+    request: web.Request,
+    d: Daemon,
+    ids: list[int],
+    params: GenerationParams,
+    cancel: threading.Event,
+    *,
+    chat: bool,
+    stream: bool,
+    rid: str,
+    created: int,
+    kind: str,
+    model: str,
+) -> web.StreamResponse:
+    assert d.engine is not None
     if not stream:
-        result = await d.generate(ids, params)
+        result = await d.generate(ids, params, cancel)
+        if result.finish_reason == "cancelled":  # nobody is left to read an answer
+            raise BadRequest("the client closed the connection", 499)
         choice: dict[str, Any] = {
             "index": 0,
             "finish_reason": result.finish_reason,
@@ -257,7 +385,7 @@ async def _completion(request: web.Request, chat: bool) -> web.StreamResponse:
     done: list[GenerationResult] = []
     produced: list[int] = []
     text_so_far = ""
-    tokens = d.stream(ids, params, done.append)
+    tokens = d.stream(ids, params, done.append, cancel)
     try:
         async with contextlib.aclosing(tokens):  # closing it stops the generation
             async for tok in tokens:
@@ -298,7 +426,7 @@ async def cluster(request: web.Request) -> web.StreamResponse:
     return web.json_response(_daemon(request).cluster_view())
 
 
-@_guard
+@_guard(admin=True)
 async def migrate(request: web.Request) -> web.StreamResponse:
     d = _daemon(request)
     body = await _json_body(request)
@@ -325,8 +453,11 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 
 async def healthz(request: web.Request) -> web.StreamResponse:
     d = _daemon(request)
-    return web.json_response({"ok": True, "node_id": d.node_id, "ready": d.engine is not None,
-                              "tasks": _task_health(d)})  # fmt: skip
+    ready, state = d.readiness()
+    return web.json_response(
+        {"ok": True, "node_id": d.node_id, "ready": ready, "state": state,
+         "tasks": _task_health(d)}
+    )  # fmt: skip
 
 
 def _task_health(d: Daemon) -> dict[str, Any]:

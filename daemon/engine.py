@@ -1,12 +1,16 @@
 """Generation for this node's clients: the transformers model with distributed experts.
 
 Generation runs on worker threads (the model thread blocks on remote futures that the event
-loop completes); tokens are handed back to the loop one at a time for streaming.
+loop completes); tokens are handed back to the loop one at a time for streaming. Every
+generation carries a cancel flag checked after each token (its client went away), and a node
+admits at most `MAX_ADMITTED` generations at once (running or waiting for a worker): past that a
+client is told to come back (`Busy`, HTTP 429) instead of queueing behind work it cannot see.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -20,6 +24,27 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from edgemoe.model.executor import ExpertDirectory
 from edgemoe.model.runtime import load_distributed_model
+
+# Worker threads generating at once: each holds a model forward; more only splits the CPU/GPU.
+WORKERS = 4
+# Generations that may wait for a free worker. A waiting request's latency is the work ahead of
+# it, so this bounds the wait a new client can be put behind (about MAX_WAITING / WORKERS
+# generations' time); beyond it the node answers 429 with Retry-After.
+MAX_WAITING = 8
+MAX_ADMITTED = WORKERS + MAX_WAITING
+# Seconds a refused client is asked to wait (Retry-After) before trying again.
+RETRY_AFTER_S = 2
+
+
+class Busy(Exception):
+    """The node already admitted `MAX_ADMITTED` generations."""
+
+    def __init__(self, admitted: int) -> None:
+        super().__init__(
+            f"this node is busy ({admitted} generations running or waiting); "
+            f"retry in {RETRY_AFTER_S} s"
+        )
+        self.retry_after = RETRY_AFTER_S
 
 
 @dataclass(frozen=True)
@@ -59,7 +84,7 @@ class _Streamer:
 
 
 class _Cancelled(StoppingCriteria):
-    """Stops a generation whose streaming client went away (checked after every token)."""
+    """Stops a generation whose client went away (checked after every token)."""
 
     def __init__(self, flag: threading.Event) -> None:
         self.flag = flag
@@ -72,12 +97,29 @@ class _Cancelled(StoppingCriteria):
 class InferenceEngine:
     """Holds the model and tokenizer; `generate` and `stream` run on worker threads."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, workers: int = 4) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, *, workers: int = WORKERS, limit: int = MAX_ADMITTED
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="generate")
         self._seed_lock = threading.Lock()
         self.eos_token_id = getattr(tokenizer, "eos_token_id", None)
+        self.limit = limit
+        self.admitted = 0  # generations running or waiting for a worker (event loop only)
+
+    def admit(self) -> contextlib.ExitStack:
+        """One of the node's generation slots, held until the returned context exits; raises
+        `Busy` at once when none is free (before any answer is started)."""
+        if self.admitted >= self.limit:
+            raise Busy(self.admitted)
+        self.admitted += 1
+        slot = contextlib.ExitStack()
+        slot.callback(self._release)
+        return slot
+
+    def _release(self) -> None:
+        self.admitted -= 1
 
     @classmethod
     async def load(
@@ -115,6 +157,8 @@ class InferenceEngine:
         cancel: threading.Event | None = None,
     ) -> GenerationResult:
         start = time.perf_counter()
+        if cancel is not None and cancel.is_set():  # its client left while it waited
+            return GenerationResult([], "", len(prompt_ids), "cancelled", 0.0)
         input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.model.device)
         kwargs: dict[str, Any] = dict(
             max_new_tokens=params.max_tokens,
@@ -137,13 +181,21 @@ class InferenceEngine:
                 out = self.model.generate(input_ids, **kwargs)
         new = [int(t) for t in out[0, len(prompt_ids) :].tolist()]
         finish = "stop" if new and new[-1] == self.eos_token_id else "length"
+        if cancel is not None and cancel.is_set():
+            finish = "cancelled"
         return GenerationResult(
             new, self.decode(new), len(prompt_ids), finish, time.perf_counter() - start
         )
 
-    async def generate(self, prompt_ids: list[int], params: GenerationParams) -> GenerationResult:
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        params: GenerationParams,
+        cancel: threading.Event | None = None,
+    ) -> GenerationResult:
+        """The whole answer; setting `cancel` stops it after its current token."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._run, prompt_ids, params, None)
+        return await loop.run_in_executor(self._pool, self._run, prompt_ids, params, None, cancel)
 
     async def stream(
         self,
@@ -151,12 +203,13 @@ class InferenceEngine:
         params: GenerationParams,
         on_done: Callable[[GenerationResult], None] | None = None,
         on_cancel: Callable[[], None] | None = None,
+        cancel: threading.Event | None = None,
     ) -> AsyncGenerator[int, None]:
-        """Yield new token ids as they are generated. Closing the iterator early (the client
-        went away) stops the generation after its current token."""
+        """Yield new token ids as they are generated. Closing the iterator early or setting
+        `cancel` (the client went away) stops the generation after its current token."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[int | None] = asyncio.Queue()
-        cancel = threading.Event()
+        cancel = cancel or threading.Event()
         fut = loop.run_in_executor(
             self._pool, self._run, prompt_ids, params, _Streamer(loop, queue), cancel
         )

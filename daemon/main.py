@@ -1,4 +1,9 @@
-"""Process entry point of `edgemoe daemon`: logging, the event loop, SIGTERM/SIGINT -> leave."""
+"""Process entry point of `edgemoe daemon`: logging, the event loop, SIGTERM/SIGINT -> leave.
+
+Exit codes: 0 after a graceful leave; 5 (`EXIT_CANNOT_START`) when the start cannot work (a
+directory not writable or used by another daemon, exposed without tokens, a bootstrap failure
+that leaves nothing to serve), with one line naming the cause; 1 when the port cannot be bound.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +12,25 @@ import logging
 import signal
 
 from edgemoe.daemon.config import DaemonConfig
+from edgemoe.daemon.startup import EXIT_CANNOT_START, StartupError
 
 
-async def _serve(config: DaemonConfig) -> None:
+async def _serve(config: DaemonConfig) -> int:
     from edgemoe.daemon.node import Daemon
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with Daemon(config):
-        await stop.wait()
+    async with Daemon(config) as daemon:
+        waits = [asyncio.ensure_future(e.wait()) for e in (stop, daemon.failed)]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
+        if daemon.failed.is_set():
+            return EXIT_CANNOT_START
         logging.getLogger(__name__).info("signal received: leaving the cluster")
+    return 0
 
 
 def run_daemon(config: DaemonConfig) -> int:
@@ -32,8 +44,10 @@ def run_daemon(config: DaemonConfig) -> int:
 
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     try:
-        asyncio.run(_serve(config))
+        return asyncio.run(_serve(config))
+    except StartupError as exc:
+        logging.getLogger(__name__).error("cannot start: %s", exc)
+        return EXIT_CANNOT_START
     except OSError as exc:
         logging.getLogger(__name__).error("cannot serve: %s", exc)
         return 1
-    return 0

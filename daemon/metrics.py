@@ -27,7 +27,12 @@ class DaemonMetrics:
         )
         self.cancelled = Counter(
             "edgemoe_generations_cancelled",
-            "Streamed generations stopped because the client went away",
+            "Generations stopped because the client went away",
+            registry=r,
+        )
+        self.busy = Counter(
+            "edgemoe_generations_refused_busy",
+            "Generation requests answered 429: the node's admission limit was reached",
             registry=r,
         )
         self.remote_calls = Counter(
@@ -86,6 +91,11 @@ class DaemonMetrics:
             "edgemoe_shard_bytes_served",
             "Bytes of model files streamed to peers, per kind (dense, expert, other)",
             ["kind"],
+            registry=r,
+        )
+        self.damaged_shards = Counter(
+            "edgemoe_damaged_shards",
+            "Verified shards found changed on disk and no longer matching (fetched again)",
             registry=r,
         )
         self.corrupt_shards = Counter(

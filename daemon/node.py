@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
@@ -21,11 +22,13 @@ from edgemoe.daemon.cluster_driver import HANDOVER_TIMEOUT_S, ClusterDriver
 from edgemoe.daemon.config import DaemonConfig
 from edgemoe.daemon.discovery import Discovery
 from edgemoe.daemon.engine import GenerationParams, GenerationResult, InferenceEngine
+from edgemoe.daemon.http_server import KEEPALIVE_S, GuardedSite
 from edgemoe.daemon.identity import load_or_create_node_id
 from edgemoe.daemon.metrics import DaemonMetrics
 from edgemoe.daemon.peers import PeerClient, PeerError
 from edgemoe.daemon.remote import LocalShareTap, Router
 from edgemoe.daemon.rpc import ExpertService
+from edgemoe.daemon.startup import StartupError, check_exposure, claim_dir
 from edgemoe.daemon.store import CorruptShard, ShardFetcher, ShardStore
 from edgemoe.daemon.supervisor import Supervisor
 from edgemoe.daemon.wire import MAX_PEER_BODY, ReplayGuard, keys_for
@@ -38,6 +41,9 @@ log = logging.getLogger(__name__)
 SEED_WAIT_S = 3.0
 VERIFY_PEER_FIRST_S = 1.0  # pause before asking an unauthenticated peer again; doubles
 VERIFY_PEER_MAX_S = 30.0
+# Seconds between checks of the shards this node holds against what verified (one stat per
+# file while nothing changed): a file damaged on disk is fetched again within about this long.
+SHARD_CHECK_S = 5.0
 
 
 @dataclass
@@ -62,7 +68,17 @@ class Daemon:
 
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
-        self.node_id = load_or_create_node_id(config.state_dir)
+        check_exposure(config)
+        self._claims = [claim_dir(config.state_dir, "state dir")]
+        try:
+            self._claims.append(claim_dir(store_root(config), "model dir"))
+            self.node_id = load_or_create_node_id(config.state_dir)
+        except (OSError, ValueError) as exc:
+            self.release_dirs()
+            raise StartupError(str(exc)) from None
+        except StartupError:
+            self.release_dirs()
+            raise
         self.secret = config.secret.encode()
         self.replay = ReplayGuard()
         self.keys = keys_for(self.secret)
@@ -70,7 +86,7 @@ class Daemon:
         self.metrics = DaemonMetrics()
         self.supervisor = Supervisor(self._task_failed)
         self.device = resolve_device(config.device)
-        self.store = ShardStore(config.model_dir or config.state_dir / "model")
+        self.store = ShardStore(store_root(config))
         self.fetcher = ShardFetcher(self.store, on_bytes=self._fetched)
         self.bytes_fetched = 0
         # A node started with the whole model decides the first epoch (the genesis acceptor);
@@ -94,6 +110,10 @@ class Daemon:
         self._stopping = False
         self._seed_tasks: list[asyncio.Task[Any]] = []
         self._ignored: set[str] = set()
+        # Why the node does not serve yet ("" once it does); "failed: ..." ends the process
+        # (`failed` is set; main exits with EXIT_CANNOT_START).
+        self.phase = "starting"
+        self.failed = asyncio.Event()
 
     # ---- lifecycle ----------------------------------------------------------------------------
     async def __aenter__(self) -> Daemon:
@@ -108,9 +128,11 @@ class Daemon:
         app[peer_api.DAEMON_KEY] = self
         peer_api.add_routes(app)
         client_api.add_routes(app)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+        self._runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=2.0, keepalive_timeout=KEEPALIVE_S
+        )
         await self._runner.setup()
-        await web.TCPSite(self._runner, self.config.host, self.config.port).start()
+        await GuardedSite(self._runner, self.config.host, self.config.port).start()
         log.info("node %s listening on %s (store %s)", self.node_id, self.url, self.store.root)
         if self.config.interface:
             host = self.url.split("//", 1)[1].rsplit(":", 1)[0]
@@ -124,7 +146,7 @@ class Daemon:
             self._spawn(self._contact_seed(f"http://{host}:{port}"), f"seed {host}:{port}")
             for host, port in self.config.seed_peer
         ]
-        self._spawn(self._bootstrap(), "bootstrap")
+        self._spawn(self._bootstrap_or_fail(), "bootstrap")
 
     async def stop(self) -> None:
         """Leave gracefully (announce, hand duties over), then close everything."""
@@ -150,6 +172,11 @@ class Daemon:
             await asyncio.to_thread(self.expert_service.stop)
         if self.engine is not None:
             self.engine.close()
+        self.release_dirs()
+
+    def release_dirs(self) -> None:
+        for claim in self._claims:
+            claim.release()
 
     def _spawn(self, coro: Any, name: str = "background", *, restart: bool = False
                ) -> asyncio.Task[Any]:  # fmt: skip
@@ -297,6 +324,34 @@ class Daemon:
         return [p.client for p in peers]
 
     # ---- startup ------------------------------------------------------------------------------
+    async def _bootstrap_or_fail(self) -> None:
+        """A bootstrap error that leaves the node unable to serve ends the process with one
+        line; transient ones (peers, transfers) are retried inside `_bootstrap` and shown in
+        /healthz meanwhile."""
+        try:
+            await self._bootstrap()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.phase = f"failed: {type(exc).__name__}: {exc}"
+            log.error("cannot serve: %s", self.phase[8:])
+            self.failed.set()
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, why not): the model is loaded, and an epoch is in force or this node holds
+        every expert itself (a node alone can serve before its first epoch)."""
+        if self.phase:
+            return False, self.phase
+        m = self.store.manifest
+        if self.cluster is not None and self.cluster.core.epoch >= 1:
+            return True, "serving"
+        whole = m is not None and len(self.local.held() if self.local else ()) == (
+            m.num_layers * m.num_experts
+        )
+        if whole:
+            return True, "serving alone (no placement epoch yet)"
+        return False, "waiting for the first placement epoch"
+
     async def _bootstrap(self) -> None:
         """Get the manifest and the dense part (from peers if needed), then load and serve."""
         if not self.store.ready() and self._seed_tasks:
@@ -304,14 +359,18 @@ class Daemon:
             await asyncio.wait(self._seed_tasks, timeout=SEED_WAIT_S)
         while not self.store.ready():
             if not any(p.trusted for p in self.peers.values()):
+                self.phase = "no model here and no peer found yet"
                 self._peer_event.clear()
                 await self._peer_event.wait()
                 continue
+            self.phase = "fetching the model from peers"
             try:
                 await self._fetch_model_files()
             except (PeerError, CorruptShard, OSError) as exc:
+                self.phase = f"fetching the model from peers (retrying: {exc})"
                 log.warning("fetching the model from peers failed (%s); retrying", exc)
                 await asyncio.sleep(1.0)
+        self.phase = "loading the model"
         manifest = self.store.manifest
         assert manifest is not None
         if self.discovery is not None:
@@ -337,8 +396,28 @@ class Daemon:
             if peer.trusted:
                 self.cluster.peer_found(peer.node_id, peer.url)
         await self.cluster.start()
+        self.phase = ""
         self.ready.set()
         log.info("node %s ready: model %s", self.node_id, self.model_id)
+        self._spawn(self._watch_shards, "shard watch", restart=True)
+
+    async def _watch_shards(self) -> None:
+        """Fetch again, from peers, any held shard or side file that changed on disk and no
+        longer matches the manifest (`ShardStore.has` already refuses to serve it)."""
+        while True:
+            await asyncio.sleep(SHARD_CHECK_S)
+            if self.local is None:
+                continue
+            rels = self.store.side_files() + [
+                Manifest.expert_path(layer, expert) for layer, expert in sorted(self.local.held())
+            ]
+            for rel in await asyncio.to_thread(self.store.damaged, rels):
+                self.metrics.damaged_shards.inc()
+                log.warning("%s is damaged on disk; fetching it again", rel)
+                try:
+                    await self.fetcher.fetch(rel, self.sources(), split=rel == DENSE_NAME)
+                except (PeerError, CorruptShard, OSError) as exc:
+                    log.warning("%s: could not fetch it again yet (%s)", rel, exc)
 
     async def _fetch_model_files(self) -> None:
         if self.store.manifest is None:
@@ -393,16 +472,20 @@ class Daemon:
 
     # ---- generation ---------------------------------------------------------------------------
     def _account(self, result: GenerationResult) -> None:
+        if result.finish_reason == "cancelled":
+            self.metrics.cancelled.inc()
         n = len(result.token_ids)
         self.metrics.generated_tokens.inc(n)
         self.metrics.generation_seconds.observe(result.seconds)
         if result.seconds > 0:
             self.metrics.tokens_per_second.set(n / result.seconds)
 
-    async def generate(self, prompt_ids: list[int], params: GenerationParams) -> GenerationResult:
+    async def generate(
+        self, prompt_ids: list[int], params: GenerationParams, cancel: threading.Event
+    ) -> GenerationResult:
         assert self.engine is not None and self.recorder is not None
         self.recorder.note_request()
-        result = await self.engine.generate(prompt_ids, params)
+        result = await self.engine.generate(prompt_ids, params, cancel)
         self._account(result)
         return result
 
@@ -411,6 +494,7 @@ class Daemon:
         prompt_ids: list[int],
         params: GenerationParams,
         on_done: Callable[[GenerationResult], None],
+        cancel: threading.Event,
     ) -> AsyncGenerator[int, None]:
         assert self.engine is not None and self.recorder is not None
         self.recorder.note_request()
@@ -419,7 +503,7 @@ class Daemon:
             self._account(result)
             on_done(result)
 
-        return self.engine.stream(prompt_ids, params, done, self.metrics.cancelled.inc)
+        return self.engine.stream(prompt_ids, params, done, self.metrics.cancelled.inc, cancel)
 
     # ---- cluster ------------------------------------------------------------------------------
     async def on_gossip(self, sender: str, message: Any) -> Any:

@@ -5,6 +5,9 @@ The store's root is a shard directory (the layout of `edgemoe shard`): the node'
 into ``.partial/`` and resumes from what is there with an HTTP Range request; only a file whose
 size and sha256 match the manifest is renamed into place, so a corrupt or cut transfer is
 never loaded.
+
+A verified file is remembered with its size, mtime and inode; a file whose stat differs from
+that (rewritten, truncated, extended, replaced) is hashed again before it is served or used.
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ class ShardStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.manifest: Manifest | None = None
-        self._verified: set[str] = set()
+        # rel -> (size, mtime_ns, inode) of the file when its sha256 last matched
+        self._verified: dict[str, tuple[int, int, int]] = {}
+        self._failed: dict[str, tuple[int, int, int]] = {}  # same, of a file that did not match
         if (root / MANIFEST_NAME).is_file():
             self.manifest = Manifest.load(root)
 
@@ -61,20 +66,32 @@ class ShardStore:
         return self.root / rel
 
     def has(self, rel: str) -> bool:
-        """True when the file is present with the manifest's size and sha256 (cached)."""
-        if rel in self._verified:
-            return True
+        """True when the file is present with the manifest's size and sha256 (hashed again
+        only when its stat changed since it last verified)."""
         try:
             info, path = self.info(rel), self.root / rel
-        except KeyError:
+            st = path.stat()
+        except (KeyError, OSError):
+            self._verified.pop(rel, None)
             return False
-        if not path.is_file() or path.stat().st_size != info["bytes"]:
+        stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
+        if self._verified.get(rel) == stamp:
+            return True
+        if self._verified.pop(rel, None) is not None:
+            log.warning("%s changed on disk since it was verified; checking it again", path)
+        if self._failed.get(rel) == stamp or not path.is_file():
             return False
-        if _sha256(path) != info["sha256"]:
-            log.warning("%s: sha256 differs from the manifest; will refetch", path)
+        if st.st_size != info["bytes"] or _sha256(path) != info["sha256"]:
+            log.warning("%s: size or sha256 differs from the manifest; will refetch", path)
+            self._failed[rel] = stamp
             return False
-        self._verified.add(rel)
+        self._verified[rel] = stamp
         return True
+
+    def damaged(self, rels: list[str]) -> list[str]:
+        """Those of `rels` (files that verified before) that no longer do: cheap while
+        unchanged (one stat each); a changed file is hashed."""
+        return [rel for rel in rels if not self.has(rel)]
 
     def has_expert(self, layer: int, expert: int) -> bool:
         return self.has(Manifest.expert_path(layer, expert))
@@ -94,7 +111,7 @@ class ShardStore:
         return found
 
     def forget(self, rel: str) -> None:
-        self._verified.discard(rel)
+        self._verified.pop(rel, None)
 
     # ---- installing -----------------------------------------------------------------------
     def install_manifest(self, raw: bytes, expect_fingerprint: str | None) -> Manifest:
@@ -145,7 +162,8 @@ class ShardStore:
         _fsync_dir(target.parent)
         for p in parts:
             p.unlink(missing_ok=True)
-        self._verified.add(rel)
+        st = target.stat()
+        self._verified[rel] = (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 def _sha256(path: Path) -> str:

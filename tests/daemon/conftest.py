@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -44,6 +45,7 @@ class Node:
     proc: subprocess.Popen[bytes] | None = None
     node_id: str = ""
     env: dict[str, str] = field(default_factory=dict)
+    model_dir: Path | None = None  # its own copy of the shards (a model dir is one daemon's)
 
     @property
     def url(self) -> str:
@@ -183,11 +185,17 @@ def make_node(
     state.mkdir(parents=True, exist_ok=True)
     args = ["--secret", SECRET, "--api-token", TOKEN, "--cluster-id", cluster_id,
             "--capacity", capacity, "--device", "cpu", "--log-level", "info"]  # fmt: skip
+    model_dir = None
     if shard_dir is not None:
-        args += ["--model-dir", str(shard_dir)]
+        model_dir = tmp / f"{name}-model"
+        if not model_dir.exists():
+            shutil.copytree(shard_dir, model_dir)
+        args += ["--model-dir", str(model_dir)]
     if mdns:
         args += ["--interface", "127.0.0.1"]
-    return Node(name, state, free_port(), args + (extra or []), tmp / f"{name}.log")
+    node = Node(name, state, free_port(), args + (extra or []), tmp / f"{name}.log")
+    node.model_dir = model_dir
+    return node
 
 
 @dataclass

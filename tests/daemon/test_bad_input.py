@@ -52,7 +52,7 @@ def forward_body(
 
 
 def test_every_endpoint_refuses_bad_input_and_keeps_serving(solo: Node, tiny: TinyModel) -> None:
-    before = disk_state(solo.state_dir, tiny.shard_dir)
+    before = disk_state(solo.state_dir, solo.model_dir)
     fwd = "/v1/experts/forward"
     good = forward_body()
     status, body = signed(solo, "POST", fwd, good)
@@ -162,6 +162,6 @@ def test_every_endpoint_refuses_bad_input_and_keeps_serving(solo: Node, tiny: Ti
     )
     assert status == 200 and len(body["choices"][0]["token_ids"]) == 5
     assert solo.request("GET", "/healthz", token=None)[0] == 200
-    assert disk_state(solo.state_dir, tiny.shard_dir) == before
+    assert disk_state(solo.state_dir, solo.model_dir) == before
     assert solo.proc is not None and solo.proc.poll() is None
     assert TOKEN  # the right token was used for the good requests above
