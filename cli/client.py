@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -32,9 +33,12 @@ EXIT_CONFIG = 5  # the configuration file is missing or invalid
 class ClientError(Exception):
     """A failure to show the user as one line, with the exit code that classifies it."""
 
-    def __init__(self, message: str, exit_code: int = EXIT_REQUEST_FAILED) -> None:
+    def __init__(
+        self, message: str, exit_code: int = EXIT_REQUEST_FAILED, http_status: int | None = None
+    ) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+        self.http_status = http_status  # the node's answer, when it answered with an error
 
 
 @dataclass(frozen=True)
@@ -136,7 +140,18 @@ def _http_error(url: str, path: str, exc: urllib.error.HTTPError) -> ClientError
         )
     if exc.code == 404 and not explained:
         detail += f" (is {url} an edgemoe node? check --node)"
-    return ClientError(f"{url}{path}: HTTP {exc.code}: {detail}".rstrip(": "), EXIT_REQUEST_FAILED)
+    return ClientError(
+        f"{url}{path}: HTTP {exc.code}: {detail}".rstrip(": "), EXIT_REQUEST_FAILED, exc.code
+    )
+
+
+def why_unready(node: Node) -> str | None:
+    """The node's own warnings (``/v1/cluster``), joined: why it answers 503, when it knows."""
+    try:
+        found = node.get("/v1/cluster", timeout=5.0).get("warnings") or []
+    except (ClientError, AttributeError):
+        return None
+    return "; ".join(str(w) for w in found) or None
 
 
 def normalise_url(node: str) -> str:
@@ -172,6 +187,16 @@ def config_path_of(config_path: Path | None) -> Path:
     return Path(config_path or os.environ.get("EDGEMOE_CONFIG") or DEFAULT_CONFIG_PATH)
 
 
+def daemon_config_file(config_path: Path | None) -> Path | None:
+    """The file a daemon reads: ``--config``, else EDGEMOE_CONFIG, else the system default when
+    it exists (the same one `config init` writes and `status`/`generate` read); None: flags and
+    environment only."""
+    path = config_path_of(config_path)
+    if config_path is None and not os.environ.get("EDGEMOE_CONFIG") and not path.exists():
+        return None
+    return path
+
+
 def resolve_node(
     node: str | None,
     config_path: Path | None,
@@ -179,9 +204,11 @@ def resolve_node(
     *,
     mdns_timeout: float = 3.0,
 ) -> Node:
-    """Pick the daemon: ``--node`` first, else the local one from the config file if it answers,
-    else the first one found by mDNS on the config's interfaces. The token comes from
-    ``--api-token`` (or EDGEMOE_API_TOKEN), else the config."""
+    """Pick the daemon: ``--node`` first, else the local one from the config file. Only when no
+    ``--config`` was given (the box's default config) and the local daemon does not answer, the
+    first node found by mDNS on the config's interfaces, said on stderr: an operator who named a
+    config means that node. The token comes from ``--api-token`` (or EDGEMOE_API_TOKEN), else
+    the config."""
     from edgemoe.cli.config_cmds import ConfigError, read_config
 
     path = config_path_of(config_path)
@@ -207,6 +234,12 @@ def resolve_node(
     except ClientError as exc:
         if exc.exit_code != EXIT_UNREACHABLE:
             return local
+        if config_path is not None:
+            raise ClientError(
+                f"{exc}: the daemon of {path} (--config means that node; pass --node URL to ask "
+                "another one)",
+                EXIT_UNREACHABLE,
+            ) from None
     interfaces = list(cfg.interface)
     urls = discover(interfaces, cluster_id=cfg.cluster_id, timeout=mdns_timeout)
     if not urls:
@@ -215,6 +248,9 @@ def resolve_node(
             f"local daemon at {local.url} does not answer and mDNS found no node ({where})",
             EXIT_UNREACHABLE,
         )
+    sys.stderr.write(
+        f"note: local daemon at {local.url} does not answer; using {urls[0]} found by mDNS\n"
+    )
     return Node(urls[0], token, "mdns")
 
 

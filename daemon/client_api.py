@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from edgemoe.daemon import diagnosis
 from edgemoe.daemon.engine import GenerationParams, GenerationResult
 from edgemoe.daemon.peer_api import DAEMON_KEY, error
 
@@ -295,7 +296,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 @_guard
 async def cluster(request: web.Request) -> web.StreamResponse:
-    return web.json_response(_daemon(request).cluster_view())
+    d = _daemon(request)
+    return web.json_response({**d.cluster_view(), "warnings": diagnosis.node_warnings(d)})
 
 
 @_guard
