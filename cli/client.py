@@ -11,7 +11,6 @@ import json
 import os
 import socket
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -19,8 +18,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-SERVICE_TYPE = "_edgemoe._tcp.local."
 
 # Exit codes shared by every operator command (README, "Exit codes").
 EXIT_REQUEST_FAILED = 1  # the node answered with an error
@@ -258,37 +255,8 @@ def discover(
     interfaces: Sequence[str], *, cluster_id: str | None = None, timeout: float = 3.0
 ) -> list[str]:
     """Browse ``_edgemoe._tcp`` on the given interface addresses only (never all interfaces)
-    and return the URLs of the nodes that answered, optionally only those of ``cluster_id``."""
-    if not interfaces:
-        return []
-    from zeroconf import ServiceBrowser, ServiceStateChange, Zeroconf
+    and return the URL of the first node that answered, optionally only one of ``cluster_id``."""
+    from edgemoe.daemon.doctor import browse
 
-    names: list[str] = []
-
-    def on_change(
-        zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
-    ) -> None:
-        if state_change is ServiceStateChange.Added and name not in names:
-            names.append(name)
-
-    found: list[str] = []
-    zc = Zeroconf(interfaces=list(interfaces))
-    try:
-        browser = ServiceBrowser(zc, SERVICE_TYPE, handlers=[on_change])
-        deadline = time.monotonic() + timeout
-        tried: set[str] = set()
-        while time.monotonic() < deadline and not found:
-            for name in [n for n in names if n not in tried]:
-                info = zc.get_service_info(SERVICE_TYPE, name, timeout=500)
-                if info is None or not info.port:
-                    continue
-                tried.add(name)
-                props = {k.decode(): (v or b"").decode() for k, v in info.properties.items()}
-                if cluster_id and props.get("cluster_id", cluster_id) != cluster_id:
-                    continue
-                found.extend(local_url(a, info.port) for a in info.parsed_addresses()[:1])
-            time.sleep(0.1)
-        browser.cancel()
-    finally:
-        zc.close()
-    return found
+    found = browse(list(interfaces), timeout=timeout, cluster_id=cluster_id, first=True)
+    return [a.url for a in found]

@@ -358,7 +358,7 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"wrote {target} ({joined} {values['cluster_id']!r}, mode 0640)")
         for file in written:
             typer.echo(f"wrote {file} (mode 0640), referenced by {file.suffix[1:]}_file")
-        if values["host"] == "127.0.0.1":
+        if values["host"] == "127.0.0.1" and not cfg.interface:
             typer.echo(
                 "note: listens on 127.0.0.1 only; give --interface (mDNS) or --host so other "
                 "boxes reach it"
