@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-import time
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -18,8 +18,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-SERVICE_TYPE = "_edgemoe._tcp.local."
 
 # Exit codes shared by every operator command (README, "Exit codes").
 EXIT_REQUEST_FAILED = 1  # the node answered with an error
@@ -32,9 +30,12 @@ EXIT_CONFIG = 5  # the configuration file is missing or invalid
 class ClientError(Exception):
     """A failure to show the user as one line, with the exit code that classifies it."""
 
-    def __init__(self, message: str, exit_code: int = EXIT_REQUEST_FAILED) -> None:
+    def __init__(
+        self, message: str, exit_code: int = EXIT_REQUEST_FAILED, http_status: int | None = None
+    ) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+        self.http_status = http_status  # the node's answer, when it answered with an error
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,18 @@ def _http_error(url: str, path: str, exc: urllib.error.HTTPError) -> ClientError
         )
     if exc.code == 404 and not explained:
         detail += f" (is {url} an edgemoe node? check --node)"
-    return ClientError(f"{url}{path}: HTTP {exc.code}: {detail}".rstrip(": "), EXIT_REQUEST_FAILED)
+    return ClientError(
+        f"{url}{path}: HTTP {exc.code}: {detail}".rstrip(": "), EXIT_REQUEST_FAILED, exc.code
+    )
+
+
+def why_unready(node: Node) -> str | None:
+    """The node's own warnings (``/v1/cluster``), joined: why it answers 503, when it knows."""
+    try:
+        found = node.get("/v1/cluster", timeout=5.0).get("warnings") or []
+    except (ClientError, AttributeError):
+        return None
+    return "; ".join(str(w) for w in found) or None
 
 
 def normalise_url(node: str) -> str:
@@ -172,6 +184,16 @@ def config_path_of(config_path: Path | None) -> Path:
     return Path(config_path or os.environ.get("EDGEMOE_CONFIG") or DEFAULT_CONFIG_PATH)
 
 
+def daemon_config_file(config_path: Path | None) -> Path | None:
+    """The file a daemon reads: ``--config``, else EDGEMOE_CONFIG, else the system default when
+    it exists (the same one `config init` writes and `status`/`generate` read); None: flags and
+    environment only."""
+    path = config_path_of(config_path)
+    if config_path is None and not os.environ.get("EDGEMOE_CONFIG") and not path.exists():
+        return None
+    return path
+
+
 def resolve_node(
     node: str | None,
     config_path: Path | None,
@@ -181,9 +203,11 @@ def resolve_node(
     admin_token: str | None = None,
     admin: bool = False,
 ) -> Node:
-    """Pick the daemon: ``--node`` first, else the local one from the config file if it answers,
-    else the first one found by mDNS on the config's interfaces. The token comes from
-    ``--api-token`` (or EDGEMOE_API_TOKEN), else the config."""
+    """Pick the daemon: ``--node`` first, else the local one from the config file. Only when no
+    ``--config`` was given (the box's default config) and the local daemon does not answer, the
+    first node found by mDNS on the config's interfaces, said on stderr: an operator who named a
+    config means that node. The token comes from ``--api-token`` (or EDGEMOE_API_TOKEN), else
+    the config."""
     from edgemoe.cli.config_cmds import ConfigError, read_config
 
     path = config_path_of(config_path)
@@ -211,6 +235,12 @@ def resolve_node(
     except ClientError as exc:
         if exc.exit_code != EXIT_UNREACHABLE:
             return local
+        if config_path is not None:
+            raise ClientError(
+                f"{exc}: the daemon of {path} (--config means that node; pass --node URL to ask "
+                "another one)",
+                EXIT_UNREACHABLE,
+            ) from None
     interfaces = list(cfg.interface)
     urls = discover(interfaces, cluster_id=cfg.cluster_id, timeout=mdns_timeout)
     if not urls:
@@ -219,6 +249,9 @@ def resolve_node(
             f"local daemon at {local.url} does not answer and mDNS found no node ({where})",
             EXIT_UNREACHABLE,
         )
+    sys.stderr.write(
+        f"note: local daemon at {local.url} does not answer; using {urls[0]} found by mDNS\n"
+    )
     return Node(urls[0], token, "mdns")
 
 
@@ -226,37 +259,8 @@ def discover(
     interfaces: Sequence[str], *, cluster_id: str | None = None, timeout: float = 3.0
 ) -> list[str]:
     """Browse ``_edgemoe._tcp`` on the given interface addresses only (never all interfaces)
-    and return the URLs of the nodes that answered, optionally only those of ``cluster_id``."""
-    if not interfaces:
-        return []
-    from zeroconf import ServiceBrowser, ServiceStateChange, Zeroconf
+    and return the URL of the first node that answered, optionally only one of ``cluster_id``."""
+    from edgemoe.daemon.doctor import browse
 
-    names: list[str] = []
-
-    def on_change(
-        zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
-    ) -> None:
-        if state_change is ServiceStateChange.Added and name not in names:
-            names.append(name)
-
-    found: list[str] = []
-    zc = Zeroconf(interfaces=list(interfaces))
-    try:
-        browser = ServiceBrowser(zc, SERVICE_TYPE, handlers=[on_change])
-        deadline = time.monotonic() + timeout
-        tried: set[str] = set()
-        while time.monotonic() < deadline and not found:
-            for name in [n for n in names if n not in tried]:
-                info = zc.get_service_info(SERVICE_TYPE, name, timeout=500)
-                if info is None or not info.port:
-                    continue
-                tried.add(name)
-                props = {k.decode(): (v or b"").decode() for k, v in info.properties.items()}
-                if cluster_id and props.get("cluster_id", cluster_id) != cluster_id:
-                    continue
-                found.extend(local_url(a, info.port) for a in info.parsed_addresses()[:1])
-            time.sleep(0.1)
-        browser.cancel()
-    finally:
-        zc.close()
-    return found
+    found = browse(list(interfaces), timeout=timeout, cluster_id=cluster_id, first=True)
+    return [a.url for a in found]

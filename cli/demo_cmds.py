@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,13 @@ from edgemoe.cli.ops_cmds import (
     ranges,
     short,
 )
+
+# Seconds the daemons get after SIGTERM before SIGKILL: a graceful leave hands a node's experts
+# over within HANDOVER_TIMEOUT_S (10 s). After Ctrl-C every node leaves at once, so no handover
+# can succeed (each waits for peers that are leaving too) and the demo's directory is thrown
+# away: a short grace, then SIGKILL.
+STOP_GRACE_S = 10.0
+INTERRUPT_GRACE_S = 2.0
 
 # Prompts whose bytes differ in kind (the tiny model's tokenizer is byte-level), so each
 # domain drives the router towards its own experts.
@@ -270,7 +278,7 @@ class LocalCluster:
             f"node0 log ends:\n{self.nodes[0].log_tail()}"
         )
 
-    def stop(self, grace: float = 10.0) -> list[int]:
+    def stop(self, grace: float = STOP_GRACE_S) -> list[int]:
         """SIGTERM every process group, SIGKILL what is left after ``grace``; returns the
         ports still bound afterwards (should be none)."""
         for node in self.nodes:
@@ -373,12 +381,16 @@ def run_phase(
     model = cluster.client(cluster.nodes[0]).get("/v1/models")["data"][0]["id"]
     before = {n.node_id: cluster.cluster(n) for n in cluster.nodes}
 
+    interrupted = threading.Event()  # Ctrl-C: no worker starts another prompt
+
     def work(node: DemoNode) -> tuple[list[float], int]:
         client = cluster.client(node)
         prompts = DOMAINS[domains[node.index]]
         latencies: list[float] = []
         tokens = 0
         for r in range((more or {}).get(node.index, rounds)):
+            if interrupted.is_set():
+                break
             prompt = prompts[r % len(prompts)]
             t0 = time.perf_counter()
             out = client.post(
@@ -390,10 +402,16 @@ def run_phase(
             tokens += int((out.get("usage") or {}).get("completion_tokens", max_tokens))
         return latencies, tokens
 
-    with ThreadPoolExecutor(max_workers=len(cluster.nodes)) as pool:
+    pool = ThreadPoolExecutor(max_workers=len(cluster.nodes))
+    try:
         results = dict(
             zip((n.node_id for n in cluster.nodes), pool.map(work, cluster.nodes), strict=True)
         )
+    except BaseException:  # Ctrl-C: leave the prompts in flight to the daemons' stop
+        interrupted.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     after = {n.node_id: cluster.cluster(n) for n in cluster.nodes}
     return PhaseResult(
         name=name,
@@ -569,6 +587,7 @@ def run_demo(
     workdir = Path(tempfile.mkdtemp(prefix="edgemoe-demo-"))
     cluster: LocalCluster | None = None
     busy: list[int] = []
+    grace = STOP_GRACE_S
     try:
         with stop_on_signals():
             with out.status("generating and sharding a tiny model ..."):
@@ -632,11 +651,12 @@ def run_demo(
         return exc.exit_code
     except KeyboardInterrupt:
         out.print("[yellow]interrupted: stopping the daemons[/]")
+        grace = INTERRUPT_GRACE_S
         return 130
     finally:
         if cluster is not None:
             with out.status("stopping every daemon ..."):
-                busy = cluster.stop()
+                busy = cluster.stop(grace)
         if keep:
             out.print(f"kept {workdir}")
         else:

@@ -53,9 +53,16 @@ def _do_verify(out_dir: Path) -> None:
 def _do_shard(model_dir: Path, out_dir: Path) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
+    from edgemoe.model.checkpoint import plan_checkpoint
     from edgemoe.model.errors import ModelError
     from edgemoe.model.shard import shard_checkpoint
 
+    try:  # headers only: checks the checkpoint and gives the bar its total before any write
+        plan = plan_checkpoint(model_dir)
+    except ModelError as exc:
+        raise _fail(str(exc)) from None
+    total = 1 + len(plan.layers) * plan.num_experts  # the dense part, then one file per expert
+    failure: ModelError | None = None
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -63,7 +70,7 @@ def _do_shard(model_dir: Path, out_dir: Path) -> None:
         TimeElapsedColumn(),
         transient=True,
     ) as bar:
-        task = bar.add_task("sharding", total=None)
+        task = bar.add_task("sharding", total=total)
 
         def progress(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
@@ -71,8 +78,9 @@ def _do_shard(model_dir: Path, out_dir: Path) -> None:
         try:
             manifest, written = shard_checkpoint(model_dir, out_dir, progress=progress)
         except ModelError as exc:
-            bar.stop()
-            raise _fail(str(exc)) from None
+            failure = exc
+    if failure is not None:  # said once the bar is gone, as one line
+        raise _fail(str(failure))
     state = "wrote" if written else "up to date:"
     typer.echo(
         f"{state} {out_dir} ({manifest.architecture}, {manifest.num_layers} MoE layers x "

@@ -16,7 +16,13 @@ def _daemon_command(app: typer.Typer) -> None:
     @app.command("daemon")
     def daemon(
         config: Annotated[
-            Path | None, typer.Option("--config", "-c", help="TOML config (keys = flag names)")
+            Path | None,
+            typer.Option(
+                "--config",
+                "-c",
+                help="TOML config (keys = flag names) [default: $EDGEMOE_CONFIG, else "
+                "/etc/edgemoe/edgemoe.toml when it exists]",
+            ),
         ] = None,
         model_dir: Annotated[str | None, typer.Option(help="Shard directory")] = None,
         state_dir: Annotated[str | None, typer.Option(help="Node id, acceptor log, shards")] = None,
@@ -74,14 +80,20 @@ def _daemon_command(app: typer.Typer) -> None:
             log_level=log_level,
             drift_threshold=drift_threshold, drift_min_interval=drift_min_interval,
         )  # fmt: skip
+        from edgemoe.cli.client import daemon_config_file
+
         try:
-            cfg = load_config(config, flags)
+            cfg = load_config(daemon_config_file(config), flags)
         except ConfigError as exc:
             from edgemoe.cli.client import EXIT_CONFIG
 
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(EXIT_CONFIG) from None
+        from edgemoe.daemon.config import dirs_to_create
         from edgemoe.daemon.main import run_daemon
+
+        if created := dirs_to_create(cfg):
+            typer.echo(f"info: creating {', '.join(map(str, created))}", err=True)
 
         raise typer.Exit(run_daemon(cfg))
 
@@ -113,9 +125,10 @@ def _generate_command(app: typer.Typer) -> None:
         ] = False,
     ) -> None:
         """Generate from one node; --json prints {"text", "token_ids", "node"}."""
-        from edgemoe.cli.client import ClientError, resolve_node
+        from edgemoe.cli.client import ClientError, resolve_node, why_unready
 
         body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature}
+        target = None
         try:
             target = resolve_node(node, config, api_token)
             text, ids, node_id = "", [], ""
@@ -133,7 +146,9 @@ def _generate_command(app: typer.Typer) -> None:
                 choice = out["choices"][0]
                 text, ids, node_id = choice["text"], choice.get("token_ids", []), out["node_id"]
         except ClientError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            why = why_unready(target) if target is not None and exc.http_status == 503 else None
+            message = f"{target.url} cannot answer: {why}" if target and why else str(exc)
+            typer.echo(f"error: {message}", err=True)
             raise typer.Exit(exc.exit_code) from None
         except (KeyError, IndexError, TypeError) as exc:
             typer.echo(f"error: {target.url}: unexpected answer ({exc!r})", err=True)

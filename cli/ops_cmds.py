@@ -17,6 +17,7 @@ import typer
 
 from edgemoe.cli import config_cmds
 from edgemoe.cli.client import ClientError, Node, resolve_node
+from edgemoe.daemon.diagnosis import human_bytes
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -46,16 +47,6 @@ def one_line_errors(fn: Callable[P, R]) -> Callable[P, R]:
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 def short(node_id: str) -> str:
@@ -108,6 +99,15 @@ def model_of(cluster: dict[str, Any]) -> dict[str, Any]:
             f"node {cluster.get('node_id', '?')} has no model yet (still fetching its shards?)"
         )
     return model
+
+
+def unready_reason(cluster: dict[str, Any]) -> str:
+    """Why a node that is not ready cannot serve: its warnings, else what it is doing."""
+    if cluster.get("warnings"):
+        return "; ".join(cluster["warnings"])
+    if not cluster.get("model"):
+        return "no model yet (fetching the manifest from peers)"
+    return "still loading the model"
 
 
 def member_ids(cluster: dict[str, Any]) -> list[str]:
@@ -264,12 +264,18 @@ def explain_table(cluster: dict[str, Any], layer: int | None) -> Any:
     return table
 
 
-def heatmap(counts: list[list[float]], title: str) -> Any:
-    """Layers x experts, each cell a block coloured by that expert's share of the layer."""
+HEAT_COLOURS = ("grey23", "blue", "cyan", "green", "yellow", "red")
+# The same levels as characters, for output without colour (piped, redirected, NO_COLOR).
+HEAT_RAMP = ".-+*#@"
+
+
+def heatmap(counts: list[list[float]], title: str, *, colour: bool = True) -> Any:
+    """Layers x experts, each cell that expert's share of the layer's busiest one: a coloured
+    block, or a character of HEAT_RAMP where colour would be lost."""
     from rich.panel import Panel
     from rich.text import Text
 
-    scale = ("grey23", "blue", "cyan", "green", "yellow", "red")
+    levels = len(HEAT_COLOURS)
     text = Text()
     width = max((len(r) for r in counts), default=0)
     text.append("layer  " + "".join(str(e % 10) for e in range(width)) + "\n", style="dim")
@@ -277,14 +283,40 @@ def heatmap(counts: list[list[float]], title: str) -> Any:
         top = max(row) if row and max(row) > 0 else 1.0
         text.append(f"{ly:>5}  ")
         for c in row:
-            level = 0 if c <= 0 else 1 + min(len(scale) - 2, int((c / top) * (len(scale) - 1)))
-            text.append("█", style=scale[level])
+            level = 0 if c <= 0 else 1 + min(levels - 2, int((c / top) * (levels - 1)))
+            if colour:
+                text.append("█", style=HEAT_COLOURS[level])
+            else:
+                text.append(HEAT_RAMP[level])
         text.append("\n")
     text.append("share of the layer's busiest expert: ", style="dim")
-    for i, colour in enumerate(scale):
-        text.append("█", style=colour)
-        text.append(" 0 " if i == 0 else f" ≤{i / (len(scale) - 1):.0%} ", style="dim")
+    for i in range(levels):
+        text.append("█" if colour else HEAT_RAMP[i], style=HEAT_COLOURS[i] if colour else "")
+        text.append(" 0 " if i == 0 else f" ≤{i / (levels - 1):.0%} ", style="dim")
     return Panel(text, title=title, expand=False)
+
+
+CHAT_HELP = """commands (never sent to the model):
+  /help          this list
+  /reset         forget the conversation (keeps --system)
+  /exit, /quit   end the chat (also Ctrl-D)
+  //text         send "/text" to the model
+Ctrl-C while an answer streams stops that answer."""
+
+
+def chat_command(line: str) -> str | None:
+    """A chat line starting with '/' is for the chat itself: "exit", "reset", or the text to
+    show (help, or why it is unknown); None: a message for the model."""
+    word = line.strip().split(maxsplit=1)[0] if line.strip() else ""
+    if not word.startswith("/") or word.startswith("//"):
+        return None
+    if word in ("/exit", "/quit"):
+        return "exit"
+    if word == "/reset":
+        return "reset"
+    if word in ("/help", "/?"):
+        return CHAT_HELP
+    return f"unknown command {word}; /help lists them (//text sends /text to the model)"
 
 
 def console() -> Any:
@@ -327,6 +359,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             print_json(
                 {"node": target.url, "via": target.how, "cluster": cluster, "health": health}
             )
+            if not cluster.get("ready", True):
+                raise typer.Exit(1)
             return
         model = cluster.get("model")
         mig = cluster.get("migration", {})
@@ -341,10 +375,12 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         value, limit = drift.get("value"), drift.get("threshold")
         drift_text = "n/a" if value is None else f"{value:.2f}"
         drift_text += " (off)" if limit is None else f" of {limit:.2f}"
+        routed = cluster.get("routed", {}).get("total", 1)  # no traffic yet: no share to show
+        share = f"{cluster.get('local_share', 0):.0%}" if routed else "-"
         out = console()
         out.print(
             f"node [bold]{cluster['node_id']}[/] at {target.url} (via {target.how}); {what}; "
-            f"local share {cluster.get('local_share', 0):.0%}, "
+            f"local share {share}, "
             f"remote {human_bytes(cluster.get('remote_bytes', 0))}; "
             f"epoch {placement.get('epoch', 0)} ({placement.get('reason') or 'none yet'}), "
             f"statistics drift {drift_text}; "
@@ -352,6 +388,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             f"{human_bytes(mig.get('bytes_moved', 0))} moved"
         )
         out.print(node_summary_table(cluster, {n: {"health": h} for n, h in health.items()}))
+        for warning in cluster.get("warnings", []):
+            out.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        if not cluster.get("ready", True):
+            raise ClientError(f"node {cluster['node_id']} cannot serve: {unready_reason(cluster)}")
 
     @app.command()
     @one_line_errors
@@ -447,12 +487,14 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             print_json(chosen)
             return
         out = console()
+        colour = out.is_terminal and not out.no_color
         for nid, s in sorted(chosen.items()):
             out.print(
                 heatmap(
                     s.get("counts", []),
                     f"{short(nid)} — v{s.get('version', 0)}, "
                     f"{s.get('request_rate', 0.0):.2f} req/s",
+                    colour=colour,
                 )
             )
         if not chosen:
@@ -468,35 +510,53 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         config: config_cmds.ConfigOption = None,
         api_token: TokenOption = None,
     ) -> None:
-        """Talk to the model; answers stream as they are generated. Ctrl-D or /exit ends."""
+        """Talk to the model; answers stream as they are generated. /help lists the commands;
+        Ctrl-C stops an answer, Ctrl-D or /exit ends."""
         target = resolve_node(node, config, api_token)
         models = target.get("/v1/models").get("data", [])
         if not models:
             raise ClientError(f"{target.url} serves no model yet", 1)
         model = models[0]["id"]
-        messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+        start: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+        messages = list(start)
         interactive = sys.stdin.isatty()
         while True:
             try:
                 line = input("you> " if interactive else "")
             except (EOFError, KeyboardInterrupt):
+                if interactive:
+                    typer.echo("")  # leave the prompt's line
                 break
-            if line.strip() in ("/exit", "/quit"):
+            command = chat_command(line)
+            if command == "exit":
                 break
+            if command == "reset":
+                messages = list(start)
+                typer.echo("(conversation forgotten)")
+                continue
+            if command is not None:
+                typer.echo(command)  # help, or why a command is unknown
+                continue
             if not line.strip():
                 continue
-            messages.append({"role": "user", "content": line})
+            text = line[1:] if line.startswith("//") else line
+            messages.append({"role": "user", "content": text})
             body = {
                 "model": model, "messages": messages, "max_tokens": max_tokens,
                 "temperature": temperature, "stream": True,
             }  # fmt: skip
             typer.echo("edgemoe> ", nl=False)
             answer: list[str] = []
-            for event in target.stream_sse("/v1/chat/completions", body):
-                for choice in event.get("choices", []):
-                    piece = (choice.get("delta") or {}).get("content") or ""
-                    answer.append(piece)
-                    typer.echo(piece, nl=False)
+            events = target.stream_sse("/v1/chat/completions", body)
+            try:
+                for event in events:
+                    for choice in event.get("choices", []):
+                        piece = (choice.get("delta") or {}).get("content") or ""
+                        answer.append(piece)
+                        typer.echo(piece, nl=False)
+            except KeyboardInterrupt:  # Ctrl-C stops this answer (the node cancels it), not chat
+                events.close()
+                typer.echo(" [stopped]", nl=False)
             typer.echo("")
             messages.append({"role": "assistant", "content": "".join(answer)})
 

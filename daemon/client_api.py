@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from edgemoe.daemon import diagnosis
 from edgemoe.daemon.engine import Busy, GenerationParams, GenerationResult
 from edgemoe.daemon.peer_api import DAEMON_KEY, error
 from edgemoe.daemon.startup import is_loopback
@@ -423,7 +424,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 @_guard
 async def cluster(request: web.Request) -> web.StreamResponse:
-    return web.json_response(_daemon(request).cluster_view())
+    d = _daemon(request)
+    return web.json_response({**d.cluster_view(), "warnings": diagnosis.node_warnings(d)})
 
 
 @_guard(admin=True)

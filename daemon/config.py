@@ -6,6 +6,7 @@ is checked here so the daemon fails at start with one line naming the key, never
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -139,6 +140,13 @@ class DaemonConfig:
         return f"http://{host}:{self.port}"
 
 
+def dirs_to_create(config: DaemonConfig) -> list[Path]:
+    """The state and model directories the daemon will create at start (said in one line, so a
+    default such as /var/lib/edgemoe never appears silently)."""
+    model_dir = config.model_dir or config.state_dir / "model"
+    return [d for d in (config.state_dir, model_dir) if not d.exists()]
+
+
 _KEYS = {f.name for f in fields(DaemonConfig)} | {"config"}
 
 
@@ -169,10 +177,7 @@ def _coerce(key: str, value: Any) -> Any:
                 raise ConfigError(f"drift_min_interval: must be seconds >= 0, got {value!r}")
             return seconds
         if key == "interface":
-            items = _as_list(value)
-            for item in items:
-                ipaddress.ip_address(item)
-            return tuple(items)
+            return tuple(interface_address(item) for item in _as_list(value))
         if key == "seed_peer":
             return tuple(parse_host_port(item) for item in _as_list(value))
         if key == "strategy" and value not in STRATEGIES:
@@ -192,6 +197,34 @@ def _coerce(key: str, value: Any) -> Any:
         raise
     except (ValueError, TypeError):
         raise ConfigError(f"{key}: invalid value {value!r}") from None
+
+
+def interface_address(item: str) -> str:
+    """An interface given by IPv4 address (kept) or by name such as "eth0" (its first IPv4
+    address on this machine); anything else names the accepted forms."""
+    try:
+        return str(ipaddress.IPv4Address(item))
+    except ValueError:
+        pass
+    import ifaddr  # zeroconf's own dependency
+
+    adapters = {a.nice_name: a for a in ifaddr.get_adapters()}
+    adapter = adapters.get(item)
+    v4 = [ip.ip for ip in adapter.ips if isinstance(ip.ip, str)] if adapter else []
+    if v4:
+        return v4[0]
+    why = "has no IPv4 address" if adapter else "is no interface of this machine"
+    raise ConfigError(
+        f"interface: {item!r} {why}; give an IPv4 address of this machine (\"192.168.1.10\") "
+        f"or an interface name with one ({', '.join(sorted(adapters)) or 'none found'})"
+    )
+
+
+def unknown_key(name: str, where: str) -> ConfigError:
+    """The error for a key the daemon does not read, naming the nearest one it does."""
+    near = difflib.get_close_matches(name, sorted(_KEYS - {"config"}), n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return ConfigError(f"{where}: unknown key {name!r}{hint}")
 
 
 def _float(value: Any) -> float:
@@ -248,7 +281,7 @@ def load_config(
             raise ConfigError(f"{path}: cannot read: {exc}") from None
         unknown = sorted(set(raw) - _KEYS)
         if unknown:
-            raise ConfigError(f"{path}: unknown key {unknown[0]!r}")
+            raise unknown_key(unknown[0], str(path))
     raw.update(_from_env(env))
     raw.update({k: v for k, v in (flags or {}).items() if v not in (None, (), [])})
     raw.pop("config", None)

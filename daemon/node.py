@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from aiohttp import web
 
-from edgemoe.daemon import client_api, peer_api
+from edgemoe.daemon import client_api, diagnosis, peer_api
 from edgemoe.daemon.cluster_driver import HANDOVER_TIMEOUT_S, ClusterDriver
 from edgemoe.daemon.config import DaemonConfig
 from edgemoe.daemon.discovery import Discovery
@@ -147,6 +147,7 @@ class Daemon:
             for host, port in self.config.seed_peer
         ]
         self._spawn(self._bootstrap_or_fail(), "bootstrap")
+        self._spawn(lambda: diagnosis.log_warnings(self), "operator warnings", restart=True)
 
     async def stop(self) -> None:
         """Leave gracefully (announce, hand duties over), then close everything."""

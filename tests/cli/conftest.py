@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -39,7 +40,8 @@ def cluster_state(url: str) -> dict[str, Any]:
             "node-b": {"version": 2, "request_rate": 0.5,
                        "counts": [[0.0, 1.0, 4.0, 5.0], [0.0, 0.0, 8.0, 2.0]]},
         },
-        "local_share": 0.85, "remote_bytes": 123456,
+        "ready": True, "warnings": [],
+        "local_share": 0.85, "routed": {"local": 85, "total": 100}, "remote_bytes": 123456,
         "drift": {"value": 0.07, "threshold": 0.15, "min_interval_s": 30.0},
         "migration": {"pending": 1, "bytes_moved": 8192},
     }  # fmt: skip
@@ -49,6 +51,7 @@ class FakeNode(ThreadingHTTPServer):
     daemon_threads = True
     token = TOKEN
     no_model = False  # True: like a node still fetching its shards
+    abandoned = 0  # streamed answers whose client went away
     requests: list[tuple[str, str, Any]]
 
     @property
@@ -107,10 +110,18 @@ class Handler(BaseHTTPRequestHandler):
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.end_headers()
-            for piece in ("echo: ", said):
-                event = {"choices": [{"index": 0, "delta": {"content": piece}}]}
-                self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
-            self.wfile.write(b"data: [DONE]\n\n")
+            # "slow": a long answer, a piece every 0.1 s (long enough to be interrupted)
+            pieces = ["echo: ", said] if said != "slow" else ["tick "] * 100
+            try:
+                for piece in pieces:
+                    event = {"choices": [{"index": 0, "delta": {"content": piece}}]}
+                    self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+                    self.wfile.flush()
+                    if said == "slow":
+                        time.sleep(0.1)
+                self.wfile.write(b"data: [DONE]\n\n")
+            except (BrokenPipeError, ConnectionResetError):
+                self.server.abandoned += 1  # the client hung up mid-answer
             return None
         return self._send(404, {"error": f"no route {self.path}"})
 

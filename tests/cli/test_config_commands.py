@@ -7,9 +7,10 @@ import stat
 import tomllib
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
-from edgemoe.cli.config_cmds import SCHEMA, known_keys, parse_capacity, read_config
+from edgemoe.cli.config_cmds import SCHEMA, known_keys, parse_capacity, read_config, validate
 from edgemoe.cli.main import app
 
 runner = CliRunner()
@@ -26,7 +27,8 @@ def test_init_writes_commented_config_with_fresh_secret_that_check_accepts(tmp_p
     assert text.count("\n# ") >= len(SCHEMA)  # every key documented
     a, b = tomllib.loads(text), tomllib.loads(second.read_text())
     assert set(a) == {k.name for k in SCHEMA if k.default is not None}
-    assert "# advertise_host = " in text  # optional keys are shown, commented out
+    assert '# advertise_host = "192.168.1.10"' in text  # optional keys: commented examples
+    assert "model_dir" not in a  # the node uses state_dir/model unless told otherwise
     assert len(a["secret"]) == 64 and a["secret"] != b["secret"]
     assert a["api_token"] != b["api_token"]
     assert a["interface"] == ["127.0.0.1"]
@@ -54,7 +56,7 @@ def test_init_joins_existing_cluster_and_refuses_to_overwrite(tmp_path: Path) ->
     cfg = read_config(path)
     assert (cfg.cluster_id, cfg.secret, cfg.port) == ("lab", secret, 7700)
     again = runner.invoke(app, args)
-    assert again.exit_code == 1
+    assert again.exit_code == 5  # a config problem, like every other one
     assert "already exists" in again.stderr and "--force" in again.stderr
     assert runner.invoke(app, [*args, "--force", "--port", "7701"]).exit_code == 0
     assert read_config(path).port == 7701
@@ -78,7 +80,7 @@ def test_check_explains_each_problem_in_one_line_and_exits_5(tmp_path: Path) -> 
     assert result.exit_code == 5
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 3, lines
-    assert any("unknown key 'prot'" in line for line in lines)
+    assert any("unknown key 'prot' (did you mean 'port'?)" in line for line in lines)
     assert any("port: " in line and "'abc'" in line for line in lines)
     assert any("strategy: must be one of" in line and "'fastest'" in line for line in lines)
     assert "Traceback" not in result.output
@@ -143,5 +145,120 @@ def test_capacity_accepts_shares_and_sizes() -> None:
         raise AssertionError(f"{bad!r} accepted")
 
 
+def test_every_commented_key_of_the_template_is_valid_once_uncommented(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the *_file examples name files next to the config
+    for name in ("secret", "api_token", "admin_token"):
+        (tmp_path / name).write_text("t" * 32)
+    path = tmp_path / "e.toml"
+    assert runner.invoke(app, ["config", "init", str(path)]).exit_code == 0
+    commented = [
+        line[2:]
+        for line in path.read_text().splitlines()
+        if line.startswith("# ") and " = " in line and line[2:].split(" = ")[0] in known_keys()
+    ]
+    assert {line.split(" = ")[0] for line in commented} == {
+        k.name for k in SCHEMA if k.default is None
+    }
+    for line in commented:
+        tomllib.loads(line)  # raises on `key = ` with nothing after it
+    values = tomllib.loads(path.read_text() + "\n".join(commented))
+    _, problems = validate(values, "uncommented")
+    assert problems == []
+
+
 def test_template_documents_exactly_the_keys_the_daemon_reads() -> None:
     assert sorted(k.name for k in SCHEMA) == sorted(known_keys())
+
+
+def test_check_says_mdns_off_or_on_which_address(tmp_path: Path) -> None:
+    off, on = tmp_path / "off.toml", tmp_path / "on.toml"
+    assert runner.invoke(app, ["config", "init", str(off)]).exit_code == 0
+    made = runner.invoke(app, ["config", "init", str(on), "--interface", "127.0.0.1"])
+    assert made.exit_code == 0
+    assert "mDNS off," in runner.invoke(app, ["config", "check", str(off)]).stdout
+    assert "mDNS on 127.0.0.1," in runner.invoke(app, ["config", "check", str(on)]).stdout
+
+
+def test_init_binds_the_interface_address_never_every_interface(tmp_path: Path) -> None:
+    by_name, bare = tmp_path / "name.toml", tmp_path / "bare.toml"
+    made = runner.invoke(app, ["config", "init", str(by_name), "--interface", "lo"])
+    assert made.exit_code == 0, made.output
+    values = tomllib.loads(by_name.read_text())
+    assert values["interface"] == ["lo"] and values["host"] == "127.0.0.1"
+    result = runner.invoke(app, ["config", "init", str(bare)])
+    assert tomllib.loads(bare.read_text())["host"] == "127.0.0.1"
+    assert "listens on 127.0.0.1 only" in result.stdout
+    assert all("0.0.0.0" not in line for line in bare.read_text().splitlines()
+               if not line.startswith("#"))  # fmt: skip
+
+
+def test_interface_by_name_resolves_and_a_wrong_one_names_the_accepted_forms(
+    tmp_path: Path,
+) -> None:
+    from edgemoe.daemon.config import ConfigError, load_config
+
+    path = tmp_path / "e.toml"
+    path.write_text(f'secret = "{"s" * 32}"\nstate_dir = "{tmp_path}"\ninterface = ["lo"]\n')
+    assert load_config(path, env={}).interface == ("127.0.0.1",)
+    path.write_text(path.read_text().replace('["lo"]', '["nosuch9"]'))
+    with pytest.raises(ConfigError) as err:
+        load_config(path, env={})
+    assert "'nosuch9' is no interface of this machine" in str(err.value)
+    assert 'IPv4 address of this machine ("192.168.1.10")' in str(err.value)
+    assert "lo" in str(err.value).rsplit("(", 1)[1]  # the names it could have been
+
+
+def test_daemon_loader_suggests_the_nearest_key(tmp_path: Path) -> None:
+    from edgemoe.daemon.config import ConfigError, load_config
+
+    path = tmp_path / "e.toml"
+    path.write_text(f'secret = "{"s" * 32}"\nstate_dir = "{tmp_path}"\ncapacty = "50%"\n')
+    with pytest.raises(ConfigError, match=r"unknown key 'capacty' \(did you mean 'capacity'\?\)"):
+        load_config(path, env={})
+    path.write_text(path.read_text().replace("capacty", "zzzzzz"))
+    with pytest.raises(ConfigError) as err:
+        load_config(path, env={})
+    assert str(err.value).endswith("unknown key 'zzzzzz'")  # nothing near: no guess
+
+
+def test_init_never_writes_through_a_planted_temporary_file(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("untouched\n")
+    path = tmp_path / "e.toml"
+    (tmp_path / "e.toml.tmp").symlink_to(victim)  # the name the old writer reused
+    result = runner.invoke(app, ["config", "init", str(path)])
+    assert result.exit_code == 0, result.output
+    assert victim.read_text() == "untouched\n"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640 and not path.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.toml", "e.toml.tmp", "victim"]
+
+
+def test_init_onto_a_symlink_is_refused_without_force(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_text("keep\n")
+    link = tmp_path / "e.toml"
+    link.symlink_to(target)
+    result = runner.invoke(app, ["config", "init", str(link)])
+    assert result.exit_code == 5 and "already exists" in result.stderr
+    assert target.read_text() == "keep\n"
+
+
+def test_secrets_in_files_keeps_them_out_of_the_config(tmp_path: Path) -> None:
+    path = tmp_path / "edgemoe.toml"
+    result = runner.invoke(app, ["config", "init", str(path), "--secrets-in-files"])
+    assert result.exit_code == 0, result.output
+    values = tomllib.loads(path.read_text())
+    assert "secret" not in values and "api_token" not in values
+    secret_file, token_file = tmp_path / "edgemoe.secret", tmp_path / "edgemoe.api_token"
+    assert values["secret_file"] == str(secret_file)
+    assert values["api_token_file"] == str(token_file)
+    for file in (secret_file, token_file):
+        assert stat.S_IMODE(file.stat().st_mode) == 0o640
+    cfg = read_config(path)  # the daemon's loader reads them back
+    assert cfg.secret == secret_file.read_text().strip() and len(cfg.secret) == 64
+    assert cfg.api_token == token_file.read_text().strip()
+    assert cfg.secret not in path.read_text()
+    again = runner.invoke(app, ["config", "init", str(path), "--secrets-in-files"])
+    assert again.exit_code == 5 and secret_file.read_text().strip() == cfg.secret

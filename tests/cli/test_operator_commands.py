@@ -4,7 +4,10 @@ they send, and how they fail (one line, meaningful exit code)."""
 from __future__ import annotations
 
 import json
+import re
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -102,10 +105,30 @@ def test_node_without_model_yet(fake_node: Any) -> None:
 
 
 def test_stats_draws_a_heatmap_per_node(fake_node: Any) -> None:
-    result = run("stats", *node_args(fake_node))
-    assert result.exit_code == 0, result.output
-    assert "node-a" in result.stdout and "node-b" in result.stdout
-    assert result.stdout.count("█") >= 2 * 8
+    coloured = runner.invoke(
+        app, ["stats", *node_args(fake_node)],
+        env={"EDGEMOE_CONFIG": "/nonexistent", "FORCE_COLOR": "1", "NO_COLOR": None},
+    )  # fmt: skip
+    assert coloured.exit_code == 0, coloured.output
+    assert "node-a" in coloured.stdout and "node-b" in coloured.stdout
+    assert coloured.stdout.count("█") >= 2 * 8 and "\x1b[" in coloured.stdout
+
+
+def test_stats_piped_or_without_colour_shows_levels_as_characters(fake_node: Any) -> None:
+    # node-a's layer 0 counts 6, 3, 1, 0: shares 100%, 50%, 17%, 0 of the busiest
+    for env in ({}, {"FORCE_COLOR": "1", "NO_COLOR": "1"}):
+        result = runner.invoke(app, ["stats", *node_args(fake_node)],
+                               env={"EDGEMOE_CONFIG": "/nonexistent", **env})  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert "█" not in result.stdout  # NO_COLOR on a terminal keeps bold/dim, no colour
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout)
+        rows = [line.strip("│ ") for line in plain.splitlines()]
+        assert "0  @*-." in rows and "1  @@.." in rows  # node-a
+        assert "0  .+@@" in rows  # node-b: 0, 1, 4, 5
+        assert ". 0 - ≤20% + ≤40% * ≤60% # ≤80% @ ≤100%" in plain  # the legend
+
+
+def test_stats_selects_a_node_and_refuses_an_unknown_one(fake_node: Any) -> None:
     only = run("stats", *node_args(fake_node), "--json", "--node-id", "node-b")
     assert list(json.loads(only.stdout)) == ["node-b"]
     missing = run("stats", *node_args(fake_node), "--node-id", "zzz")
@@ -214,25 +237,55 @@ def test_bad_config_is_exit_5_one_line(tmp_path: Path) -> None:
     )
 
 
-def test_node_found_by_mdns_when_local_daemon_is_down(fake_node: Any, tmp_path: Path) -> None:
+@contextmanager
+def announced(fake: Any) -> Iterator[None]:
+    """The fake node announced by mDNS on 127.0.0.1 in cluster "lab"."""
     from zeroconf import ServiceInfo, Zeroconf
 
-    cfg = tmp_path / "e.toml"
-    args = ["config", "init", str(cfg), "--port", str(free_port()), "--cluster-id", "lab"]
-    assert runner.invoke(app, [*args, "--interface", "127.0.0.1"]).exit_code == 0
     zc = Zeroconf(interfaces=["127.0.0.1"])
     info = ServiceInfo(
         "_edgemoe._tcp.local.", "node-a._edgemoe._tcp.local.",
-        addresses=[socket.inet_aton("127.0.0.1")], port=fake_node.server_address[1],
+        addresses=[socket.inet_aton("127.0.0.1")], port=fake.server_address[1],
         properties={"node_id": "node-a", "cluster_id": "lab"}, server="node-a.local.",
     )  # fmt: skip
     zc.register_service(info)
     try:
-        node = resolve_node(None, cfg, fake_node.token, mdns_timeout=5.0)
+        yield
     finally:
         zc.unregister_service(info)
         zc.close()
+
+
+def down_config(tmp_path: Path) -> Path:
+    """A config whose local daemon is not running, with mDNS on 127.0.0.1."""
+    cfg = tmp_path / "e.toml"
+    args = ["config", "init", str(cfg), "--port", str(free_port()), "--cluster-id", "lab"]
+    assert runner.invoke(app, [*args, "--interface", "127.0.0.1"]).exit_code == 0
+    return cfg
+
+
+def test_node_found_by_mdns_when_the_default_config_daemon_is_down(
+    fake_node: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    monkeypatch.setenv("EDGEMOE_CONFIG", str(down_config(tmp_path)))  # the box's default config
+    with announced(fake_node):
+        node = resolve_node(None, None, fake_node.token, mdns_timeout=5.0)
     assert (node.url, node.how) == (fake_node.url, "mdns")
+    said = capsys.readouterr().err
+    assert f"does not answer; using {fake_node.url} found by mDNS" in said
+
+
+def test_named_config_with_its_daemon_down_fails_instead_of_asking_another_node(
+    fake_node: Any, tmp_path: Path
+) -> None:
+    cfg = down_config(tmp_path)
+    with announced(fake_node):
+        result = run("generate", "hello", "--config", str(cfg))
+    assert result.exit_code == 3, result.output
+    line = result.stderr.strip()
+    assert "connection refused" in line and f"the daemon of {cfg}" in line
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not fake_node.requests  # nobody else was asked
 
 
 def test_helpers() -> None:
