@@ -10,6 +10,7 @@ import ipaddress
 import os
 import re
 import tomllib
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -130,6 +131,10 @@ class DaemonConfig:
     drift_threshold: float = DEFAULT_DRIFT_THRESHOLD
     # seconds; see ClusterConfig.drift_min_interval (hysteresis against an epoch storm)
     drift_min_interval: float = ClusterConfig.drift_min_interval
+    # Trace replay (benchmarks): the router is overridden by a recorded routing trace (npz in
+    # the shared/traces format); request r of this node replays request r of `routing_stream`.
+    routing_trace: Path | None = None
+    routing_stream: str | None = None
 
     @property
     def url(self) -> str:
@@ -168,6 +173,8 @@ def _coerce(key: str, value: Any) -> Any:
             if not 0 <= seconds < float("inf"):
                 raise ConfigError(f"drift_min_interval: must be seconds >= 0, got {value!r}")
             return seconds
+        if key in ("routing_trace", "routing_stream"):
+            return _coerce_replay(key, value)
         if key == "interface":
             items = _as_list(value)
             for item in items:
@@ -192,6 +199,34 @@ def _coerce(key: str, value: Any) -> Any:
         raise
     except (ValueError, TypeError):
         raise ConfigError(f"{key}: invalid value {value!r}") from None
+
+
+def _coerce_replay(key: str, value: Any) -> Any:
+    """Trace replay keys: a trace file that exists, a stream name (checked against the file
+    when the model is loaded)."""
+    if key == "routing_trace":
+        if not isinstance(value, str | Path) or not str(value):
+            raise ConfigError("routing_trace: must be the path of an npz routing trace")
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"routing_trace: no such file {path}")
+        return path
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
+        raise ConfigError(f"routing_stream: must be a stream name like 'law', got {value!r}")
+    return value
+
+
+def _check_stream(path: Path, stream: str) -> None:
+    """The stream is in the trace file (an npz is a zip of `<array>.npy` members)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = {n.removesuffix(".npy") for n in z.namelist()}
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise ConfigError(f"routing_trace: {path} is not an npz trace ({exc})") from None
+    if {f"{stream}_expert_ids", f"{stream}_req_offsets"} - names:
+        have = sorted(n.removesuffix("_expert_ids") for n in names if n.endswith("_expert_ids"))
+        raise ConfigError(f"routing_stream: {stream!r} not in {path.name}; it has: "
+                          f"{', '.join(have) or 'no stream'}")  # fmt: skip
 
 
 def _float(value: Any) -> float:
@@ -258,6 +293,10 @@ def load_config(
     values = {k: _coerce(k, v) for k, v in raw.items()}
     if ("tls_cert" in values) != ("tls_key" in values):
         raise ConfigError("tls_cert, tls_key: give both (PEM certificate chain and its key)")
+    if ("routing_trace" in values) != ("routing_stream" in values):
+        raise ConfigError("routing_trace, routing_stream: give both (trace file and stream)")
+    if "routing_trace" in values:
+        _check_stream(values["routing_trace"], values["routing_stream"])
     for required in ("secret", "state_dir"):
         if required not in values:
             also = f" or {_FROM_FILE[required]}" if required in _FROM_FILE else ""

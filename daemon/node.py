@@ -25,6 +25,7 @@ from edgemoe.daemon.identity import load_or_create_node_id
 from edgemoe.daemon.metrics import DaemonMetrics
 from edgemoe.daemon.peers import PeerClient, PeerError
 from edgemoe.daemon.remote import LocalShareTap, Router
+from edgemoe.daemon.replay import replay_from_config
 from edgemoe.daemon.rpc import ExpertService
 from edgemoe.daemon.store import CorruptShard, ShardFetcher, ShardStore
 from edgemoe.daemon.wire import MAX_PEER_BODY, ReplayGuard, unpack
@@ -276,6 +277,7 @@ class Daemon:
         self.engine = await InferenceEngine.load(
             self.store.root, self.router, recorder=self.tap, device=self.device
         )
+        await asyncio.to_thread(replay_from_config, self.engine, self.config, manifest)
         self.cluster = ClusterDriver(self, genesis=[self.node_id] if self.seeded else [])
         for peer in self.peers.values():
             self.cluster.peer_found(peer.node_id, peer.url)
