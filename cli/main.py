@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import typer
 
-from edgemoe.cli import cluster_cmds, demo_cmds, model_cmds, node_cmds, ops_cmds, placement_cmds
+from edgemoe.cli import (
+    cluster_cmds,
+    demo_cmds,
+    model_cmds,
+    node_cmds,
+    ops_cmds,
+    placement_cmds,
+    testbed_cmds,
+)
 
 app = typer.Typer(
     name="edgemoe",
@@ -20,7 +28,8 @@ app = typer.Typer(
 bench = typer.Typer(help="Benchmarks that print ratios measured side by side in one run.")
 app.add_typer(bench, name="bench")
 
-for module in (model_cmds, placement_cmds, cluster_cmds, node_cmds, ops_cmds, demo_cmds):
+for module in (model_cmds, placement_cmds, cluster_cmds, node_cmds, ops_cmds, demo_cmds,
+               testbed_cmds):  # fmt: skip
     module.register(app, bench)
 
 
