@@ -11,6 +11,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -c constraints.txt -e '.[test]'
+	# The namespace testbed's delay helper, where its C library is installed (.ci/run does).
+	if [ -e /usr/include/libnetfilter_queue/libnetfilter_queue.h ]; then \
+	  $(PIP) install --quiet -c constraints.txt -e '.[test,testbed]'; fi
 	touch $@
 
 install: $(VENV)/.installed

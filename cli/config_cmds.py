@@ -102,6 +102,10 @@ SCHEMA: tuple[Key, ...] = (
     Key("drift_min_interval", 30.0,
         "Seconds a drift-triggered epoch waits after the last decided one (against epoch storms)."),
     Key("log_level", "info", "debug, info, warning, error or critical."),
+    Key("routing_trace", None,
+        "Benchmarks only: replay a recorded routing trace (npz, shared/traces format) instead\n"
+        "of the router's own choices, request by request.", "esft.npz"),
+    Key("routing_stream", None, "The stream of routing_trace this node replays.", "law"),
 )  # fmt: skip
 
 
@@ -116,16 +120,17 @@ def known_keys() -> list[str]:
 def validate(values: dict[str, Any], where: str) -> tuple[Any, list[str]]:
     """Check every key with the daemon's own loader; returns (DaemonConfig or None, problems),
     one line per problem, so an operator sees all of them at once."""
+    from edgemoe.daemon.config import PAIRED_KEYS, load_config, unknown_key
     from edgemoe.daemon.config import ConfigError as DaemonConfigError
-    from edgemoe.daemon.config import load_config, unknown_key
 
     known = known_keys()
     problems = [str(unknown_key(name, where)) for name in values if name not in known]
     placeholder = {"secret": "x" * 32, "state_dir": "/"}  # the keys the loader requires
-    pairs = ("tls_cert", "tls_key")  # valid only together: checked together
+    partner = {k: pair for pair in PAIRED_KEYS for k in pair}  # valid only together
     for name, value in values.items():
-        if name in known and name not in pairs[1:]:
-            together = {k: values[k] for k in pairs if k in values} if name in pairs else {}
+        if name in known and not (name in partner and partner[name][0] != name):
+            pair = partner.get(name, ())
+            together = {k: values[k] for k in pair if k in values}
             try:
                 load_config(None, flags={**placeholder, **together, name: value}, env={})
             except DaemonConfigError as exc:

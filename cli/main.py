@@ -17,6 +17,7 @@ from edgemoe.cli import (
     node_cmds,
     ops_cmds,
     placement_cmds,
+    testbed_cmds,
 )
 
 app = typer.Typer(
@@ -29,8 +30,9 @@ bench = typer.Typer(help="Benchmarks that print ratios measured side by side in 
 app.add_typer(bench, name="bench")
 
 for module in (
-    model_cmds, placement_cmds, cluster_cmds, node_cmds, ops_cmds, demo_cmds, doctor_cmds
-):
+    model_cmds, placement_cmds, cluster_cmds, node_cmds, ops_cmds, demo_cmds, doctor_cmds,
+    testbed_cmds,
+):  # fmt: skip
     module.register(app, bench)
 
 

@@ -23,13 +23,34 @@ def tiny(
     layout: Annotated[
         str, typer.Option(help="original: experts as the family's hub files; fused: [E, ...].")
     ] = "original",
+    layers: Annotated[int | None, typer.Option(help="MoE layers (dense ones added).")] = None,
+    experts: Annotated[int | None, typer.Option(help="Routed experts per layer.")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Experts each token is routed to.")] = None,
+    shared_experts: Annotated[
+        int | None, typer.Option(help="Shared experts (deepseek_v2/v3, qwen2_moe).")
+    ] = None,
+    hidden_size: Annotated[int | None, typer.Option(help="Hidden size (head width 16).")] = None,
+    expert_width: Annotated[
+        int | None, typer.Option(help="Intermediate size of each routed expert (a multiple of 8).")
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
 ) -> None:
-    """Write a tiny random MoE checkpoint (config, safetensors, offline byte tokenizer)."""
-    from edgemoe.model.errors import ModelError
-    from edgemoe.model.tiny import write_tiny_model
+    """Write a tiny random MoE checkpoint (config, safetensors, offline byte tokenizer).
 
+    Shape options override the family's tiny defaults; a DeepSeek-V2-Lite-shaped model with
+    tiny experts: --arch deepseek_v2 --layers 26 --experts 64 --top-k 6 --shared-experts 2
+    --hidden-size 2048 --expert-width 8 --dtype bfloat16.
+    """
+    from edgemoe.model.errors import ModelError
+    from edgemoe.model.tiny import DTYPES, TinyShape, write_tiny_model
+
+    if dtype not in DTYPES:
+        raise _fail(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    shape = TinyShape(layers, experts, top_k, shared_experts, hidden_size, expert_width)
     try:
-        path = write_tiny_model(arch, out_dir, seed=seed, layout=layout)  # type: ignore[arg-type]
+        path = write_tiny_model(
+            arch, out_dir, seed=seed, layout=layout, dtype=DTYPES[dtype], shape=shape  # type: ignore[arg-type]
+        )
     except ModelError as exc:
         raise _fail(str(exc)) from None
     typer.echo(f"wrote tiny {arch} checkpoint to {path}")

@@ -67,6 +67,12 @@ def _daemon_command(app: typer.Typer) -> None:
         drift_min_interval: Annotated[
             float | None, typer.Option(help="Seconds between drift-triggered epochs, at least")
         ] = None,
+        routing_trace: Annotated[
+            str | None, typer.Option(help="Replay this routing trace (npz; benchmarks)")
+        ] = None,
+        routing_stream: Annotated[
+            str | None, typer.Option(help="Stream of routing_trace this node replays")
+        ] = None,
     ) -> None:
         """Run one edgemoe node: discover peers, agree on placement, serve the API."""
         from edgemoe.daemon.config import ConfigError, load_config
@@ -79,6 +85,7 @@ def _daemon_command(app: typer.Typer) -> None:
             tls_cert=tls_cert, tls_key=tls_key, device=device, strategy=strategy,
             log_level=log_level,
             drift_threshold=drift_threshold, drift_min_interval=drift_min_interval,
+            routing_trace=routing_trace, routing_stream=routing_stream,
         )  # fmt: skip
         from edgemoe.cli.client import daemon_config_file
 

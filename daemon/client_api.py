@@ -173,7 +173,22 @@ def _params(body: dict[str, Any]) -> GenerationParams:
         temperature=temperature,
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1.0,
         seed=seed,
+        min_tokens=_min_tokens(body, max_tokens),
     )
+
+
+def _min_tokens(body: dict[str, Any], max_tokens: int) -> int:
+    """vLLM's `min_tokens` and `ignore_eos` (= min_tokens max_tokens): replayed requests run
+    their whole recorded length whatever tokens come out."""
+    ignore = body.get("ignore_eos", False)
+    if ignore is not None and not isinstance(ignore, bool):
+        raise BadRequest("ignore_eos must be true or false")
+    value = body.get("min_tokens", 0)
+    if value is None:
+        value = 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= max_tokens:
+        raise BadRequest(f"min_tokens must be an integer in 0..max_tokens ({max_tokens})")
+    return max_tokens if ignore else value
 
 
 def _check_model(d: Daemon, body: dict[str, Any]) -> str:

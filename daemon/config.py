@@ -11,6 +11,7 @@ import ipaddress
 import os
 import re
 import tomllib
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -39,6 +40,11 @@ _PATH_KEYS = (
     "state_dir", "model_dir", "secret_file", "api_token_file", "admin_token_file", "tls_cert",
     "tls_key",
 )  # fmt: skip
+# Keys valid only together -> what the pair is.
+PAIRED_KEYS = {
+    ("tls_cert", "tls_key"): "PEM certificate chain and its key",
+    ("routing_trace", "routing_stream"): "trace file and stream",
+}
 # key -> the file key that may supply it
 _FROM_FILE = {
     "secret": "secret_file",
@@ -131,6 +137,10 @@ class DaemonConfig:
     drift_threshold: float = DEFAULT_DRIFT_THRESHOLD
     # seconds; see ClusterConfig.drift_min_interval (hysteresis against an epoch storm)
     drift_min_interval: float = ClusterConfig.drift_min_interval
+    # Trace replay (benchmarks): the router is overridden by a recorded routing trace (npz in
+    # the shared/traces format); request r of this node replays request r of `routing_stream`.
+    routing_trace: Path | None = None
+    routing_stream: str | None = None
 
     @property
     def url(self) -> str:
@@ -176,6 +186,8 @@ def _coerce(key: str, value: Any) -> Any:
             if not 0 <= seconds < float("inf"):
                 raise ConfigError(f"drift_min_interval: must be seconds >= 0, got {value!r}")
             return seconds
+        if key in ("routing_trace", "routing_stream"):
+            return _coerce_replay(key, value)
         if key == "interface":
             return tuple(interface_address(item) for item in _as_list(value))
         if key == "seed_peer":
@@ -225,6 +237,34 @@ def unknown_key(name: str, where: str) -> ConfigError:
     near = difflib.get_close_matches(name, sorted(_KEYS - {"config"}), n=1)
     hint = f" (did you mean {near[0]!r}?)" if near else ""
     return ConfigError(f"{where}: unknown key {name!r}{hint}")
+
+
+def _coerce_replay(key: str, value: Any) -> Any:
+    """Trace replay keys: a trace file that exists, a stream name (checked against the file
+    when the model is loaded)."""
+    if key == "routing_trace":
+        if not isinstance(value, str | Path) or not str(value):
+            raise ConfigError("routing_trace: must be the path of an npz routing trace")
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"routing_trace: no such file {path}")
+        return path
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
+        raise ConfigError(f"routing_stream: must be a stream name like 'law', got {value!r}")
+    return value
+
+
+def _check_stream(path: Path, stream: str) -> None:
+    """The stream is in the trace file (an npz is a zip of `<array>.npy` members)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = {n.removesuffix(".npy") for n in z.namelist()}
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise ConfigError(f"routing_trace: {path} is not an npz trace ({exc})") from None
+    if {f"{stream}_expert_ids", f"{stream}_req_offsets"} - names:
+        have = sorted(n.removesuffix("_expert_ids") for n in names if n.endswith("_expert_ids"))
+        raise ConfigError(f"routing_stream: {stream!r} not in {path.name}; it has: "
+                          f"{', '.join(have) or 'no stream'}")  # fmt: skip
 
 
 def _float(value: Any) -> float:
@@ -289,8 +329,11 @@ def load_config(
         if raw.get(key) in (None, "") and raw.get(file_key) not in (None, ""):
             raw[key] = _read_secret(file_key, _coerce(file_key, raw[file_key]), env)
     values = {k: _coerce(k, v) for k, v in raw.items()}
-    if ("tls_cert" in values) != ("tls_key" in values):
-        raise ConfigError("tls_cert, tls_key: give both (PEM certificate chain and its key)")
+    for (a, b), what in PAIRED_KEYS.items():
+        if (a in values) != (b in values):
+            raise ConfigError(f"{a}, {b}: give both ({what})")
+    if "routing_trace" in values:
+        _check_stream(values["routing_trace"], values["routing_stream"])
     for required in ("secret", "state_dir"):
         if required not in values:
             also = f" or {_FROM_FILE[required]}" if required in _FROM_FILE else ""

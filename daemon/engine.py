@@ -53,6 +53,9 @@ class GenerationParams:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    # End-of-sequence is ignored until this many tokens (vLLM's min_tokens); replayed
+    # requests set it to max_tokens so they run their recorded length.
+    min_tokens: int = 0
 
 
 @dataclass
@@ -105,6 +108,7 @@ class InferenceEngine:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="generate")
         self._seed_lock = threading.Lock()
         self.eos_token_id = getattr(tokenizer, "eos_token_id", None)
+        self.replay: Any | None = None  # a RequestReplay when the node replays a trace
         self.limit = limit
         self.admitted = 0  # generations running or waiting for a worker (event loop only)
 
@@ -168,11 +172,13 @@ class InferenceEngine:
         )
         if cancel is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancel)])
+        if params.min_tokens > 0:
+            kwargs["min_new_tokens"] = min(params.min_tokens, params.max_tokens)
         if params.temperature > 0:
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._replay_scope():
             if params.seed is not None and params.temperature > 0:
                 with self._seed_lock:
                     torch.manual_seed(params.seed)
@@ -186,6 +192,10 @@ class InferenceEngine:
         return GenerationResult(
             new, self.decode(new), len(prompt_ids), finish, time.perf_counter() - start
         )
+
+    def _replay_scope(self) -> contextlib.AbstractContextManager[Any]:
+        """Binds this generation to its own request of the replayed trace, if any."""
+        return self.replay.request() if self.replay is not None else contextlib.nullcontext()
 
     async def generate(
         self,

@@ -27,6 +27,7 @@ from edgemoe.daemon.identity import load_or_create_node_id
 from edgemoe.daemon.metrics import DaemonMetrics
 from edgemoe.daemon.peers import PeerClient, PeerError
 from edgemoe.daemon.remote import LocalShareTap, Router
+from edgemoe.daemon.replay import replay_from_config
 from edgemoe.daemon.rpc import ExpertService
 from edgemoe.daemon.startup import StartupError, check_exposure, claim_dir
 from edgemoe.daemon.store import CorruptShard, ShardFetcher, ShardStore
@@ -392,6 +393,7 @@ class Daemon:
         self.engine = await InferenceEngine.load(
             self.store.root, self.router, recorder=self.tap, device=self.device
         )
+        await asyncio.to_thread(replay_from_config, self.engine, self.config, manifest)
         self.cluster = ClusterDriver(self, genesis=[self.node_id] if self.seeded else [])
         for peer in self.peers.values():
             if peer.trusted:

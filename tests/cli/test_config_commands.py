@@ -7,6 +7,7 @@ import stat
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -151,6 +152,9 @@ def test_every_commented_key_of_the_template_is_valid_once_uncommented(
     monkeypatch.chdir(tmp_path)  # the *_file examples name files next to the config
     for name in ("secret", "api_token", "admin_token"):
         (tmp_path / name).write_text("t" * 32)
+    # the routing_trace example: a trace holding the routing_stream example
+    np.savez(tmp_path / "esft.npz", law_expert_ids=np.zeros((2, 1, 1), np.int16),
+             law_req_offsets=np.array([0, 2]))  # fmt: skip
     path = tmp_path / "e.toml"
     assert runner.invoke(app, ["config", "init", str(path)]).exit_code == 0
     commented = [

@@ -54,7 +54,7 @@ def test_capacity_sizes_and_shares(text: object, resolved: int) -> None:
         ({"capacity": "lots"}, "capacity"),
         ({"capacity": "0%"}, "capacity"),
         ({"port": "http"}, "port"),
-        ({"interface": ["eth0"]}, "interface"),
+        ({"interface": ["nosuchif0"]}, "interface"),  # names are accepted, unknown ones not
         ({"seed_peer": ["nohost"]}, "seed_peer"),
         ({"strategy": "random"}, "strategy"),
         ({"secret": None}, "secret"),

@@ -1,0 +1,185 @@
+"""`edgemoe bench testbed`: strategies side by side on real daemons in network namespaces."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+DEFAULT_STRATEGIES = "edgemoe,dancemoe,eplb,layers"
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code=code)
+
+
+def _floats(text: str, what: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise _fail(f"{what}: expected numbers separated by commas, got {text!r}") from None
+
+
+def results_table(report: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    s = report["setting"]
+    bw = f"{s['bandwidth_mbps']:g} Mbit/s" if s["bandwidth_mbps"] else "unshaped"
+    table = Table(title=(
+        f"testbed: {s['nodes']} nodes ({', '.join(s['streams'])}), {bw}, "
+        f"{s['delay_ms']:g} ms a side; {s['requests']} x {s['tokens']} tokens per node"
+    ))  # fmt: skip
+    for col in ("strategy", "tokens/s", "decode p50 ms", "decode p99 ms", "request s",
+                "KB/token", "calls/token", "local share"):  # fmt: skip
+        table.add_column(col, justify="left" if col == "strategy" else "right")
+    for name, r in report["strategies"].items():
+        table.add_row(
+            name, f"{r['tokens_per_s']:.2f}", f"{1000 * r['decode_latency_p50_s']:.1f}",
+            f"{1000 * r['decode_latency_p99_s']:.1f}", f"{r['request_latency_mean_s']:.2f}",
+            f"{r['bytes_between_nodes_per_token'] / 1000:.1f}",
+            f"{r['remote_calls_per_token']:.1f}", f"{r['local_share']:.0%}",
+        )  # fmt: skip
+    return table
+
+
+def ratio_lines(report: dict[str, Any]) -> list[str]:
+    """edgemoe against each other strategy, from this run's numbers."""
+    res = report["strategies"]
+    if "edgemoe" not in res:
+        return []
+    e = res["edgemoe"]
+    out = []
+    for name, r in res.items():
+        if name == "edgemoe" or not r["tokens_per_s"]:
+            continue
+        out.append(
+            f"edgemoe / {name}: tokens/s x{e['tokens_per_s'] / r['tokens_per_s']:.2f}, "
+            f"decode p50 x{e['decode_latency_p50_s'] / r['decode_latency_p50_s']:.2f}, "
+            f"bytes/token x{e['bytes_between_nodes_per_token'] / max(r['bytes_between_nodes_per_token'], 1):.2f}"  # noqa: E501
+        )
+    return out
+
+
+def bench_testbed(
+    streams: Annotated[str, typer.Option(help="One routing stream per node (comma list).")] = (
+        "intent,law,summary"
+    ),
+    bandwidth_mbps: Annotated[
+        float, typer.Option(help="Per-node link rate, each direction (0: unshaped).")
+    ] = 500.0,
+    delay_ms: Annotated[float, typer.Option(help="One-way delay added per node.")] = 1.0,
+    capacities: Annotated[
+        str, typer.Option(help="Relative expert memory per node (comma list).")
+    ] = "1,1,2",
+    total_capacity: Annotated[
+        float, typer.Option(help="All nodes' expert memory together, x the model's experts.")
+    ] = 1.2,
+    strategies: Annotated[
+        str, typer.Option(help="Strategies to compare (comma list).")
+    ] = DEFAULT_STRATEGIES,
+    profile_requests: Annotated[
+        int, typer.Option(help="Replayed requests per node before re-placing.")
+    ] = 4,
+    requests: Annotated[int, typer.Option(help="Measured requests per node.")] = 4,
+    tokens: Annotated[int, typer.Option(help="Tokens per request.")] = 16,
+    seed: Annotated[int, typer.Option(help="Model seed.")] = 0,
+    shape: Annotated[
+        str, typer.Option(help="lite: DeepSeek-V2-Lite-shaped, tiny experts; tiny: 2x8.")
+    ] = "lite",
+    trace: Annotated[
+        Path | None, typer.Option(help="Routing trace npz [default: shared/traces].")
+    ] = None,
+    workdir: Annotated[
+        Path | None, typer.Option(help="Keep model, configs and logs here (reused).")
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG of tokens/s and p50.")] = None,
+    remove_leftovers: Annotated[
+        bool, typer.Option(help="Only remove namespaces left by crashed testbed runs.")
+    ] = False,
+) -> None:
+    """Real daemons in network namespaces over shaped links, replaying real routing.
+
+    Per strategy: start one daemon per namespace (only node 0 has the shards), wait for the
+    placement, replay each node's stream for a profiling window, re-place (migrate), then
+    measure. Needs root, iproute2, iptables and the netfilterqueue package; removes every
+    namespace, qdisc, rule and process it made on exit, errors and Ctrl-C. The per-expert
+    transport (dancemoe as published) is not in the daemon yet, so it is not compared.
+    """
+    from rich.console import Console
+
+    from edgemoe.daemon.config import STRATEGIES
+    from edgemoe.daemon.testbed import TestbedError
+    from edgemoe.daemon.testbed.bench import BenchSetting, run_testbed_bench
+    from edgemoe.daemon.testbed.lifecycle import remove_leftovers as remove
+    from edgemoe.stats.traces import TraceError, default_trace_path
+
+    out = Console()
+    if remove_leftovers:
+        names = remove()
+        out.print(f"removed {len(names)} namespaces: {', '.join(names) or 'none left'}")
+        return
+    chosen = tuple(s.strip() for s in strategies.split(",") if s.strip())
+    unknown = [s for s in chosen if s not in STRATEGIES]
+    if unknown or not chosen:
+        raise _fail(f"unknown strategy {unknown[0] if unknown else '(none)'}; choose from "
+                    f"{', '.join(STRATEGIES)}")  # fmt: skip
+    setting = BenchSetting(
+        trace=trace or default_trace_path(),
+        streams=tuple(s.strip() for s in streams.split(",") if s.strip()),
+        capacities=_floats(capacities, "capacities"), total_capacity=total_capacity,
+        bandwidth_mbps=bandwidth_mbps or None, delay_ms=delay_ms, strategies=chosen,
+        profile_requests=profile_requests, requests=requests, tokens=tokens, seed=seed,
+        shape=shape,
+    )  # fmt: skip
+    tmp = workdir is None
+    work = Path(tempfile.mkdtemp(prefix="edgemoe-testbed-")) if workdir is None else workdir
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        report = run_testbed_bench(setting, work, out.print)
+    except (TestbedError, TraceError) as exc:
+        raise _fail(str(exc), code=1) from None
+    finally:
+        if tmp:
+            shutil.rmtree(work, ignore_errors=True)
+    out.print(results_table(report))
+    for line in ratio_lines(report):
+        out.print(line)
+    if json_out is not None:
+        json_out.write_text(json.dumps(report, indent=2) + "\n")
+        out.print(f"wrote {json_out}")
+    if plot is not None:
+        _plot(report, plot)
+        out.print(f"wrote {plot}")
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["strategies"])
+    res = report["strategies"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a.bar(names, [res[n]["tokens_per_s"] for n in names])
+    a.set_ylabel("tokens/s (all nodes)")
+    b.bar(names, [1000 * res[n]["decode_latency_p50_s"] for n in names], label="p50")
+    b.plot(names, [1000 * res[n]["decode_latency_p99_s"] for n in names], "k^", label="p99")
+    b.set_ylabel("decode step, ms")
+    b.legend()
+    s = report["setting"]
+    fig.suptitle(f"testbed: {s['bandwidth_mbps']} Mbit/s, {s['delay_ms']} ms a side")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def register(app: typer.Typer, bench: typer.Typer) -> None:
+    """Add this group's commands to the application."""
+    bench.command("testbed")(bench_testbed)

@@ -1,0 +1,404 @@
+"""`edgemoe bench testbed`: real daemons in namespaces over shaped links, replaying real
+routing, strategies side by side on the same setting and seed.
+
+Per strategy, on one testbed: one daemon per namespace (only node 0 has the shards; mDNS
+bound to the namespace addresses), wait for the first placement, replay each node's stream
+for a profiling window, re-place from those statistics (`migrate`), then every node runs
+`requests` streamed requests of `tokens` tokens (nodes in parallel, each sequential) while
+the bench records token arrival times, expert-RPC bytes and calls, and the local share.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgemoe.daemon.testbed.lifecycle import Testbed, check_requirements
+from edgemoe.daemon.testbed.netns import NS_THREAD_PREFIX, namespace_pool
+from edgemoe.daemon.testbed.plan import TestbedError, TestbedSpec
+from edgemoe.daemon.testbed.probe import measure_rate, measure_rtt
+
+DAEMON_PORT = 7600
+# Waits, each bounded: daemons up (python + torch import, model fetch over the shaped link),
+# a placement decided and its experts moved, one HTTP call.
+START_TIMEOUT_S = 240.0
+PLACEMENT_TIMEOUT_S = 300.0
+HTTP_TIMEOUT_S = 300.0
+POLL_S = 0.5
+PROMPT = "Replay the recorded routing of this request."
+SHAPES = ("lite", "tiny")
+
+
+@dataclass(frozen=True)
+class BenchSetting:
+    trace: Path
+    streams: tuple[str, ...] = ("intent", "law", "summary")
+    capacities: tuple[float, ...] = (1.0, 1.0, 2.0)  # relative expert memory per node
+    total_capacity: float = 1.2  # all nodes together, in model expert bytes
+    bandwidth_mbps: float | None = 500.0
+    delay_ms: float = 1.0
+    strategies: tuple[str, ...] = ("edgemoe", "dancemoe", "eplb", "layers")
+    profile_requests: int = 4
+    requests: int = 4
+    tokens: int = 16
+    seed: int = 0
+    shape: str = "lite"
+
+    @property
+    def nodes(self) -> int:
+        return len(self.streams)
+
+    def capacity_share(self, node: int) -> float:
+        return self.total_capacity * self.capacities[node] / sum(self.capacities)
+
+    def check(self) -> None:
+        if self.nodes < 2:
+            raise TestbedError("give at least 2 streams (one per node)")
+        if len(self.capacities) != self.nodes:
+            raise TestbedError(f"{len(self.capacities)} capacities for {self.nodes} nodes")
+        if any(self.capacity_share(i) > 1 or self.capacity_share(i) <= 0
+               for i in range(self.nodes)):  # fmt: skip
+            raise TestbedError("every node's capacity share must be in (0, 100%] of the model")
+        if self.total_capacity < 1:
+            raise TestbedError("total capacity must be >= 1 (every expert held at least once)")
+        if min(self.requests, self.tokens, self.profile_requests) < 1:
+            raise TestbedError("requests, tokens and profile requests must be >= 1")
+        if self.shape not in SHAPES:
+            raise TestbedError(f"shape must be one of {', '.join(SHAPES)}")
+
+
+@dataclass
+class StrategyResult:
+    tokens_per_s: float
+    decode_latency_p50_s: float
+    decode_latency_p99_s: float
+    request_latency_mean_s: float
+    bytes_between_nodes_per_token: float
+    remote_calls_per_token: float
+    local_share: float
+    tokens: int = 0
+    seconds: float = 0.0
+    epoch: int = 0
+    setup_s: float = 0.0
+
+
+@dataclass
+class _Http:
+    """JSON over HTTP to a daemon, from threads inside its namespace."""
+
+    url: str
+    token: str
+    pool: ThreadPoolExecutor
+
+    def call(self, method: str, path: str, body: Any = None, timeout: float = 30.0) -> Any:
+        return self.pool.submit(self._call, method, path, body, timeout).result(timeout + 5)
+
+    def _call(self, method: str, path: str, body: Any, timeout: float) -> Any:
+        _in_namespace_thread()
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        req.add_header("Authorization", f"Bearer {self.token}")
+        req.add_header("Content-Type", "application/json")
+        with _explained(self.url), urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read()
+        return json.loads(raw) if path != "/metrics" else raw.decode()
+
+    def stream_completion(self, tokens: int) -> tuple[list[float], int]:
+        """Token arrival times (perf_counter, first = request sent) of one streamed request."""
+        return self.pool.submit(self._stream, tokens).result(HTTP_TIMEOUT_S + 5)
+
+    def _stream(self, tokens: int) -> tuple[list[float], int]:
+        _in_namespace_thread()
+        body = {"prompt": PROMPT, "max_tokens": tokens, "ignore_eos": True,
+                "temperature": 0, "stream": True}  # fmt: skip
+        req = urllib.request.Request(
+            self.url + "/v1/completions", data=json.dumps(body).encode(), method="POST"
+        )
+        req.add_header("Authorization", f"Bearer {self.token}")
+        req.add_header("Content-Type", "application/json")
+        times = [time.perf_counter()]
+        count = 0
+        with _explained(self.url), urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as resp:
+            for line in resp:
+                if not line.startswith(b"data: {"):
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    raise RuntimeError(f"{self.url}: {event['error']}")
+                got = len(event["choices"][0].get("token_ids") or [])
+                if got:
+                    times.append(time.perf_counter())
+                    count += got
+        return times, count
+
+
+def _in_namespace_thread() -> None:
+    """Testbed addresses exist only inside the namespaces: from the host's namespace a
+    request would follow the default route off the machine, so refuse to send it there."""
+    if not threading.current_thread().name.startswith(NS_THREAD_PREFIX):
+        raise TestbedError("bug: a testbed request outside a namespace thread")
+
+
+@contextlib.contextmanager
+def _explained(url: str) -> Iterator[None]:
+    """An HTTP error status becomes a TestbedError carrying the daemon's reason."""
+    try:
+        yield
+    except urllib.error.HTTPError as exc:
+        raise TestbedError(f"{url}: HTTP {exc.code}: {exc.read()[:300]!r}") from None
+
+
+def _toml(values: dict[str, Any]) -> str:
+    return "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items() if v is not None)
+
+
+def build_model(workdir: Path, shape: str, say: Callable[[str], None]) -> Path:
+    """A DeepSeek-V2-Lite-shaped tiny model ('lite') or the family's tiny default, sharded;
+    reused when `workdir` already has it."""
+    import torch
+
+    from edgemoe.model.shard import shard_checkpoint
+    from edgemoe.model.tiny import TinyShape, write_tiny_model
+
+    shards = workdir / f"model-{shape}" / "shards"
+    if (shards / "manifest.json").is_file():
+        return shards
+    say(f"generating and sharding the {shape} model ...")
+    lite = shape == "lite"
+    ckpt = write_tiny_model(
+        "deepseek_v2", workdir / f"model-{shape}" / "checkpoint", seed=0,
+        dtype=torch.bfloat16 if lite else torch.float32,
+        shape=TinyShape.deepseek_v2_lite() if lite else None,
+    )  # fmt: skip
+    shard_checkpoint(ckpt, shards)
+    return shards
+
+
+def _metric_sum(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            with contextlib.suppress(ValueError, IndexError):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _settled(view: dict[str, Any], nodes: int, after_epoch: int) -> bool:
+    """All members alive, a placement newer than `after_epoch`, every node holding exactly
+    what it is assigned, nothing pending."""
+    alive = {m["node_id"] for m in view.get("members", []) if m.get("state") == "alive"}
+    placement = view.get("placement") or {}
+    holders: dict[str, list[str]] = placement.get("holders") or {}
+    if len(alive) < nodes or int(placement.get("epoch") or 0) <= after_epoch or not holders:
+        return False
+    if int((view.get("migration") or {}).get("pending", 0)) > 0:
+        return False
+    holdings = {n: set(ks) for n, ks in (view.get("holdings") or {}).items()}
+    assigned: dict[str, set[str]] = {n: set() for n in alive}
+    for key, hs in holders.items():
+        for h in hs:
+            assigned.setdefault(h, set()).add(key)
+    return all(holdings.get(n, set()) == keys for n, keys in assigned.items())
+
+
+class _StrategyRun:
+    """One strategy's daemons on the testbed, from start to stop."""
+
+    def __init__(self, tb: Testbed, setting: BenchSetting, strategy: str, shards: Path,
+                 workdir: Path, port: int) -> None:  # fmt: skip
+        self.tb, self.setting, self.strategy = tb, setting, strategy
+        self.workdir = workdir
+        self.token = secrets.token_urlsafe(24)
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.pools = [namespace_pool(tb.namespace(i), setting.requests + 2)
+                      for i in range(setting.nodes)]  # fmt: skip
+        self.http = [_Http(f"http://{tb.address(i)}:{port}", self.token, self.pools[i])
+                     for i in range(setting.nodes)]  # fmt: skip
+        self._start(shards, port)
+
+    def _start(self, shards: Path, port: int) -> None:
+        s = self.setting
+        secret = secrets.token_hex(32)
+        cluster_id = f"tb-{self.strategy}-{secrets.token_hex(2)}"
+        for i in range(s.nodes):
+            state = self.workdir / f"node{i}"
+            state.mkdir(parents=True, exist_ok=True)
+            config = self.workdir / f"node{i}.toml"
+            config.write_text(_toml(dict(
+                secret=secret, api_token=self.token, admin_token=self.token,
+                cluster_id=cluster_id, state_dir=str(state),
+                model_dir=str(shards) if i == 0 else None,
+                host=self.tb.address(i), port=port, interface=[self.tb.address(i)],
+                capacity=f"{100 * s.capacity_share(i):.4f}%", device="cpu",
+                strategy=self.strategy, log_level="warning", drift_threshold=1.0,
+                routing_trace=str(s.trace), routing_stream=s.streams[i],
+            )))  # fmt: skip
+            env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEMOE_")}
+            env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+            with (self.workdir / f"node{i}.log").open("wb") as log:
+                self.procs.append(self.tb.popen(
+                    i, [sys.executable, "-m", "edgemoe.cli", "daemon", "--config", str(config)],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                ))  # fmt: skip
+
+    def _check_alive(self) -> None:
+        for i, p in enumerate(self.procs):
+            if p.poll() is not None:
+                log = (self.workdir / f"node{i}.log").read_text(errors="replace")[-2000:]
+                raise TestbedError(f"{self.strategy}: daemon of node {i} exited "
+                                   f"{p.returncode}:\n{log}")  # fmt: skip
+
+    def wait(self, what: str, predicate: Callable[[], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                if predicate():
+                    return
+            except (OSError, ValueError, KeyError, urllib.error.URLError) as exc:
+                last = exc
+            time.sleep(POLL_S)
+        raise TestbedError(f"{self.strategy}: timed out waiting for {what} ({last or 'no'})")
+
+    def view(self, node: int = 0) -> dict[str, Any]:
+        return self.http[node].call("GET", "/v1/cluster")
+
+    def ready(self) -> int:
+        """Wait for every daemon, discovery and the first placement in force; its epoch."""
+        def healthy() -> bool:
+            return all(h.call("GET", "/healthz", timeout=3).get("ready") for h in self.http)
+
+        self.wait("the daemons to be ready", healthy, START_TIMEOUT_S)
+        self.wait("the first placement", lambda: all(
+            _settled(self.view(i), self.setting.nodes, 0) for i in range(self.setting.nodes)
+        ), PLACEMENT_TIMEOUT_S)  # fmt: skip
+        return int(self.view()["placement"]["epoch"])
+
+    def load(self, requests: int) -> tuple[list[list[float]], list[int], float]:
+        """Every node `requests` sequential streamed requests, nodes in parallel."""
+        def node_work(i: int) -> list[tuple[list[float], int]]:
+            return [self.http[i].stream_completion(self.setting.tokens)
+                    for _ in range(requests)]  # fmt: skip
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=self.setting.nodes) as pool:
+            per_node = list(pool.map(node_work, range(self.setting.nodes)))
+        wall = time.perf_counter() - start
+        runs = [r for node in per_node for r in node]
+        return [t for t, _ in runs], [n for _, n in runs], wall
+
+    def migrate(self, epoch: int) -> int:
+        self.http[0].call("POST", "/v1/cluster/migrate", {"dry_run": False, "members": None},
+                          timeout=HTTP_TIMEOUT_S)  # fmt: skip
+        self.wait("the re-placement from the profiled statistics", lambda: all(
+            _settled(self.view(i), self.setting.nodes, epoch) for i in range(self.setting.nodes)
+        ), PLACEMENT_TIMEOUT_S)  # fmt: skip
+        return int(self.view()["placement"]["epoch"])
+
+    def counters(self) -> dict[str, float]:
+        out = {"bytes": 0.0, "calls": 0.0, "local": 0.0, "routed": 0.0}
+        for i in range(self.setting.nodes):
+            v = self.view(i)
+            out["bytes"] += float(v.get("remote_bytes", 0))
+            out["local"] += float((v.get("routed") or {}).get("local", 0))
+            out["routed"] += float((v.get("routed") or {}).get("total", 0))
+            metrics = self.http[i].call("GET", "/metrics")
+            out["calls"] += _metric_sum(metrics, "edgemoe_remote_expert_calls_total")
+        return out
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+        for pool in self.pools:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def measure_strategy(
+    tb: Testbed, setting: BenchSetting, strategy: str, shards: Path, workdir: Path, port: int,
+    say: Callable[[str], None],
+) -> StrategyResult:
+    t0 = time.monotonic()
+    run = _StrategyRun(tb, setting, strategy, shards, workdir, port)
+    try:
+        epoch = run.ready()
+        say(f"{strategy}: placement epoch {epoch} in force; profiling "
+            f"{setting.profile_requests} requests per node")  # fmt: skip
+        run.load(setting.profile_requests)
+        epoch = run.migrate(epoch)
+        setup = time.monotonic() - t0
+        say(f"{strategy}: re-placed (epoch {epoch}); measuring {setting.requests} x "
+            f"{setting.tokens} tokens per node")  # fmt: skip
+        before = run.counters()
+        times, counts, wall = run.load(setting.requests)
+        after = run.counters()
+    finally:
+        run.stop()
+    tokens = sum(counts)
+    gaps = np.concatenate([np.diff(t[1:]) for t in times if len(t) > 2] or [np.zeros(0)])
+    delta = {k: after[k] - before[k] for k in after}
+    return StrategyResult(
+        tokens_per_s=tokens / wall,
+        decode_latency_p50_s=float(np.percentile(gaps, 50)) if gaps.size else float("nan"),
+        decode_latency_p99_s=float(np.percentile(gaps, 99)) if gaps.size else float("nan"),
+        request_latency_mean_s=float(np.mean([t[-1] - t[0] for t in times])),
+        bytes_between_nodes_per_token=delta["bytes"] / max(tokens, 1),
+        remote_calls_per_token=delta["calls"] / max(tokens, 1),
+        local_share=delta["local"] / delta["routed"] if delta["routed"] else 1.0,
+        tokens=tokens, seconds=wall, epoch=epoch, setup_s=setup,
+    )  # fmt: skip
+
+
+def run_testbed_bench(setting: BenchSetting, workdir: Path,
+                      say: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+    """The whole run; returns {"setting": ..., "link": ..., "strategies": {...}}."""
+    setting.check()
+    check_requirements(need_delay=setting.delay_ms > 0)
+    from edgemoe.stats.traces import load_stream
+
+    for name in setting.streams:
+        load_stream(setting.trace, name)  # a bad stream fails now, not in a daemon
+    shards = build_model(workdir, setting.shape, say)
+    spec = TestbedSpec(nodes=setting.nodes, bandwidth_mbps=setting.bandwidth_mbps,
+                       delay_ms=setting.delay_ms)  # fmt: skip
+    results: dict[str, Any] = {}
+    with Testbed(spec) as tb:
+        link = {**measure_rtt(tb, 0, 1, count=20), **measure_rate(tb, 0, 1, seconds=0.5)}
+        say(f"testbed {spec.prefix}*: {setting.nodes} namespaces; link 0->1 measured "
+            f"{link['mbps']:.0f} Mbit/s, RTT {1000 * link['rtt_median_s']:.2f} ms")  # fmt: skip
+        for k, strategy in enumerate(setting.strategies):
+            run_dir = workdir / f"run-{strategy}"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            results[strategy] = asdict(measure_strategy(
+                tb, setting, strategy, shards, run_dir, DAEMON_PORT + k, say))  # fmt: skip
+    return {
+        "setting": {**{k: v for k, v in asdict(setting).items() if k != "trace"},
+                    "trace": str(setting.trace), "nodes": setting.nodes},
+        "link": {"rtt_median_s": link["rtt_median_s"], "mbps": link["mbps"]},
+        "strategies": results,
+    }
+
+
+__all__ = ["BenchSetting", "StrategyResult", "build_model", "run_testbed_bench"]
