@@ -241,10 +241,14 @@ def _as_list(value: Any) -> list[str]:
     raise ConfigError(f"expected a list, got {value!r}")
 
 
-def _read_secret(key: str, path: Path, env: Mapping[str, str]) -> str:
-    """A secret kept in a file: relative names come from systemd's credentials directory."""
+def _read_secret(key: str, path: Path, env: Mapping[str, str], base: Path | None) -> str:
+    """A secret kept in a file. A relative name is a systemd credential under `LoadCredential=`
+    ($CREDENTIALS_DIRECTORY), else a file next to the config (``base``): the same config then
+    works for the service and for the operator commands."""
     if not path.is_absolute() and env.get("CREDENTIALS_DIRECTORY"):
         path = Path(env["CREDENTIALS_DIRECTORY"]) / path
+    elif not path.is_absolute() and base is not None:
+        path = base / path
     try:
         value = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
@@ -267,8 +271,11 @@ def load_config(
     config_file: Path | None = None,
     flags: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
+    *,
+    base_dir: Path | None = None,
 ) -> DaemonConfig:
-    """Merge defaults < TOML file < EDGEMOE_* env < flags (None/empty flags do not override)."""
+    """Merge defaults < TOML file < EDGEMOE_* env < flags (None/empty flags do not override).
+    Relative ``*_file`` names are read next to the config file (``base_dir`` without one)."""
     env = os.environ if env is None else env
     raw: dict[str, Any] = {}
     path = config_file or (Path(env["EDGEMOE_CONFIG"]) if env.get("EDGEMOE_CONFIG") else None)
@@ -287,7 +294,8 @@ def load_config(
     raw.pop("config", None)
     for key, file_key in _FROM_FILE.items():
         if raw.get(key) in (None, "") and raw.get(file_key) not in (None, ""):
-            raw[key] = _read_secret(file_key, _coerce(file_key, raw[file_key]), env)
+            base = path.parent if path is not None else base_dir
+            raw[key] = _read_secret(file_key, _coerce(file_key, raw[file_key]), env, base)
     values = {k: _coerce(k, v) for k, v in raw.items()}
     if ("tls_cert" in values) != ("tls_key" in values):
         raise ConfigError("tls_cert, tls_key: give both (PEM certificate chain and its key)")
