@@ -64,12 +64,13 @@ SCHEMA: tuple[Key, ...] = (
         "Bearer token of the administrative routes (migrate, operator member sets); the\n"
         "api_token does not grant them.", "<a long random token>"),
     Key("secret_file", None,
-        "Read the secret from this file instead (systemd LoadCredential=: a relative name is\n"
-        "looked up in $CREDENTIALS_DIRECTORY). The key itself, where given, wins.", "secret"),
+        "Read the secret from this file instead: a relative name is a systemd credential\n"
+        "(LoadCredential=, $CREDENTIALS_DIRECTORY) under the service, else a file next to this\n"
+        "config. The key itself, where given, wins.", "edgemoe.secret"),
     Key("api_token_file", None, "Read api_token from this file instead (like secret_file).",
-        "api_token"),
+        "edgemoe.api_token"),
     Key("admin_token_file", None, "Read admin_token from this file instead (like secret_file).",
-        "admin_token"),
+        "edgemoe.admin_token"),
     Key("tls_cert", None, "PEM certificate chain: the client API speaks HTTPS (with tls_key).",
         "/etc/edgemoe/tls/cert.pem"),
     Key("tls_key", None, "PEM key of tls_cert.", "/etc/edgemoe/tls/key.pem"),
@@ -117,9 +118,12 @@ def known_keys() -> list[str]:
     return [f.name for f in fields(DaemonConfig)]
 
 
-def validate(values: dict[str, Any], where: str) -> tuple[Any, list[str]]:
+def validate(
+    values: dict[str, Any], where: str, base: Path | None = None
+) -> tuple[Any, list[str]]:
     """Check every key with the daemon's own loader; returns (DaemonConfig or None, problems),
-    one line per problem, so an operator sees all of them at once."""
+    one line per problem, so an operator sees all of them at once. ``base``: the config file's
+    directory (relative secret files are read there)."""
     from edgemoe.daemon.config import PAIRED_KEYS, load_config, unknown_key
     from edgemoe.daemon.config import ConfigError as DaemonConfigError
 
@@ -132,7 +136,7 @@ def validate(values: dict[str, Any], where: str) -> tuple[Any, list[str]]:
             pair = partner.get(name, ())
             together = {k: values[k] for k in pair if k in values}
             try:
-                load_config(None, flags={**placeholder, **together, name: value}, env={})
+                load_config(None, {**placeholder, **together, name: value}, {}, base_dir=base)
             except DaemonConfigError as exc:
                 problems.append(f"{where}: {exc}")
     problems.extend(
@@ -143,7 +147,8 @@ def validate(values: dict[str, Any], where: str) -> tuple[Any, list[str]]:
     if problems:
         return None, problems
     try:
-        return load_config(None, flags={k: v for k, v in values.items() if k in known}, env={}), []
+        flags = {k: v for k, v in values.items() if k in known}
+        return load_config(None, flags, {}, base_dir=base), []
     except DaemonConfigError as exc:
         return None, [f"{where}: {exc}"]
 
@@ -164,7 +169,7 @@ def load_toml(path: Path) -> dict[str, Any]:
 
 def read_config(path: Path) -> Any:
     """The daemon's config object for this file, or ConfigError with the first problem."""
-    cfg, problems = validate(load_toml(path), str(path))
+    cfg, problems = validate(load_toml(path), str(path), path.parent)
     if problems:
         more = f" (and {len(problems) - 1} more: edgemoe config check)" if len(problems) > 1 else ""
         raise ConfigError(problems[0] + more)
@@ -242,8 +247,9 @@ def write_config(path: Path, values: dict[str, Any], *, force: bool = False) -> 
 
 def secrets_to_files(path: Path, values: dict[str, Any], *, force: bool) -> list[Path]:
     """Move the secret and the API token out of the config into files next to it
-    (``<stem>.secret``, ``<stem>.api_token``), referenced by ``secret_file`` and
-    ``api_token_file``: the config can then be shown or shared without them."""
+    (``<stem>.secret``, ``<stem>.api_token``), referenced by name in ``secret_file`` and
+    ``api_token_file``: the config can then be shown or shared without them, and under systemd
+    the same names can be credentials (``LoadCredential=edgemoe.secret:/etc/edgemoe/...``)."""
     written: list[Path] = []
     for key in ("secret", "api_token"):
         if not values.get(key):
@@ -251,7 +257,7 @@ def secrets_to_files(path: Path, values: dict[str, Any], *, force: bool) -> list
         target = path.with_name(f"{path.stem}.{key}")
         write_private(target, values[key] + "\n", force=force)
         written.append(target)
-        values[f"{key}_file"] = str(target.resolve())
+        values[f"{key}_file"] = target.name  # next to the config, or a systemd credential
         values[key] = None
     return written
 
@@ -385,7 +391,7 @@ def register(app: typer.Typer) -> None:
         """Validate the config and explain every problem, one per line."""
         target = _pick_path(path, config)
         try:
-            cfg, problems = validate(load_toml(target), str(target))
+            cfg, problems = validate(load_toml(target), str(target), target.parent)
         except ConfigError as exc:
             cfg, problems = None, [str(exc)]
         if cfg is not None and not problems:

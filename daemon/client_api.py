@@ -439,8 +439,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 @_guard
 async def cluster(request: web.Request) -> web.StreamResponse:
-    d = _daemon(request)
-    return web.json_response({**d.cluster_view(), "warnings": diagnosis.node_warnings(d)})
+    d, view = _daemon(request), _daemon(request).cluster_view()
+    return web.json_response({**view, "warnings": diagnosis.node_warnings(d, view)})
 
 
 @_guard(admin=True)

@@ -281,10 +281,14 @@ def _as_list(value: Any) -> list[str]:
     raise ConfigError(f"expected a list, got {value!r}")
 
 
-def _read_secret(key: str, path: Path, env: Mapping[str, str]) -> str:
-    """A secret kept in a file: relative names come from systemd's credentials directory."""
+def _read_secret(key: str, path: Path, env: Mapping[str, str], base: Path | None) -> str:
+    """A secret kept in a file. A relative name is a systemd credential under `LoadCredential=`
+    ($CREDENTIALS_DIRECTORY), else a file next to the config (``base``): the same config then
+    works for the service and for the operator commands."""
     if not path.is_absolute() and env.get("CREDENTIALS_DIRECTORY"):
         path = Path(env["CREDENTIALS_DIRECTORY"]) / path
+    elif not path.is_absolute() and base is not None:
+        path = base / path
     try:
         value = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
@@ -307,8 +311,12 @@ def load_config(
     config_file: Path | None = None,
     flags: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
+    *,
+    base_dir: Path | None = None,
 ) -> DaemonConfig:
-    """Merge defaults < TOML file < EDGEMOE_* env < flags (None/empty flags do not override)."""
+    """Merge defaults < TOML file < EDGEMOE_* env < flags (None/empty flags do not override).
+    Relative ``*_file`` names and routing_trace are read next to the config file (``base_dir``
+    without one)."""
     env = os.environ if env is None else env
     raw: dict[str, Any] = {}
     path = config_file or (Path(env["EDGEMOE_CONFIG"]) if env.get("EDGEMOE_CONFIG") else None)
@@ -325,9 +333,13 @@ def load_config(
     raw.update(_from_env(env))
     raw.update({k: v for k, v in (flags or {}).items() if v not in (None, (), [])})
     raw.pop("config", None)
+    base = path.parent if path is not None else base_dir
     for key, file_key in _FROM_FILE.items():
         if raw.get(key) in (None, "") and raw.get(file_key) not in (None, ""):
-            raw[key] = _read_secret(file_key, _coerce(file_key, raw[file_key]), env)
+            raw[key] = _read_secret(file_key, _coerce(file_key, raw[file_key]), env, base)
+    trace = raw.get("routing_trace")
+    if base is not None and isinstance(trace, str) and trace and not Path(trace).is_absolute():
+        raw["routing_trace"] = str(base / trace)  # like the *_file names: next to the config
     values = {k: _coerce(k, v) for k, v in raw.items()}
     for (a, b), what in PAIRED_KEYS.items():
         if (a in values) != (b in values):

@@ -40,7 +40,7 @@ class NodeFacts:
     uptime_s: float
     has_model: bool  # a manifest is installed
     peers: int  # peers that proved the cluster secret (found by mDNS, seeds or gossip)
-    capacities: tuple[int, ...]  # expert bytes each live member may hold (this node included)
+    capacities: tuple[int, ...]  # expert bytes each member (alive or suspect) may hold
     model_expert_bytes: int  # all experts of the model together; 0 while unknown
     expert_bytes: int  # one expert; 0 while unknown
 
@@ -80,17 +80,18 @@ def warnings(facts: NodeFacts) -> list[str]:
     return out
 
 
-def facts_of(daemon: Any) -> NodeFacts:
-    """Read a running `Daemon`'s state (its cluster view when the cluster driver runs)."""
+def facts_of(daemon: Any, view: dict[str, Any] | None = None) -> NodeFacts:
+    """Read a running `Daemon`'s state: its cluster view (``view``, when the caller has just
+    built it) once the cluster driver runs."""
     manifest = daemon.store.manifest
-    capacities: tuple[int, ...] = ()
+    capacities: tuple[int, ...] = ()  # unknown (no warning) until the node runs its cluster
     if daemon.cluster is not None:
-        members = daemon.cluster.view().get("members", [])
+        members = (view if view is not None else daemon.cluster.view()).get("members", [])
         capacities = tuple(
-            int(m.get("capacity_bytes", 0)) for m in members if m.get("state") == "alive"
+            int(m.get("capacity_bytes", 0))
+            for m in members
+            if m.get("state") in ("alive", "suspect")  # a suspect may be only slow
         )
-    if not capacities and manifest is not None:
-        capacities = (daemon.capacity_bytes,)
     return NodeFacts(
         uptime_s=time.time() - daemon.started,
         has_model=manifest is not None,
@@ -101,8 +102,8 @@ def facts_of(daemon: Any) -> NodeFacts:
     )
 
 
-def node_warnings(daemon: Any) -> list[str]:
-    return warnings(facts_of(daemon))
+def node_warnings(daemon: Any, view: dict[str, Any] | None = None) -> list[str]:
+    return warnings(facts_of(daemon, view))
 
 
 class WarningLog:

@@ -517,7 +517,7 @@ def capacity_verdict(view: dict[str, Any] | None) -> Verdict:
     caps = tuple(
         int(m.get("capacity_bytes", 0))
         for m in view.get("members", [])
-        if m.get("state") == "alive"
+        if m.get("state") in ("alive", "suspect")
     )
     if not expert or not caps:
         return Verdict(

@@ -149,9 +149,9 @@ def test_capacity_accepts_shares_and_sizes() -> None:
 def test_every_commented_key_of_the_template_is_valid_once_uncommented(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.chdir(tmp_path)  # the *_file examples name files next to the config
+    monkeypatch.chdir(tmp_path.parent)  # relative *_file names: next to the config, not cwd
     for name in ("secret", "api_token", "admin_token"):
-        (tmp_path / name).write_text("t" * 32)
+        (tmp_path / f"edgemoe.{name}").write_text("t" * 32)
     # the routing_trace example: a trace holding the routing_stream example
     np.savez(tmp_path / "esft.npz", law_expert_ids=np.zeros((2, 1, 1), np.int16),
              law_req_offsets=np.array([0, 2]))  # fmt: skip
@@ -168,7 +168,7 @@ def test_every_commented_key_of_the_template_is_valid_once_uncommented(
     for line in commented:
         tomllib.loads(line)  # raises on `key = ` with nothing after it
     values = tomllib.loads(path.read_text() + "\n".join(commented))
-    _, problems = validate(values, "uncommented")
+    _, problems = validate(values, "uncommented", tmp_path)
     assert problems == []
 
 
@@ -249,20 +249,32 @@ def test_init_onto_a_symlink_is_refused_without_force(tmp_path: Path) -> None:
     assert target.read_text() == "keep\n"
 
 
-def test_secrets_in_files_keeps_them_out_of_the_config(tmp_path: Path) -> None:
+def test_secrets_in_files_keeps_them_out_of_the_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edgemoe.daemon.config import load_config
+
     path = tmp_path / "edgemoe.toml"
     result = runner.invoke(app, ["config", "init", str(path), "--secrets-in-files"])
     assert result.exit_code == 0, result.output
     values = tomllib.loads(path.read_text())
     assert "secret" not in values and "api_token" not in values
     secret_file, token_file = tmp_path / "edgemoe.secret", tmp_path / "edgemoe.api_token"
-    assert values["secret_file"] == str(secret_file)
-    assert values["api_token_file"] == str(token_file)
+    assert values["secret_file"] == "edgemoe.secret"  # by name: a file next to it, or a
+    assert values["api_token_file"] == "edgemoe.api_token"  # systemd credential of that name
     for file in (secret_file, token_file):
         assert stat.S_IMODE(file.stat().st_mode) == 0o640
+    monkeypatch.chdir("/")  # found next to the config, wherever the command runs
     cfg = read_config(path)  # the daemon's loader reads them back
     assert cfg.secret == secret_file.read_text().strip() and len(cfg.secret) == 64
     assert cfg.api_token == token_file.read_text().strip()
     assert cfg.secret not in path.read_text()
+    assert load_config(path, env={}).secret == cfg.secret  # the daemon, started by hand
+    creds = tmp_path / "credentials"  # the daemon under systemd's LoadCredential=
+    creds.mkdir()
+    (creds / "edgemoe.secret").write_text("c" * 40)
+    (creds / "edgemoe.api_token").write_text("token-from-credentials")
+    under_systemd = load_config(path, env={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert (under_systemd.secret, under_systemd.api_token) == ("c" * 40, "token-from-credentials")
     again = runner.invoke(app, ["config", "init", str(path), "--secrets-in-files"])
     assert again.exit_code == 5 and secret_file.read_text().strip() == cfg.secret
