@@ -23,10 +23,10 @@ from typing import Any
 
 from edgemoe.daemon.config import ConfigError, DaemonConfig, load_config
 from edgemoe.daemon.diagnosis import NodeFacts, capacity_warning, human_bytes
+from edgemoe.daemon.startup import LOCK_NAME  # the daemon flocks <dir>/LOCK_NAME while it runs
 from edgemoe.daemon.wire import REPLAY_WINDOW_S
 
 OK, WARN, FAIL = "ok", "warn", "fail"
-LOCK_NAME = ".lock"  # a daemon holds <dir>/.lock with fcntl.flock while it runs on <dir>
 SERVICE_TYPE = "_edgemoe._tcp.local."
 MDNS_WAIT_S = 3.0  # how long to listen for announcements (mDNS answers within ~1 s)
 HELLO_TIMEOUT_S = 5.0
@@ -58,7 +58,7 @@ def check_config(path: Path | None, env: Mapping[str, str]) -> tuple[DaemonConfi
 
 
 def lock_holder(directory: Path) -> str | None:
-    """Who holds ``directory/.lock`` (a running daemon), or None when nobody does."""
+    """Who holds the daemon lock of `directory` (a running daemon), or None when nobody does."""
     path = directory / LOCK_NAME
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)

@@ -4,8 +4,6 @@ and the exit code says whether anything failed."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from edgemoe.daemon.doctor import (
     accelerator_verdict,
     peer_verdicts,
 )
+from edgemoe.daemon.startup import LOCK_NAME
 
 from .conftest import SECRET, TOKEN, Node, TinyModel, make_node
 
@@ -110,31 +109,20 @@ def test_too_little_cluster_memory_is_named(small: Node, tmp_path: Path) -> None
 
 
 def test_model_dir_in_use_is_named(tiny: TinyModel, tmp_path: Path) -> None:
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    # A daemon holds <model_dir>/.lock with flock while it runs there; this process does the
-    # same (until the daemon's own lock lands, the way it is checked is the same).
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import fcntl, os, sys, time\n"
-         f"fd = os.open({str(shards / '.lock')!r}, os.O_RDWR | os.O_CREAT, 0o644)\n"
-         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-         "os.write(fd, str(os.getpid()).encode())\n"
-         "print('held', flush=True)\n"
-         "time.sleep(120)\n"],
-        stdout=subprocess.PIPE,
-    )  # fmt: skip
+    node = make_node(tmp_path, "holder", shard_dir=tiny.shard_dir, cluster_id="doc-lock",
+                     capacity="100%", mdns=False)  # fmt: skip
+    node.start()
     try:
-        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
-        code, out, checks = doctor(config(tmp_path, model_dir=str(shards)))
+        node.wait_ready(180)
+        code, out, checks = doctor(config(tmp_path, model_dir=str(node.model_dir)))
+        pid = node.proc.pid
     finally:
-        holder.kill()
-        holder.wait(10)
+        node.stop()
     assert code == 1
     line = one_line(out, "is in use")
-    assert f"{shards} is in use: pid {holder.pid} holds {shards / '.lock'}" in line
+    assert f"{node.model_dir} is in use: pid {pid} holds {node.model_dir / LOCK_NAME}" in line
     assert "model_dir" in [c["check"] for c in checks if c["level"] == FAIL]
-    after = doctor(config(tmp_path, model_dir=str(shards)))[2]  # released: free again
+    after = doctor(config(tmp_path, model_dir=str(node.model_dir)))[2]  # released: free again
     assert [c["level"] for c in after if c["check"] == "model_dir"] == [OK]
 
 
