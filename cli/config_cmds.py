@@ -60,9 +60,10 @@ SCHEMA: tuple[Key, ...] = (
     Key("api_token", "",
         "Bearer token clients send to /v1/* (OpenAI-style API, `edgemoe status`, ...).",
         "<a long random token>"),
-    Key("admin_token", None,
+    Key("admin_token", "",
         "Bearer token of the administrative routes (migrate, operator member sets); the\n"
-        "api_token does not grant them.", "<a long random token>"),
+        "api_token does not grant them. A node listening beyond loopback needs both tokens.",
+        "<a long random token>"),
     Key("secret_file", None,
         "Read the secret from this file instead: a relative name is a systemd credential\n"
         "(LoadCredential=, $CREDENTIALS_DIRECTORY) under the service, else a file next to this\n"
@@ -205,6 +206,7 @@ def new_config(**overrides: Any) -> dict[str, Any]:
     values = {k.name: k.default for k in SCHEMA}
     values["secret"] = secrets.token_hex(32)
     values["api_token"] = secrets.token_urlsafe(32)
+    values["admin_token"] = secrets.token_urlsafe(32)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return values
 
@@ -246,12 +248,12 @@ def write_config(path: Path, values: dict[str, Any], *, force: bool = False) -> 
 
 
 def secrets_to_files(path: Path, values: dict[str, Any], *, force: bool) -> list[Path]:
-    """Move the secret and the API token out of the config into files next to it
-    (``<stem>.secret``, ``<stem>.api_token``), referenced by name in ``secret_file`` and
-    ``api_token_file``: the config can then be shown or shared without them, and under systemd
+    """Move the secret and the tokens out of the config into files next to it
+    (``<stem>.secret``, ``<stem>.api_token``, ``<stem>.admin_token``), referenced by name in
+    ``secret_file`` etc.: the config can then be shown or shared without them, and under systemd
     the same names can be credentials (``LoadCredential=edgemoe.secret:/etc/edgemoe/...``)."""
     written: list[Path] = []
-    for key in ("secret", "api_token"):
+    for key in ("secret", "api_token", "admin_token"):
         if not values.get(key):
             continue
         target = path.with_name(f"{path.stem}.{key}")

@@ -23,7 +23,10 @@ from typing import Any
 
 from edgemoe.daemon.config import ConfigError, DaemonConfig, load_config
 from edgemoe.daemon.diagnosis import NodeFacts, capacity_warning, human_bytes
-from edgemoe.daemon.startup import LOCK_NAME  # the daemon flocks <dir>/LOCK_NAME while it runs
+from edgemoe.daemon.startup import (  # the daemon flocks <dir>/LOCK_NAME while it runs
+    LOCK_NAME,
+    is_loopback,
+)
 from edgemoe.daemon.wire import REPLAY_WINDOW_S
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -201,14 +204,16 @@ def check_interfaces(cfg: DaemonConfig) -> list[Verdict]:
 
 
 def check_tokens(cfg: DaemonConfig) -> list[Verdict]:
-    loopback = cfg.host in ("127.0.0.1", "::1", "localhost")
+    """The daemon refuses to listen beyond loopback without both tokens (startup)."""
+    loopback = is_loopback(cfg.host)
     if cfg.api_token:
         api = Verdict("api_token", OK, "set: clients need it (Authorization: Bearer ...)")
     else:
         api = Verdict(
             "api_token",
             WARN if loopback else FAIL,
-            f"not set: the client API on {cfg.host}:{cfg.port} is open to anyone",
+            f"not set: the client API on {cfg.host}:{cfg.port} is open to anyone"
+            + ("" if loopback else "; the daemon refuses to start so"),
             "add api_token (or api_token_file); edgemoe config init makes one",
         )
     if cfg.admin_token:
@@ -216,9 +221,14 @@ def check_tokens(cfg: DaemonConfig) -> list[Verdict]:
     else:
         admin = Verdict(
             "admin_token",
-            WARN,
-            "not set: the administrative routes (migrate, member sets) have no token of their own",
-            "add admin_token (or admin_token_file)",
+            WARN if loopback else FAIL,
+            "not set: "
+            + (
+                "migrate and member sets take the api_token from loopback clients only"
+                if loopback
+                else f"the daemon refuses to listen on {cfg.host} without it"
+            ),
+            "add admin_token (or admin_token_file); edgemoe config init makes one",
         )
     return [api, admin]
 

@@ -258,10 +258,11 @@ def test_secrets_in_files_keeps_them_out_of_the_config(
     result = runner.invoke(app, ["config", "init", str(path), "--secrets-in-files"])
     assert result.exit_code == 0, result.output
     values = tomllib.loads(path.read_text())
-    assert "secret" not in values and "api_token" not in values
+    assert not {"secret", "api_token", "admin_token"} & set(values)
     secret_file, token_file = tmp_path / "edgemoe.secret", tmp_path / "edgemoe.api_token"
     assert values["secret_file"] == "edgemoe.secret"  # by name: a file next to it, or a
     assert values["api_token_file"] == "edgemoe.api_token"  # systemd credential of that name
+    assert values["admin_token_file"] == "edgemoe.admin_token"
     for file in (secret_file, token_file):
         assert stat.S_IMODE(file.stat().st_mode) == 0o640
     monkeypatch.chdir("/")  # found next to the config, wherever the command runs
@@ -274,7 +275,9 @@ def test_secrets_in_files_keeps_them_out_of_the_config(
     creds.mkdir()
     (creds / "edgemoe.secret").write_text("c" * 40)
     (creds / "edgemoe.api_token").write_text("token-from-credentials")
+    (creds / "edgemoe.admin_token").write_text("admin-from-credentials")
     under_systemd = load_config(path, env={"CREDENTIALS_DIRECTORY": str(creds)})
     assert (under_systemd.secret, under_systemd.api_token) == ("c" * 40, "token-from-credentials")
+    assert under_systemd.admin_token == "admin-from-credentials"
     again = runner.invoke(app, ["config", "init", str(path), "--secrets-in-files"])
     assert again.exit_code == 5 and secret_file.read_text().strip() == cfg.secret
