@@ -150,6 +150,10 @@ def bench_testbed(
     out.print(results_table(report))
     for line in ratio_lines(report):
         out.print(line)
+    for name, r in report["strategies"].items():
+        if r.get("failures"):
+            out.print(f"{name}: {len(r['failures'])} requests failed in the daemon and were "
+                      f"sent again; first: {r['failures'][0]}")  # fmt: skip
     if json_out is not None:
         json_out.write_text(json.dumps(report, indent=2) + "\n")
         out.print(f"wrote {json_out}")

@@ -40,6 +40,8 @@ START_TIMEOUT_S = 240.0
 PLACEMENT_TIMEOUT_S = 300.0
 HTTP_TIMEOUT_S = 300.0
 POLL_S = 0.5
+# A request the daemon answers with an error is sent again this many times in all.
+REQUEST_ATTEMPTS = 3
 PROMPT = "Replay the recorded routing of this request."
 SHAPES = ("lite", "tiny")
 
@@ -95,6 +97,8 @@ class StrategyResult:
     seconds: float = 0.0
     epoch: int = 0
     setup_s: float = 0.0
+    failed_requests: int = 0  # answered with an error and sent again (measured window)
+    failures: list[str] | None = None
 
 
 @dataclass
@@ -225,6 +229,7 @@ class _StrategyRun:
         self.workdir = workdir
         self.token = secrets.token_urlsafe(24)
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.failures: list[str] = []
         self.pools = [namespace_pool(tb.namespace(i), setting.requests + 2)
                       for i in range(setting.nodes)]  # fmt: skip
         self.http = [_Http(f"http://{tb.address(i)}:{port}", self.token, self.pools[i])
@@ -293,8 +298,7 @@ class _StrategyRun:
     def load(self, requests: int) -> tuple[list[list[float]], list[int], float]:
         """Every node `requests` sequential streamed requests, nodes in parallel."""
         def node_work(i: int) -> list[tuple[list[float], int]]:
-            return [self.http[i].stream_completion(self.setting.tokens)
-                    for _ in range(requests)]  # fmt: skip
+            return [self._one(i) for _ in range(requests)]
 
         start = time.perf_counter()
         with ThreadPoolExecutor(max_workers=self.setting.nodes) as pool:
@@ -302,6 +306,17 @@ class _StrategyRun:
         wall = time.perf_counter() - start
         runs = [r for node in per_node for r in node]
         return [t for t, _ in runs], [n for _, n in runs], wall
+
+    def _one(self, node: int) -> tuple[list[float], int]:
+        """One request; a request the daemon fails is counted and sent again (bounded)."""
+        for attempt in range(REQUEST_ATTEMPTS):
+            try:
+                return self.http[node].stream_completion(self.setting.tokens)
+            except (RuntimeError, TestbedError) as exc:
+                self.failures.append(f"node {node}: {exc}"[:300])
+                if attempt == REQUEST_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def migrate(self, epoch: int) -> int:
         self.http[0].call("POST", "/v1/cluster/migrate", {"dry_run": False, "members": None},
@@ -352,8 +367,10 @@ def measure_strategy(
         say(f"{strategy}: re-placed (epoch {epoch}); measuring {setting.requests} x "
             f"{setting.tokens} tokens per node")  # fmt: skip
         before = run.counters()
+        failed_before = len(run.failures)
         times, counts, wall = run.load(setting.requests)
         after = run.counters()
+        failures = run.failures[failed_before:]
     finally:
         run.stop()
     tokens = sum(counts)
@@ -368,6 +385,7 @@ def measure_strategy(
         remote_calls_per_token=delta["calls"] / max(tokens, 1),
         local_share=delta["local"] / delta["routed"] if delta["routed"] else 1.0,
         tokens=tokens, seconds=wall, epoch=epoch, setup_s=setup,
+        failed_requests=len(failures), failures=run.failures or None,
     )  # fmt: skip
 
 
