@@ -91,6 +91,9 @@ def bench_testbed(
     shape: Annotated[
         str, typer.Option(help="lite: DeepSeek-V2-Lite-shaped, tiny experts; tiny: 2x8.")
     ] = "lite",
+    layers: Annotated[
+        int | None, typer.Option(help="MoE layers of the model [default: the shape's].")
+    ] = None,
     trace: Annotated[
         Path | None, typer.Option(help="Routing trace npz [default: shared/traces].")
     ] = None,
@@ -135,7 +138,7 @@ def bench_testbed(
         capacities=_floats(capacities, "capacities"), total_capacity=total_capacity,
         bandwidth_mbps=bandwidth_mbps or None, delay_ms=delay_ms, strategies=chosen,
         profile_requests=profile_requests, requests=requests, tokens=tokens, seed=seed,
-        shape=shape,
+        shape=shape, layers=layers,
     )  # fmt: skip
     tmp = workdir is None
     work = Path(tempfile.mkdtemp(prefix="edgemoe-testbed-")) if workdir is None else workdir

@@ -11,6 +11,7 @@ the bench records token arrival times, expert-RPC bytes and calls, and the local
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -60,6 +61,7 @@ class BenchSetting:
     tokens: int = 16
     seed: int = 0
     shape: str = "lite"
+    layers: int | None = None  # MoE layers of the model (None: the shape's own, 26 for lite)
 
     @property
     def nodes(self) -> int:
@@ -80,6 +82,8 @@ class BenchSetting:
             raise TestbedError("total capacity must be >= 1 (every expert held at least once)")
         if min(self.requests, self.tokens, self.profile_requests) < 1:
             raise TestbedError("requests, tokens and profile requests must be >= 1")
+        if self.layers is not None and self.layers < 1:
+            raise TestbedError("layers must be >= 1")
         if self.shape not in SHAPES:
             raise TestbedError(f"shape must be one of {', '.join(SHAPES)}")
 
@@ -171,23 +175,29 @@ def _toml(values: dict[str, Any]) -> str:
     return "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items() if v is not None)
 
 
-def build_model(workdir: Path, shape: str, say: Callable[[str], None]) -> Path:
+def build_model(
+    workdir: Path, shape: str, say: Callable[[str], None], layers: int | None = None
+) -> Path:
     """A DeepSeek-V2-Lite-shaped tiny model ('lite') or the family's tiny default, sharded;
-    reused when `workdir` already has it."""
+    reused when `workdir` already has it. `layers` overrides the MoE layer count (model
+    layer l replays trace layer l mod 26)."""
     import torch
 
     from edgemoe.model.shard import shard_checkpoint
     from edgemoe.model.tiny import TinyShape, write_tiny_model
 
-    shards = workdir / f"model-{shape}" / "shards"
+    name = f"model-{shape}" + (f"-{layers}l" if layers else "")
+    shards = workdir / name / "shards"
     if (shards / "manifest.json").is_file():
         return shards
-    say(f"generating and sharding the {shape} model ...")
+    say(f"generating and sharding the {name} model ...")
     lite = shape == "lite"
+    tiny_shape = TinyShape.deepseek_v2_lite() if lite else TinyShape()
+    if layers:
+        tiny_shape = dataclasses.replace(tiny_shape, layers=layers)
     ckpt = write_tiny_model(
-        "deepseek_v2", workdir / f"model-{shape}" / "checkpoint", seed=0,
-        dtype=torch.bfloat16 if lite else torch.float32,
-        shape=TinyShape.deepseek_v2_lite() if lite else None,
+        "deepseek_v2", workdir / name / "checkpoint", seed=0,
+        dtype=torch.bfloat16 if lite else torch.float32, shape=tiny_shape,
     )  # fmt: skip
     shard_checkpoint(ckpt, shards)
     return shards
@@ -398,7 +408,7 @@ def run_testbed_bench(setting: BenchSetting, workdir: Path,
 
     for name in setting.streams:
         load_stream(setting.trace, name)  # a bad stream fails now, not in a daemon
-    shards = build_model(workdir, setting.shape, say)
+    shards = build_model(workdir, setting.shape, say, setting.layers)
     spec = TestbedSpec(nodes=setting.nodes, bandwidth_mbps=setting.bandwidth_mbps,
                        delay_ms=setting.delay_ms)  # fmt: skip
     results: dict[str, Any] = {}
