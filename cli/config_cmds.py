@@ -91,6 +91,10 @@ SCHEMA: tuple[Key, ...] = (
     Key("drift_min_interval", 30.0,
         "Seconds a drift-triggered epoch waits after the last decided one (against epoch storms)."),
     Key("log_level", "info", "debug, info, warning, error or critical."),
+    Key("routing_trace", None,
+        "Benchmarks: replay this routing trace (npz, shared/traces format) instead of the\n"
+        "model's routers; request r of this node replays request r of routing_stream."),
+    Key("routing_stream", None, "The trace's stream this node replays (with routing_trace)."),
 )  # fmt: skip
 
 

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import threading
@@ -22,7 +23,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from edgemoe.daemon.testbed.lifecycle import Testbed, check_requirements
-from edgemoe.daemon.testbed.netns import NS_THREAD_PREFIX, namespace_pool
+from edgemoe.daemon.testbed.netns import NS_THREAD_PREFIX, NamespacePool, namespace_pool
 from edgemoe.daemon.testbed.plan import TestbedError, TestbedSpec
 from edgemoe.daemon.testbed.probe import measure_rate, measure_rtt
 
@@ -111,7 +111,7 @@ class _Http:
 
     url: str
     token: str
-    pool: ThreadPoolExecutor
+    pool: NamespacePool
 
     def call(self, method: str, path: str, body: Any = None, timeout: float = 30.0) -> Any:
         return self.pool.submit(self._call, method, path, body, timeout).result(timeout + 5)
@@ -126,11 +126,9 @@ class _Http:
             raw = resp.read()
         return json.loads(raw) if path != "/metrics" else raw.decode()
 
-    def stream_completion(self, tokens: int) -> tuple[list[float], int]:
-        """Token arrival times (perf_counter, first = request sent) of one streamed request."""
-        return self.pool.submit(self._stream, tokens).result(HTTP_TIMEOUT_S + 5)
-
-    def _stream(self, tokens: int) -> tuple[list[float], int]:
+    def stream_here(self, tokens: int) -> tuple[list[float], int]:
+        """Token arrival times (perf_counter, first = request sent) of one streamed request;
+        called on one of the pool's threads (inside the namespace)."""
         _in_namespace_thread()
         body = {"prompt": PROMPT, "max_tokens": tokens, "ignore_eos": True,
                 "temperature": 0, "stream": True}  # fmt: skip
@@ -308,11 +306,11 @@ class _StrategyRun:
     def load(self, requests: int) -> tuple[list[list[float]], list[int], float]:
         """Every node `requests` sequential streamed requests, nodes in parallel."""
         def node_work(i: int) -> list[tuple[list[float], int]]:
-            return [self._one(i) for _ in range(requests)]
+            return [self._one(i) for _ in range(requests)]  # on a thread in node i's namespace
 
         start = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=self.setting.nodes) as pool:
-            per_node = list(pool.map(node_work, range(self.setting.nodes)))
+        futures = [self.pools[i].submit(node_work, i) for i in range(self.setting.nodes)]
+        per_node = [f.result(HTTP_TIMEOUT_S * requests * REQUEST_ATTEMPTS) for f in futures]
         wall = time.perf_counter() - start
         runs = [r for node in per_node for r in node]
         return [t for t, _ in runs], [n for _, n in runs], wall
@@ -321,7 +319,7 @@ class _StrategyRun:
         """One request; a request the daemon fails is counted and sent again (bounded)."""
         for attempt in range(REQUEST_ATTEMPTS):
             try:
-                return self.http[node].stream_completion(self.setting.tokens)
+                return self.http[node].stream_here(self.setting.tokens)
             except (RuntimeError, TestbedError) as exc:
                 self.failures.append(f"node {node}: {exc}"[:300])
                 if attempt == REQUEST_ATTEMPTS - 1:
@@ -358,7 +356,7 @@ class _StrategyRun:
                 p.kill()
                 p.wait(5)
         for pool in self.pools:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown()
 
 
 def measure_strategy(
@@ -418,7 +416,8 @@ def run_testbed_bench(setting: BenchSetting, workdir: Path,
             f"{link['mbps']:.0f} Mbit/s, RTT {1000 * link['rtt_median_s']:.2f} ms")  # fmt: skip
         for k, strategy in enumerate(setting.strategies):
             run_dir = workdir / f"run-{strategy}"
-            run_dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(run_dir, ignore_errors=True)  # a node's state from an earlier run
+            run_dir.mkdir(parents=True)  # (placement log, holdings) must not leak into this one
             results[strategy] = asdict(measure_strategy(
                 tb, setting, strategy, shards, run_dir, DAEMON_PORT + k, say))  # fmt: skip
     return {
