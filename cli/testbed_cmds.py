@@ -91,6 +91,9 @@ def bench_testbed(
     shape: Annotated[
         str, typer.Option(help="lite: DeepSeek-V2-Lite-shaped, tiny experts; tiny: 2x8.")
     ] = "lite",
+    layers: Annotated[
+        int | None, typer.Option(help="MoE layers of the model [default: the shape's].")
+    ] = None,
     trace: Annotated[
         Path | None, typer.Option(help="Routing trace npz [default: shared/traces].")
     ] = None,
@@ -135,7 +138,7 @@ def bench_testbed(
         capacities=_floats(capacities, "capacities"), total_capacity=total_capacity,
         bandwidth_mbps=bandwidth_mbps or None, delay_ms=delay_ms, strategies=chosen,
         profile_requests=profile_requests, requests=requests, tokens=tokens, seed=seed,
-        shape=shape,
+        shape=shape, layers=layers,
     )  # fmt: skip
     tmp = workdir is None
     work = Path(tempfile.mkdtemp(prefix="edgemoe-testbed-")) if workdir is None else workdir
@@ -150,6 +153,10 @@ def bench_testbed(
     out.print(results_table(report))
     for line in ratio_lines(report):
         out.print(line)
+    for name, r in report["strategies"].items():
+        if r.get("failures"):
+            out.print(f"{name}: {len(r['failures'])} requests failed in the daemon and were "
+                      f"sent again; first: {r['failures'][0]}")  # fmt: skip
     if json_out is not None:
         json_out.write_text(json.dumps(report, indent=2) + "\n")
         out.print(f"wrote {json_out}")

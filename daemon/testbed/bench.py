@@ -11,9 +11,11 @@ the bench records token arrival times, expert-RPC bytes and calls, and the local
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import threading
@@ -21,7 +23,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from edgemoe.daemon.testbed.lifecycle import Testbed, check_requirements
-from edgemoe.daemon.testbed.netns import NS_THREAD_PREFIX, namespace_pool
+from edgemoe.daemon.testbed.netns import NS_THREAD_PREFIX, NamespacePool, namespace_pool
 from edgemoe.daemon.testbed.plan import TestbedError, TestbedSpec
 from edgemoe.daemon.testbed.probe import measure_rate, measure_rtt
 
@@ -40,6 +41,8 @@ START_TIMEOUT_S = 240.0
 PLACEMENT_TIMEOUT_S = 300.0
 HTTP_TIMEOUT_S = 300.0
 POLL_S = 0.5
+# A request the daemon answers with an error is sent again this many times in all.
+REQUEST_ATTEMPTS = 3
 PROMPT = "Replay the recorded routing of this request."
 SHAPES = ("lite", "tiny")
 
@@ -58,6 +61,7 @@ class BenchSetting:
     tokens: int = 16
     seed: int = 0
     shape: str = "lite"
+    layers: int | None = None  # MoE layers of the model (None: the shape's own, 26 for lite)
 
     @property
     def nodes(self) -> int:
@@ -78,6 +82,8 @@ class BenchSetting:
             raise TestbedError("total capacity must be >= 1 (every expert held at least once)")
         if min(self.requests, self.tokens, self.profile_requests) < 1:
             raise TestbedError("requests, tokens and profile requests must be >= 1")
+        if self.layers is not None and self.layers < 1:
+            raise TestbedError("layers must be >= 1")
         if self.shape not in SHAPES:
             raise TestbedError(f"shape must be one of {', '.join(SHAPES)}")
 
@@ -95,6 +101,8 @@ class StrategyResult:
     seconds: float = 0.0
     epoch: int = 0
     setup_s: float = 0.0
+    failed_requests: int = 0  # answered with an error and sent again (measured window)
+    failures: list[str] | None = None
 
 
 @dataclass
@@ -103,7 +111,7 @@ class _Http:
 
     url: str
     token: str
-    pool: ThreadPoolExecutor
+    pool: NamespacePool
 
     def call(self, method: str, path: str, body: Any = None, timeout: float = 30.0) -> Any:
         return self.pool.submit(self._call, method, path, body, timeout).result(timeout + 5)
@@ -118,11 +126,9 @@ class _Http:
             raw = resp.read()
         return json.loads(raw) if path != "/metrics" else raw.decode()
 
-    def stream_completion(self, tokens: int) -> tuple[list[float], int]:
-        """Token arrival times (perf_counter, first = request sent) of one streamed request."""
-        return self.pool.submit(self._stream, tokens).result(HTTP_TIMEOUT_S + 5)
-
-    def _stream(self, tokens: int) -> tuple[list[float], int]:
+    def stream_here(self, tokens: int) -> tuple[list[float], int]:
+        """Token arrival times (perf_counter, first = request sent) of one streamed request;
+        called on one of the pool's threads (inside the namespace)."""
         _in_namespace_thread()
         body = {"prompt": PROMPT, "max_tokens": tokens, "ignore_eos": True,
                 "temperature": 0, "stream": True}  # fmt: skip
@@ -167,23 +173,29 @@ def _toml(values: dict[str, Any]) -> str:
     return "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items() if v is not None)
 
 
-def build_model(workdir: Path, shape: str, say: Callable[[str], None]) -> Path:
+def build_model(
+    workdir: Path, shape: str, say: Callable[[str], None], layers: int | None = None
+) -> Path:
     """A DeepSeek-V2-Lite-shaped tiny model ('lite') or the family's tiny default, sharded;
-    reused when `workdir` already has it."""
+    reused when `workdir` already has it. `layers` overrides the MoE layer count (model
+    layer l replays trace layer l mod 26)."""
     import torch
 
     from edgemoe.model.shard import shard_checkpoint
     from edgemoe.model.tiny import TinyShape, write_tiny_model
 
-    shards = workdir / f"model-{shape}" / "shards"
+    name = f"model-{shape}" + (f"-{layers}l" if layers else "")
+    shards = workdir / name / "shards"
     if (shards / "manifest.json").is_file():
         return shards
-    say(f"generating and sharding the {shape} model ...")
+    say(f"generating and sharding the {name} model ...")
     lite = shape == "lite"
+    tiny_shape = TinyShape.deepseek_v2_lite() if lite else TinyShape()
+    if layers:
+        tiny_shape = dataclasses.replace(tiny_shape, layers=layers)
     ckpt = write_tiny_model(
-        "deepseek_v2", workdir / f"model-{shape}" / "checkpoint", seed=0,
-        dtype=torch.bfloat16 if lite else torch.float32,
-        shape=TinyShape.deepseek_v2_lite() if lite else None,
+        "deepseek_v2", workdir / name / "checkpoint", seed=0,
+        dtype=torch.bfloat16 if lite else torch.float32, shape=tiny_shape,
     )  # fmt: skip
     shard_checkpoint(ckpt, shards)
     return shards
@@ -225,6 +237,7 @@ class _StrategyRun:
         self.workdir = workdir
         self.token = secrets.token_urlsafe(24)
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.failures: list[str] = []
         self.pools = [namespace_pool(tb.namespace(i), setting.requests + 2)
                       for i in range(setting.nodes)]  # fmt: skip
         self.http = [_Http(f"http://{tb.address(i)}:{port}", self.token, self.pools[i])
@@ -293,15 +306,25 @@ class _StrategyRun:
     def load(self, requests: int) -> tuple[list[list[float]], list[int], float]:
         """Every node `requests` sequential streamed requests, nodes in parallel."""
         def node_work(i: int) -> list[tuple[list[float], int]]:
-            return [self.http[i].stream_completion(self.setting.tokens)
-                    for _ in range(requests)]  # fmt: skip
+            return [self._one(i) for _ in range(requests)]  # on a thread in node i's namespace
 
         start = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=self.setting.nodes) as pool:
-            per_node = list(pool.map(node_work, range(self.setting.nodes)))
+        futures = [self.pools[i].submit(node_work, i) for i in range(self.setting.nodes)]
+        per_node = [f.result(HTTP_TIMEOUT_S * requests * REQUEST_ATTEMPTS) for f in futures]
         wall = time.perf_counter() - start
         runs = [r for node in per_node for r in node]
         return [t for t, _ in runs], [n for _, n in runs], wall
+
+    def _one(self, node: int) -> tuple[list[float], int]:
+        """One request; a request the daemon fails is counted and sent again (bounded)."""
+        for attempt in range(REQUEST_ATTEMPTS):
+            try:
+                return self.http[node].stream_here(self.setting.tokens)
+            except (RuntimeError, TestbedError) as exc:
+                self.failures.append(f"node {node}: {exc}"[:300])
+                if attempt == REQUEST_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def migrate(self, epoch: int) -> int:
         self.http[0].call("POST", "/v1/cluster/migrate", {"dry_run": False, "members": None},
@@ -333,7 +356,7 @@ class _StrategyRun:
                 p.kill()
                 p.wait(5)
         for pool in self.pools:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown()
 
 
 def measure_strategy(
@@ -352,8 +375,10 @@ def measure_strategy(
         say(f"{strategy}: re-placed (epoch {epoch}); measuring {setting.requests} x "
             f"{setting.tokens} tokens per node")  # fmt: skip
         before = run.counters()
+        failed_before = len(run.failures)
         times, counts, wall = run.load(setting.requests)
         after = run.counters()
+        failures = run.failures[failed_before:]
     finally:
         run.stop()
     tokens = sum(counts)
@@ -368,6 +393,7 @@ def measure_strategy(
         remote_calls_per_token=delta["calls"] / max(tokens, 1),
         local_share=delta["local"] / delta["routed"] if delta["routed"] else 1.0,
         tokens=tokens, seconds=wall, epoch=epoch, setup_s=setup,
+        failed_requests=len(failures), failures=run.failures or None,
     )  # fmt: skip
 
 
@@ -380,7 +406,7 @@ def run_testbed_bench(setting: BenchSetting, workdir: Path,
 
     for name in setting.streams:
         load_stream(setting.trace, name)  # a bad stream fails now, not in a daemon
-    shards = build_model(workdir, setting.shape, say)
+    shards = build_model(workdir, setting.shape, say, setting.layers)
     spec = TestbedSpec(nodes=setting.nodes, bandwidth_mbps=setting.bandwidth_mbps,
                        delay_ms=setting.delay_ms)  # fmt: skip
     results: dict[str, Any] = {}
@@ -390,7 +416,8 @@ def run_testbed_bench(setting: BenchSetting, workdir: Path,
             f"{link['mbps']:.0f} Mbit/s, RTT {1000 * link['rtt_median_s']:.2f} ms")  # fmt: skip
         for k, strategy in enumerate(setting.strategies):
             run_dir = workdir / f"run-{strategy}"
-            run_dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(run_dir, ignore_errors=True)  # a node's state from an earlier run
+            run_dir.mkdir(parents=True)  # (placement log, holdings) must not leak into this one
             results[strategy] = asdict(measure_strategy(
                 tb, setting, strategy, shards, run_dir, DAEMON_PORT + k, say))  # fmt: skip
     return {
