@@ -84,7 +84,8 @@ def _decode(value: Any, hint: Any = None, where: str = "message") -> Any:
             if type(None) in arms:
                 return None
             raise MessageError("type", f"{where}: None where {hint} is expected")
-        if isinstance(value, dict) and (tagged := REGISTRY.get(value.get(TAG))) in arms:
+        tag = value.get(TAG) if isinstance(value, dict) else None
+        if isinstance(tag, str) and (tagged := REGISTRY.get(tag)) in arms:
             return _decode_message(value, tagged, where)
         errors = []
         for arm in arms:

@@ -38,7 +38,7 @@ def mixed(tiny: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     cluster = Cluster(good, tmp, cid)
     try:
         for node in [*good, wrong]:
-            node.wait_ready(180)
+            node.wait_ready(300)  # four daemons loading at once on a busy machine
         yield cluster, wrong
     finally:
         wrong.stop()

@@ -15,6 +15,7 @@ import msgpack
 import pytest
 from aiohttp import web
 
+from edgemoe.daemon.peers import PeerClient, PeerError
 from edgemoe.daemon.supervisor import Supervisor
 from edgemoe.daemon.wire import (
     HDR_NONCE,
@@ -301,6 +302,30 @@ def test_a_rogue_without_the_secret_cannot_feed_a_fresh_node(
         assert rogue.hits and set(rogue.hits) == {"/v1/hello"}, rogue.hits
         assert not (fresh.state_dir / "model" / "manifest.json").exists()
         assert fresh.log().count("not authenticated") == 1, fresh.log()
+        # asked directly, whether its id is known or not, every answer of the rogue is refused
+        assert asyncio.run(_ask_rogue(rogue.port, Rogue.NODE)) == [502] * 5
+        assert asyncio.run(_ask_rogue(rogue.port, "")) == [502] * 5
     finally:
         fresh.stop()
         rogue.stop()
+
+
+async def _ask_rogue(port: int, peer_id: str) -> list[int | None]:
+    client = PeerClient(f"http://127.0.0.1:{port}", C, SECRET.encode(), peer_id=peer_id)
+    statuses: list[int | None] = []
+    try:
+        for path in ("/v1/manifest", "/v1/files/config.json"):
+            with pytest.raises(PeerError) as info:
+                await client.get_bytes(path)
+            statuses.append(info.value.status)
+        for path in ("/v1/dense", "/v1/shards/0/0"):
+            with pytest.raises(PeerError) as info:
+                async with client.stream(path):
+                    pass
+            statuses.append(info.value.status)
+        with pytest.raises(PeerError) as info:
+            await client.hello()
+        statuses.append(info.value.status)
+    finally:
+        await client.close()
+    return statuses
