@@ -4,11 +4,19 @@ A scenario gives each server one stream; the first half of every stream's reques
 profiling window (counts and the co-activation sample the strategies see), the second half is
 replayed through the simulator. Plain strategy names use our per-server transport;
 ``<name>+per-expert`` is the same placement with the paper's per-expert calls.
+
+Load is a share of each server's saturating rate, defined from work no strategy can change:
+a request's dense and expert compute with every expert local and no batching
+(`request_work_s`), so 1.0 keeps a server's compute busy all the time even before any
+remote call. `edgemoe` may pick among candidate placements by simulating the profiling
+window (never the test window): the simulator reaches it as an injected judge
+(`profile_judge`), so edgemoe.placement never imports edgemoe.sim.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -20,11 +28,21 @@ from edgemoe.placement.instances import random_problem
 from edgemoe.placement.latency import LatencyAware
 from edgemoe.placement.migration import plan_migration
 from edgemoe.placement.problem import Placement, PlacementError, Problem, objective
-from edgemoe.sim.simulator import Change, Cluster, Timing, poisson_requests, simulate
+from edgemoe.sim.constants import SimConstants
+from edgemoe.sim.simulator import (
+    Change,
+    Cluster,
+    Copy,
+    Request,
+    SimResult,
+    poisson_requests,
+    simulate,
+)
 from edgemoe.stats.synthetic import synthetic_streams
 from edgemoe.stats.traces import Stream, default_trace_path, load_stream
 
 HEURISTICS = ("uniform", "layers", "eplb", "dancemoe", "edgemoe")
+Judge = Callable[[list[Placement]], list[float]]
 
 
 @dataclass
@@ -41,7 +59,14 @@ class Scenario:
     expert_mb: float = 17.3
     hidden: int = 2048
     seed: int = 0
-    request_rate: float = 0.2  # requests per second per server
+    request_rate: float = 0.2  # requests per second per server (when `load` is None)
+    load: float | None = None  # share of each server's saturating rate (overrides the rate)
+    speeds: list[float] = field(default_factory=list)  # compute speed per server (default 1)
+    nic: bool = True  # each server's NIC (egress and ingress at the link rate) is shared
+    max_requests: int = 0  # per stream and window (0: all); keeps sweeps affordable
+    max_tokens: int = 0  # per request, its first tokens (0: all)
+    judge: bool = True  # edgemoe picks among its candidates on the simulated profile window
+    half_life_s: float = 300.0  # the recorder's: what the daemon's statistics decay with
     max_samples: int = 50_000  # co-activation sample rows per server
     drift: dict[int, str] = field(default_factory=dict)  # server -> stream it switches to
     synthetic: dict[str, int] = field(default_factory=dict)  # layers/experts/top_k/tokens
@@ -69,7 +94,10 @@ def preset(name: str, servers: int = 64) -> Scenario:
     raise ValueError(f"unknown scenario {name!r}; choose paper, paper4, drift or scale")
 
 
-def build_problem(sc: Scenario, profile: list[Stream], rng: np.random.Generator) -> Problem:
+def build_problem(sc: Scenario, profile: list[Stream], rng: np.random.Generator,
+                  request_rate: np.ndarray | None = None) -> Problem:
+    """The strategies' inputs from the profiling window; `request_rate` requests/s per server
+    (default: the scenario's flat rate)."""
     S = len(profile)
     L, K = profile[0].expert_ids.shape[1:]
     E = int(sc.synthetic["experts"]) if sc.synthetic else int(
@@ -102,14 +130,22 @@ def build_problem(sc: Scenario, profile: list[Stream], rng: np.random.Generator)
     bw = np.full((S, S), sc.bandwidth_mbps * 1e6)
     rtt = np.full((S, S), sc.rtt_ms * 1e-3)
     np.fill_diagonal(rtt, 0.0)
-    rate = np.array([len(p.expert_ids) / max(p.num_requests, 1) for p in profile]) \
-        * sc.request_rate
+    req_rate = np.full(S, sc.request_rate) if request_rate is None else request_rate
+    rate = np.array([len(p.expert_ids) / max(p.num_requests, 1) for p in profile]) * req_rate
     return Problem(capacity_bytes=slots.astype(np.float64) * expert_bytes,
-                   compute_speed=np.ones(S), rtt_s=rtt, bandwidth_bps=bw, num_layers=L,
+                   compute_speed=_speeds(sc, S), rtt_s=rtt, bandwidth_bps=bw, num_layers=L,
                    num_experts=E, top_k=K, expert_bytes=expert_bytes, hidden_size=sc.hidden,
                    counts=counts, sample_server=np.concatenate(ss),
                    sample_layer=np.concatenate(ls), sample_sets=np.concatenate(sets),
                    request_rate=rate)
+
+
+def _speeds(sc: Scenario, S: int) -> np.ndarray:
+    if not sc.speeds:
+        return np.ones(S)
+    if len(sc.speeds) != S:
+        raise ValueError(f"{len(sc.speeds)} compute speeds for {S} servers")
+    return np.asarray(sc.speeds, dtype=np.float64)
 
 
 def _streams(sc: Scenario) -> tuple[list[Stream], dict[int, Stream]]:
@@ -120,36 +156,111 @@ def _streams(sc: Scenario) -> tuple[list[Stream], dict[int, Stream]]:
                                     syn["top_k"], syn["tokens"], sc.seed, drift=drift_src)
         return streams, {}
     path = sc.trace or str(default_trace_path())
-    streams = [load_stream(path, n) for n in sc.streams]
+    cache: dict[str, Stream] = {}
+    streams = []
+    for n in sc.streams:
+        if n not in cache:
+            cache[n] = load_stream(path, n)
+        streams.append(cache[n])
     drifted = {s: load_stream(path, n) for s, n in sc.drift.items()}
     return streams, drifted
 
 
-def _requests(streams: list[Stream]) -> list[list[np.ndarray]]:
-    return [[st.expert_ids[st.req_offsets[r]:st.req_offsets[r + 1]]
-             for r in range(st.num_requests)] for st in streams]
+def _requests(streams: list[Stream], sc: Scenario) -> list[list[np.ndarray]]:
+    """Each stream's requests, at most `max_requests` of them, each its first `max_tokens`."""
+    out = []
+    for st in streams:
+        n = st.num_requests if not sc.max_requests else min(sc.max_requests, st.num_requests)
+        reqs = []
+        for r in range(n):
+            ids = st.expert_ids[st.req_offsets[r]:st.req_offsets[r + 1]]
+            reqs.append(ids[:sc.max_tokens] if sc.max_tokens else ids)
+        out.append(reqs)
+    return out
 
 
-def _place(name: str, sc: Scenario, problem: Problem) -> Placement:
+def request_work_s(ids: np.ndarray, c: SimConstants) -> float:
+    """Compute seconds of one request at speed 1 with every expert local and no batching:
+    what no placement can remove (the load's yardstick)."""
+    T, L, K = ids.shape
+    P = min(max(int(T * c.prompt_fraction), 1), T)
+    D = T - P
+    distinct = sum(len(np.unique(ids[:P, l])) for l in range(L))
+    return (L * (c.dense_fixed_s + P * c.dense_token_s) + distinct * c.expert_fixed_s
+            + L * P * K * c.expert_row_s
+            + D * L * (c.dense_fixed_s + c.dense_token_s + K * (c.expert_fixed_s
+                                                               + c.expert_row_s)))
+
+
+def _rates(sc: Scenario, reqs: list[list[np.ndarray]], c: SimConstants) -> np.ndarray:
+    """Requests/s per server: the flat rate, or `load` times each server's saturating rate."""
+    S = len(reqs)
+    if sc.load is None:
+        return np.full(S, sc.request_rate)
+    speed = _speeds(sc, S)
+    work = np.array([np.mean([request_work_s(r, c) for r in rs]) for rs in reqs])
+    return sc.load * speed / work
+
+
+def make_cluster(sc: Scenario, problem: Problem) -> Cluster:
+    """The simulated machines: the problem's links, each server's NIC at the link rate."""
+    nic = np.full(problem.num_servers, sc.bandwidth_mbps * 1e6) if sc.nic else None
+    return Cluster(problem.compute_speed, problem.rtt_s, problem.bandwidth_bps,
+                   problem.hidden_size, nic_egress_bps=nic, nic_ingress_bps=nic)
+
+
+def _score(res: SimResult, best_mean: float, best_p99: float) -> float:
+    return max(res.mean_s / max(best_mean, 1e-12), res.p99_s / max(best_p99, 1e-12))
+
+
+def profile_judge(cluster: Cluster, requests: list[Request], c: SimConstants,
+                  transport: str = "per-server") -> Judge:
+    """A judge for `LatencyAware`: simulate each candidate on the profiling window and
+    return scores (lower is better: the worse of its mean and p99 over the best's)."""
+    def judge(candidates: list[Placement]) -> list[float]:
+        res = [simulate(cluster, pl, requests, transport=transport, constants=c)
+               for pl in candidates]
+        bm = min(r.mean_s for r in res)
+        bp = min(r.p99_s for r in res)
+        return [_score(r, bm, bp) for r in res]
+    return judge
+
+
+def _place(name: str, sc: Scenario, problem: Problem, judge: Judge | None = None,
+           solved: dict[str, Placement] | None = None) -> tuple[Placement, str]:
+    """The strategy's placement and, for a judged edgemoe, which candidate won. `solved`
+    keeps each strategy's own placement for a caller that varies only the load (every
+    strategy here depends on the rates' shares alone, which a load factor keeps)."""
+    solved = {} if solved is None else solved
     strat = get_strategy(name)
     if name == "optimal":
         strat.max_vars = sc.optimal_max_vars  # type: ignore[attr-defined]
         strat.time_limit_s = sc.optimal_time_s  # type: ignore[attr-defined]
-    return strat.place(problem)
+    if name not in solved:
+        solved[name] = strat.place(problem)
+    pl = solved[name]
+    if name == "edgemoe" and judge is not None:
+        assert isinstance(strat, LatencyAware)
+        strat.judge = judge
+        return strat.judged(problem, pl), strat.chosen
+    return pl, name
 
 
-def run(sc: Scenario, timing: Timing | None = None) -> dict[str, Any]:
-    """Run every strategy on the scenario; the JSON document of issue 3."""
+def run(sc: Scenario, constants: SimConstants | None = None,
+        solved: dict[str, Placement] | None = None) -> dict[str, Any]:
+    """Run every strategy on the scenario; the JSON document of issue 3. `solved`: see
+    `_place` (the sweep passes one per setting and seed, shared across loads)."""
+    c = constants or SimConstants()
     rng = np.random.default_rng(sc.seed)
     streams, drifted = _streams(sc)
     splits = [st.split(0.5) for st in streams]
     profile = [p for p, _ in splits]
     test = [t for _, t in splits]
-    problem = build_problem(sc, profile, rng)
-    tm = timing or Timing()
-    cluster = Cluster(problem.compute_speed, problem.rtt_s, problem.bandwidth_bps,
-                      problem.hidden_size)
-    reqs = _requests(test)
+    reqs = _requests(test, sc)
+    prof_reqs = _requests(profile, sc)
+    rates = _rates(sc, prof_reqs, c)  # from the profile window: what an operator could know
+    problem = build_problem(sc, profile, rng, rates)
+    cluster = make_cluster(sc, problem)
     switch_s = None
     after: Problem | None = None
     if drifted:  # the drifting server's new task follows its old one
@@ -157,21 +268,26 @@ def run(sc: Scenario, timing: Timing | None = None) -> dict[str, Any]:
         for s, st in drifted.items():
             p2, t2 = st.split(0.5)
             new_profile[s] = p2
-            reqs[s] = reqs[s] + _requests([t2])[0]
-        after = build_problem(sc, new_profile, np.random.default_rng(sc.seed + 1))
-    requests = poisson_requests(reqs, np.full(problem.num_servers, sc.request_rate), sc.seed)
+            reqs[s] = reqs[s] + _requests([t2], sc)[0]
+        after = build_problem(sc, new_profile, np.random.default_rng(sc.seed + 1), rates)
+    requests = poisson_requests(reqs, rates, sc.seed)
+    judge = None
+    if sc.judge:
+        judge = profile_judge(cluster, poisson_requests(prof_reqs, rates, sc.seed + 1000), c)
     if drifted:
         s0 = next(iter(drifted))
-        n_old = test[s0].num_requests
+        n_old = len(_requests([test[s0]], sc)[0])
         own = [r for r in requests if r.server == s0]
         switch_s = own[n_old].arrival_s if n_old < len(own) else None
     out: dict[str, Any] = {"scenario": {**sc.describe(), "servers": problem.num_servers,
                                         "slots": problem.slots.tolist(),
-                                        "requests": len(requests)},
+                                        "requests": len(requests),
+                                        "rates_per_s": rates.tolist(),
+                                        "constants": c.to_dict()},
                            "strategies": {}}
     for name in sc.strategies:
         try:
-            pl = _place(name, sc, problem)
+            pl, chosen = _place(name, sc, problem, judge, solved)
         except PlacementError as exc:
             out["scenario"].setdefault("skipped", {})[name] = str(exc)
             continue
@@ -184,12 +300,13 @@ def run(sc: Scenario, timing: Timing | None = None) -> dict[str, Any]:
                                       budget_bytes=10 * problem.expert_bytes * max(
                                           problem.num_servers, 1) * 100,
                                       capacity_slots=problem.slots)
-                changes.append(Change(switch_s, target, plan.moves, problem.expert_bytes))
+                copies = [Copy(m.src, m.dst, m.bytes) for m in plan.moves if m.kind == "copy"]
+                changes.append(Change(switch_s, target, copies))
         transports = ["per-server"]
         if name in ("eplb", "dancemoe", "edgemoe"):
             transports.append("per-expert")
         for tr in transports:
-            res = simulate(cluster, pl, requests, transport=tr, timing=tm, changes=changes)
+            res = simulate(cluster, pl, requests, transport=tr, constants=c, changes=changes)
             key = name if tr == "per-server" else f"{name}+per-expert"
             out["strategies"][key] = {
                 "latency_mean_s": res.mean_s, "latency_p50_s": res.p50_s,
@@ -197,6 +314,7 @@ def run(sc: Scenario, timing: Timing | None = None) -> dict[str, Any]:
                 "local_share": res.local_share, "solve_s": pl.solve_s, "transport": tr,
                 "objective_s": objective(problem, pl),
                 "migration_bytes": res.migration_bytes,
+                "chosen": chosen,
             }
     return out
 
@@ -208,7 +326,7 @@ def _migrate(name: str, sc: Scenario, problem: Problem, current: Placement,
         return LatencyAware().migrate(problem, current, horizon_s)
     if name == "dancemoe":
         return DanceMoE().migrate(problem, current, horizon_s)
-    return _place(name, sc, problem)
+    return _place(name, sc, problem)[0]
 
 
 def scale_solve_times(sizes: list[int], seed: int = 0,
@@ -228,7 +346,7 @@ def scale_solve_times(sizes: list[int], seed: int = 0,
             times = []
             for _ in range(repeat):
                 t0 = time.perf_counter()
-                pl = _place(name, sc, problem)
+                pl, _ = _place(name, sc, problem)
                 times.append(time.perf_counter() - t0)
             row[name] = min(times)
             if name in ("edgemoe", "layers"):
