@@ -101,17 +101,22 @@ def _gap_table(rows: list[dict[str, Any]], strategies: tuple[str, ...]) -> None:
 
     table = Table(title="objective gap to the MILP optimum (%)")
     table.add_column("seed: SxLxE top-k", no_wrap=True)
-    for col in (*strategies, "edgemoe solve s"):
+    for col in ("edgemoe_own", *strategies, "edgemoe solve s"):
         table.add_column(col, justify="right")
     for row in rows:
-        table.add_row(row["instance"], *(f"{row[s] * 100:.2f}" for s in strategies),
+        table.add_row(row["instance"],
+                      *(f"{row[s] * 100:.2f}" for s in ("edgemoe_own", *strategies)),
                       f"{row['edgemoe_solve_s']:.2f}")
     console = Console()
     console.print(table)
-    gaps = [row["edgemoe"] * 100 for row in rows]
-    within = sum(g <= 3.0 for g in gaps)
-    console.print(f"edgemoe gap: max {max(gaps):.2f}%, mean {sum(gaps) / len(gaps):.2f}%, "
-                  f"{within} of {len(gaps)} instances within 3%")
+    for key, what in (("edgemoe_own", "edgemoe, own starts only"),
+                      ("edgemoe", "edgemoe, with the baselines' placements among its starts")):
+        gaps = [row[key] * 100 for row in rows]
+        within = sum(g <= 3.0 for g in gaps)
+        console.print(f"{what}: gap max {max(gaps):.2f}%, mean {sum(gaps) / len(gaps):.2f}%, "
+                      f"{within} of {len(gaps)} instances within 3%")
+    console.print("the baselines' columns are their placements' cost on edgemoe's objective, "
+                  "which they do not optimise")
 
 
 def _plot(doc: dict[str, Any], out: Path) -> None:
@@ -303,6 +308,11 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         sweep: Annotated[bool, typer.Option(
             "--sweep", help="edgemoe / best other strategy over the grid of issue 13")] = False,
         quick: Annotated[bool, typer.Option("--quick", help="--sweep on a reduced grid")] = False,
+        max_requests: Annotated[int, typer.Option(
+            help="per stream and window (0: all)")] = 0,
+        max_tokens: Annotated[int, typer.Option(help="per request, its first (0: all)")] = 0,
+        judge: Annotated[bool, typer.Option(
+            help="edgemoe picks among candidates on the simulated profile window")] = True,
     ) -> None:
         """Every strategy on one scenario and seed; ratios to eplb and dancemoe."""
         consts = _constants(constants)
@@ -369,6 +379,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             sc.load = load
         if speeds:
             sc.speeds = _floats(speeds, "--speeds")
+        if max_requests < 0 or max_tokens < 0:
+            raise _fail("--max-requests and --max-tokens must not be negative")
+        sc.max_requests, sc.max_tokens, sc.judge = max_requests, max_tokens, judge
         if strategies:
             chosen = [s.strip() for s in strategies.split(",") if s.strip()]
             bad = [s for s in chosen if s not in STRATEGIES]
