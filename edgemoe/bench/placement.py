@@ -69,6 +69,7 @@ class Scenario:
     max_tokens: int = 0  # per request, its first tokens (0: all)
     judge: bool = True  # edgemoe picks among its candidates on the simulated profile window
     judge_requests: int = 0  # profile requests per stream the judge replays (0: 2 x max)
+    judge_seeds: int = 2  # arrival draws the judge averages (its choice is less of a gamble)
     half_life_s: float = 300.0  # the recorder's: what the daemon's statistics decay with
     max_samples: int = 50_000  # co-activation sample rows per server
     drift: dict[int, str] = field(default_factory=dict)  # server -> stream it switches to
@@ -216,16 +217,20 @@ def _score(res: SimResult, best_mean: float, best_p99: float) -> float:
     return max(res.mean_s / max(best_mean, 1e-12), res.p99_s / max(best_p99, 1e-12))
 
 
-def profile_judge(cluster: Cluster, requests: list[Request], c: SimConstants,
+def profile_judge(cluster: Cluster, draws: list[list[Request]], c: SimConstants,
                   transport: str = "per-server") -> Judge:
-    """A judge for `LatencyAware`: simulate each candidate on the profiling window and
-    return scores (lower is better: the worse of its mean and p99 over the best's)."""
+    """A judge for `LatencyAware`: simulate each candidate on the profiling window (one run
+    per arrival draw) and return scores, lower is better: per draw the worse of its mean and
+    p99 over the best candidate's, averaged over the draws."""
     def judge(candidates: list[Placement]) -> list[float]:
-        res = [simulate(cluster, pl, requests, transport=transport, constants=c)
-               for pl in candidates]
-        bm = min(r.mean_s for r in res)
-        bp = min(r.p99_s for r in res)
-        return [_score(r, bm, bp) for r in res]
+        total = np.zeros(len(candidates))
+        for requests in draws:
+            res = [simulate(cluster, pl, requests, transport=transport, constants=c)
+                   for pl in candidates]
+            bm = min(r.mean_s for r in res)
+            bp = min(r.p99_s for r in res)
+            total += [_score(r, bm, bp) for r in res]
+        return (total / max(len(draws), 1)).tolist()
     return judge
 
 
@@ -269,7 +274,8 @@ def run(sc: Scenario, constants: SimConstants | None = None,
     if sc.judge:
         n = sc.judge_requests or 2 * sc.max_requests
         seen = _requests(profile, replace(sc, max_requests=n))
-        judge = profile_judge(cluster, poisson_requests(seen, rates, sc.seed + 1000), c)
+        judge = profile_judge(cluster, [poisson_requests(seen, rates, sc.seed + 1000 + k)
+                                        for k in range(max(sc.judge_seeds, 1))], c)
     replace_s, after, switch_s = None, None, None
     if drifted:  # the drifting server's new task follows its old one in its request list
         for s, st in drifted.items():

@@ -41,3 +41,24 @@ def test_placement_never_imports_the_simulator_or_the_benchmark() -> None:
                 names = [node.module or ""]
             for n in names:
                 assert not n.startswith(("edgemoe.sim", "edgemoe.bench")), (path.name, n)
+
+
+def test_an_injected_judge_picks_the_lowest_score_and_ties_keep_ours() -> None:
+    from edgemoe.placement.balanced import balanced
+    from edgemoe.placement.instances import random_problem
+    from edgemoe.placement.latency import LatencyAware
+
+    p = random_problem(0, S=3, L=2, E=6, K=2, samples=80)
+    own = LatencyAware().place(p)
+    seen: list[int] = []
+
+    def prefers_balanced(cands: list) -> list[float]:
+        seen.append(len(cands))
+        return [1.0, 0.5, *[1.0] * (len(cands) - 2)]
+
+    strat = LatencyAware(judge=prefers_balanced)
+    got = strat.place(p)
+    assert strat.chosen == "balanced" and seen == [6]
+    assert (got.holders == balanced(p).holders).all() and got.strategy == "edgemoe"
+    tie = LatencyAware(judge=lambda cands: [1.0] * len(cands))
+    assert (tie.place(p).holders == own.holders).all() and tie.chosen == "edgemoe"
