@@ -213,8 +213,8 @@ def _sweep_plot(doc: dict[str, Any], out: Path) -> None:
     cells = doc["cells"]
     rows = sorted({(c["capacities"], c["speeds"], c["memory_ratio"]) for c in cells})
     cols = sorted({(c["bandwidth_mbps"], c["rtt_ms"], c["load"]) for c in cells})
-    fig, axes = plt.subplots(1, 3, figsize=(6 + 1.2 * len(cols), 1.5 + 0.4 * len(rows) + 2))
-    for ax, m in zip(axes, METRICS, strict=True):
+    fig, axes = plt.subplots(1, 3, figsize=(4 + 1.8 * len(cols), 1.5 + 0.4 * len(rows) + 2))
+    for k, (ax, m) in enumerate(zip(axes, METRICS, strict=True)):
         grid = np.full((len(rows), len(cols)), np.nan)
         for c in cells:
             i = rows.index((c["capacities"], c["speeds"], c["memory_ratio"]))
@@ -228,7 +228,8 @@ def _sweep_plot(doc: dict[str, Any], out: Path) -> None:
         ax.set_title(f"edgemoe / best other, {m.split('_')[1]}")
         ax.set_xticks(range(len(cols)), [f"{b:g}Mb {r:g}ms L{ld:g}" for b, r, ld in cols],
                       rotation=90, fontsize=7)
-        ax.set_yticks(range(len(rows)), [f"{c} {s} m{mr:g}" for c, s, mr in rows], fontsize=7)
+        ax.set_yticks(range(len(rows)), [f"{c} {s} m{mr:g}" for c, s, mr in rows] if k == 0
+                      else [""] * len(rows), fontsize=7)
     fig.colorbar(im, ax=axes, shrink=0.6)
     fig.savefig(out, dpi=100, bbox_inches="tight")
     plt.close(fig)
