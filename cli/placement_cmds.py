@@ -93,6 +93,11 @@ def _table(doc: dict[str, Any], title: str) -> None:
         console.print(f"edgemoe objective gap to optimal: {gap * 100:.2f}%")
     for name, why in doc["scenario"].get("skipped", {}).items():
         console.print(f"{name}: skipped ({why})")
+    for name, why in doc["scenario"].get("migration_refused", {}).items():
+        console.print(f"{name}: migration not possible, kept its placement ({why})")
+    if doc["scenario"].get("replaced_at_s") is not None:
+        console.print(f"drift: switch at {doc['scenario']['switch_s']:.1f} s, re-placed at "
+                      f"{doc['scenario']['replaced_at_s']:.1f} s from decayed statistics")
 
 
 def _gap_table(rows: list[dict[str, Any]], strategies: tuple[str, ...]) -> None:

@@ -303,12 +303,17 @@ def run(sc: Scenario, constants: SimConstants | None = None,
             last = max(r.arrival_s for r in requests)  # (the list is not in arrival order)
             target = _migrate(name, sc, after, pl, horizon_s=max(last - replace_s, 1.0))
             if target is not pl and (target.holders != pl.holders).any():
-                plan = plan_migration(pl.holders, target.holders, problem.expert_bytes,
-                                      budget_bytes=10 * problem.expert_bytes * max(
-                                          problem.num_servers, 1) * 100,
-                                      capacity_slots=problem.slots)
-                copies = [Copy(m.src, m.dst, m.bytes) for m in plan.moves if m.kind == "copy"]
-                changes.append(Change(replace_s, target, copies))
+                try:
+                    plan = plan_migration(pl.holders, target.holders, problem.expert_bytes,
+                                          budget_bytes=10 * problem.expert_bytes * max(
+                                              problem.num_servers, 1) * 100,
+                                          capacity_slots=problem.slots)
+                except PlacementError as exc:  # the daemon would keep serving the current one
+                    out["scenario"].setdefault("migration_refused", {})[name] = str(exc)
+                else:
+                    copies = [Copy(m.src, m.dst, m.bytes) for m in plan.moves
+                              if m.kind == "copy"]
+                    changes.append(Change(replace_s, target, copies))
         transports = ["per-server"]
         if name in ("eplb", "dancemoe", "edgemoe"):
             transports.append("per-expert")
