@@ -2,57 +2,61 @@
 
 Every server serves its own requests (Poisson arrivals). A request is a prefill step (its
 prompt tokens as one batch) followed by one decode step per generated token; each step walks
-the MoE layers in order. At a layer the origin server runs the dense part and shared experts
-(its compute queue), sends the hidden states its remote experts need (link s->d, FIFO,
-serialised by bandwidth, half the round trip each way), the holder computes them (its compute
-queue) and sends results back; meanwhile the origin computes its local experts. The layer ends
-when the slowest part returns: that is what a decode step waits for.
+the MoE layers in order. At a layer the origin runs the dense part (attention, router, shared
+experts); then it sends the hidden states its remote experts need, computes its local experts,
+and the layer ends when the last result is back.
+
+Rules (each has a hand-computed test in tests/sim/):
+- Compute: every server has one queue that work joins when it *arrives* (a message when its
+  last byte is in, the origin's own work when it becomes ready); nothing is booked ahead, so
+  a holder fills the time a message spends on the wire with other work.
+- Batching (`SimConstants.batching`, on by default as a batching daemon does): when a server
+  becomes free it runs everything waiting as one batch, paying each layer's and each
+  expert's fixed cost once (`SimConstants` documents the cost model); off: one item at a time.
+- Network: a message crosses the sender's NIC egress, the pair link and the receiver's NIC
+  ingress, each a FIFO resource with its own rate shared by all flows through it (cut-through:
+  the slowest stage sets the pace), then half the round trip. FIFO is in send order.
+- Migration copies are sent in chunks, one after another per copy, through the same NICs and
+  links as serving traffic, so they compete with it; the new placement serves once every
+  copy has landed (make-before-break).
 
 Transports:
 - ``per-server`` (ours): one message per destination server per step, carrying each token's
   hidden state once; the holder runs all of that token's experts it holds and returns one
   weighted sum per token.
-- ``per-expert`` (the paper's system): one call per (token, expert); each carries the hidden
-  state and returns that expert's output, and each call pays the per-call overhead.
+- ``per-expert`` (the paper's system): one call per (token, expert) in decode, one per expert
+  carrying its tokens in prefill; each call is its own message, paying `message_s`.
 
-Events are layer steps, processed in time order from a heap; a step reserves the queues it
-touches when it starts (FIFO in dispatch order, a standard simplification).
+Constants come in as `SimConstants`; from `edgemoe.placement` only the `Placement` data type is
+used (a test checks the imports).
 """
 
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgemoe.placement.migration import Move
 from edgemoe.placement.problem import Placement
+from edgemoe.sim.constants import SimConstants
 
 TRANSPORTS = ("per-server", "per-expert")
+CHUNK_BYTES = 1 << 20  # migration copies go out in 1 MiB chunks that interleave with serving
 
 
 @dataclass(frozen=True)
 class Cluster:
-    """The physical side the simulator needs (a subset of a placement Problem)."""
+    """The physical side: speeds, links, NICs (None: a NIC never limits)."""
 
     compute_speed: np.ndarray  # [S]
     rtt_s: np.ndarray  # [S, S]
-    bandwidth_bps: np.ndarray  # [S, S]
+    bandwidth_bps: np.ndarray  # [S, S] per pair link
     hidden_size: int
     activation_bytes: int = 2
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Compute times at speed 1.0 (seconds)."""
-
-    dense_step_s: float = 2e-4  # dense part of one layer, per step
-    dense_token_s: float = 2e-5  # plus per token in the step (prefill batches)
-    expert_s: float = 5e-5  # one expert's weights streamed once per step that uses it
-    expert_token_s: float = 2e-6  # plus per (token, expert) pair
-    call_overhead_s: float = 1e-4  # handling one message at the receiver
-    prompt_fraction: float = 0.5  # share of a request's tokens that form its prompt
+    nic_egress_bps: np.ndarray | None = None  # [S]
+    nic_ingress_bps: np.ndarray | None = None  # [S]
 
 
 @dataclass(frozen=True)
@@ -65,13 +69,21 @@ class Request:
 
 
 @dataclass(frozen=True)
+class Copy:
+    """One expert copy of a migration: `nbytes` from `src` to `dst`."""
+
+    src: int
+    dst: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
 class Change:
-    """At `time_s`, migrate to `placement` by copying `moves` (make-before-break)."""
+    """At `time_s`, start copying `copies`; `placement` serves once all have landed."""
 
     time_s: float
     placement: Placement
-    moves: list[Move]
-    expert_bytes: int
+    copies: list[Copy]
 
 
 @dataclass
@@ -84,6 +96,7 @@ class SimResult:
     total_pairs: int
     migration_bytes: int = 0
     per_server_latency_s: dict[int, float] = field(default_factory=dict)
+    switched_at_s: float | None = None
 
     @property
     def mean_s(self) -> float:
@@ -114,148 +127,264 @@ def poisson_requests(streams: list[list[np.ndarray]], rate_per_s: np.ndarray,
     return out
 
 
-class _Plan:
-    """Dispatch of one request under one placement: prefill per layer, decode per token."""
+# A work item in a compute queue: (layer, dense tokens, experts, rows, messages, done, arg).
+# `experts` are the expert ids of `layer` it runs; `done` says what its completion triggers.
+_DENSE, _LOCAL, _REMOTE = 0, 1, 2
+# events: (time, seq, kind, a, b)
+_EV_STEP, _EV_FREE, _EV_ARRIVE, _EV_RETURN, _EV_CHUNK = 0, 1, 2, 3, 4
 
-    __slots__ = ("decode_counts", "prefill")
 
-    def __init__(self, ids: np.ndarray, prompt: int, route_s: np.ndarray, s: int,
-                 transport: str, S: int) -> None:
-        _T, L, K = ids.shape
-        dest = route_s[np.arange(L)[None, :, None], ids]  # [T, L, K]
-        # prefill: (tokens, local distinct, local pairs, dests, fully local tokens) per layer
-        self.prefill: list[tuple[int, int, int, list[tuple[int, int, int, int, int, int]], int]]
-        self.prefill = []
-        pd, pe = dest[:prompt], ids[:prompt]
-        for l in range(L):
-            d_l, e_l = pd[:, l], pe[:, l]
-            local = d_l == s
-            loc = int(local.sum())
-            dests = []
-            if loc < prompt * K:
-                for d in np.unique(d_l[~local]).tolist():
-                    m = d_l == d
-                    pairs = int(m.sum())
-                    distinct = len(np.unique(e_l[m]))
-                    tok = int(m.any(1).sum())
-                    if transport == "per-server":
-                        dests.append((d, 1, tok, tok, distinct, pairs))
-                    else:  # one call per expert carrying its tokens; outputs per pair
-                        dests.append((d, distinct, pairs, pairs, distinct, pairs))
-            distinct_loc = len(np.unique(e_l[local])) if loc else 0
-            self.prefill.append((prompt, distinct_loc, loc, dests, int(local.all(1).sum())))
-        # decode: remote (token, expert) counts per destination, [T - prompt][L][S]
-        dec = dest[prompt:]
-        cnt = (dec[..., None] == np.arange(S)).sum(2)  # [n, L, S]
-        cnt[..., s] = 0
-        self.decode_counts: list[list[list[int]]] = cnt.tolist()
+class _Net:
+    """NIC egress -> pair link -> NIC ingress, FIFO in send order, cut-through."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        S = len(cluster.compute_speed)
+        self.bw = np.asarray(cluster.bandwidth_bps, dtype=np.float64).tolist()
+        self.half = (np.asarray(cluster.rtt_s, dtype=np.float64) / 2).tolist()
+        inf = [float("inf")] * S
+        eg, ig = cluster.nic_egress_bps, cluster.nic_ingress_bps
+        self.eg = inf if eg is None else [float(x) for x in eg]
+        self.ig = inf if ig is None else [float(x) for x in ig]
+        self.eg_free = [0.0] * S
+        self.ig_free = [0.0] * S
+        self.link_free = [[0.0] * S for _ in range(S)]
+
+    def send(self, t: float, s: int, d: int, nbytes: int) -> float:
+        """Time the message's last byte reaches d (after half the round trip)."""
+        bits = nbytes * 8.0
+        s1 = max(t, self.eg_free[s])
+        f = s1 + bits / self.eg[s]
+        self.eg_free[s] = f
+        s2 = max(s1, self.link_free[s][d])
+        f = max(f, s2 + bits / self.bw[s][d])
+        self.link_free[s][d] = f
+        s3 = max(s2, self.ig_free[d])
+        f = max(f, s3 + bits / self.ig[d])
+        self.ig_free[d] = f
+        return f + self.half[s][d]
+
+
+def _batch_cost(items: list[tuple], c: SimConstants) -> float:
+    layers: set[int] = set()
+    experts: set[tuple[int, int]] = set()
+    tokens = rows = msgs = 0
+    for layer, tok, ids, r, m, _, _ in items:
+        if tok:
+            layers.add(layer)
+            tokens += tok
+        if ids:
+            experts.update((layer, e) for e in ids)
+            rows += r
+        msgs += m
+    return (len(layers) * c.dense_fixed_s + tokens * c.dense_token_s
+            + len(experts) * c.expert_fixed_s + rows * c.expert_row_s + msgs * c.message_s)
+
+
+def _group(ids: list[list[int]], dest: list[list[int]], s: int
+           ) -> tuple[dict[int, dict[int, int]], dict[int, int], int, int]:
+    """Per destination {expert: rows} and tokens; fully local tokens; all tokens."""
+    by: dict[int, dict[int, int]] = {}
+    tok: dict[int, int] = {}
+    fully = 0
+    for row_e, row_d in zip(ids, dest, strict=True):
+        seen = set()
+        for e, d in zip(row_e, row_d, strict=True):
+            m = by.setdefault(d, {})
+            m[e] = m.get(e, 0) + 1
+            if d not in seen:
+                seen.add(d)
+                tok[d] = tok.get(d, 0) + 1
+        if seen == {s}:
+            fully += 1
+    return by, tok, fully, len(ids)
 
 
 def simulate(cluster: Cluster, placement: Placement, requests: list[Request], *,
-             transport: str = "per-server", timing: Timing | None = None,
+             transport: str = "per-server", constants: SimConstants | None = None,
              changes: list[Change] | None = None) -> SimResult:
     """Run every request to completion and measure latency, bytes and locality."""
     if transport not in TRANSPORTS:
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
-    tm = timing or Timing()
+    c = constants or SimConstants()
+    per_server = transport == "per-server"
     S = len(cluster.compute_speed)
     speed = [float(x) for x in cluster.compute_speed]
-    rtt = np.asarray(cluster.rtt_s, dtype=np.float64).tolist()
-    bw = np.asarray(cluster.bandwidth_bps, dtype=np.float64).tolist()
     msg = cluster.hidden_size * cluster.activation_bytes
-    per_server = transport == "per-server"
-    free = [0.0] * S
-    link = [[0.0] * S for _ in range(S)]
-    pending = sorted(changes or [], key=lambda c: c.time_s)
+    net = _Net(cluster)
+    queue: list[deque] = [deque() for _ in range(S)]
+    running: list[list[tuple] | None] = [None] * S
+    heap: list[tuple[float, int, int, int, object]] = []
+    seq = 0
+
+    def push(t: float, kind: int, a: int, b: object = None) -> None:
+        nonlocal seq
+        seq += 1
+        heapq.heappush(heap, (t, seq, kind, a, b))
+
+    def enqueue(t: float, srv: int, item: tuple) -> None:
+        queue[srv].append(item)
+        if running[srv] is None:
+            start(t, srv)
+
+    def start(t: float, srv: int) -> None:
+        q = queue[srv]
+        if c.batching:
+            batch = list(q)
+            q.clear()
+        else:
+            batch = [q.popleft()]
+        running[srv] = batch
+        push(t + _batch_cost(batch, c) / speed[srv], _EV_FREE, srv)
+
+    n = len(requests)
+    prompts = [min(max(int(len(r.expert_ids) * c.prompt_fraction), 1), len(r.expert_ids))
+               for r in requests]
+    ids_l = [None] * n  # expert ids as nested lists, made on first step
+    dest_l: list[list | None] = [None] * n
+    block = [0] * n
+    layer = [0] * n
+    pending = [0] * n
+    latency = np.zeros(n)
+    counters = {"bytes": 0, "local": 0, "total": 0, "migration": 0}
     active = placement
-    activate_at: float | None = None
-    next_placement: Placement | None = None
-    total_bytes = 0
-    migration_bytes = 0
-    local_pairs = 0
-    total_pairs = 0
-    heap: list[tuple[float, int, int, int, int]] = []  # (time, seq, request, block, layer)
-    prompts = []
+    plan_version = [0] * n
+    version = 0
+    pending_change: list[Change] = sorted(changes or [], key=lambda ch: ch.time_s)
+    copies_left = 0
+    switched_at: float | None = None
+    target: Placement | None = None
+
     for i, r in enumerate(requests):
-        T = len(r.expert_ids)
-        prompts.append(min(max(int(T * tm.prompt_fraction), 1), T))
-        heapq.heappush(heap, (r.arrival_s, i, i, 0, 0))
-    seq = len(requests)
-    latency = np.zeros(len(requests))
-    plans: dict[int, _Plan] = {}
+        push(r.arrival_s, _EV_STEP, i)
+    for ch in pending_change:
+        push(ch.time_s, _EV_CHUNK, -1, ch)
+
+    def dense(t: float, i: int) -> None:
+        r = requests[i]
+        if ids_l[i] is None or plan_version[i] != version:
+            ids_l[i] = ids_l[i] or r.expert_ids.tolist()
+            route = active.route[r.server]
+            dest_l[i] = route[np.arange(r.expert_ids.shape[1])[None, :, None],
+                              r.expert_ids].tolist()
+            plan_version[i] = version
+        tok = prompts[i] if block[i] == 0 else 1
+        enqueue(t, r.server, (layer[i], tok, (), 0, 0, _DENSE, i))
+
+    def step_rows(i: int) -> tuple[list, list]:
+        l = layer[i]
+        rows = range(prompts[i]) if block[i] == 0 else [prompts[i] + block[i] - 1]
+        ids, dst = ids_l[i], dest_l[i]
+        return [ids[t][l] for t in rows], [dst[t][l] for t in rows]
+
+    def dispatch(t: float, i: int) -> None:
+        """Dense part done: send to holders, run local experts."""
+        s = requests[i].server
+        l = layer[i]
+        ids, dst = step_rows(i)
+        by, tok, fully, total = _group(ids, dst, s)
+        counters["local"] += fully
+        counters["total"] += total
+        waits = 0
+        for d, experts in by.items():
+            if d == s:
+                enqueue(t, s, (l, 0, tuple(experts), sum(experts.values()), 0, _LOCAL, i))
+                waits += 1
+                continue
+            if per_server:
+                out = tok[d] * msg
+                arrive = net.send(t, s, d, out)
+                counters["bytes"] += out
+                push(arrive, _EV_ARRIVE, d, (l, 0, tuple(experts), sum(experts.values()), 1,
+                                             _REMOTE, (i, tok[d] * msg)))
+                waits += 1
+            else:
+                for e, rows in experts.items():  # one call per expert, carrying its tokens
+                    out = rows * msg
+                    arrive = net.send(t, s, d, out)
+                    counters["bytes"] += out
+                    push(arrive, _EV_ARRIVE, d, (l, 0, (e,), rows, 1, _REMOTE, (i, out)))
+                    waits += 1
+        pending[i] = waits
+        if waits == 0:
+            layer_done(t, i)
+
+    def layer_done(t: float, i: int) -> None:
+        r = requests[i]
+        L = r.expert_ids.shape[1]
+        if layer[i] + 1 < L:
+            layer[i] += 1
+        elif block[i] < len(r.expert_ids) - prompts[i]:
+            block[i] += 1
+            layer[i] = 0
+        else:
+            latency[i] = t - r.arrival_s
+            ids_l[i] = dest_l[i] = None
+            return
+        dense(t, i)
+
+    def send_chunk(t: float, cp: Copy, left: int) -> None:
+        """The next chunk goes out when the last one has been serialised (a full pipe)."""
+        part = min(CHUNK_BYTES, left)
+        arrive = net.send(t, cp.src, cp.dst, part)
+        counters["migration"] += part
+        if left > part:
+            push(arrive - net.half[cp.src][cp.dst], _EV_CHUNK, 0, (cp, left - part))
+        else:
+            push(arrive, _EV_CHUNK, 0, (cp, 0))
+
+    def part_done(t: float, i: int) -> None:
+        pending[i] -= 1
+        if pending[i] == 0:
+            layer_done(t, i)
 
     while heap:
-        t, _, i, b, l = heapq.heappop(heap)
-        while pending and pending[0].time_s <= t:
-            ch = pending.pop(0)
-            done_at = ch.time_s
-            for mv in ch.moves:
-                if mv.kind != "copy":
-                    continue
-                start = max(ch.time_s, link[mv.src][mv.dst])
-                end = start + mv.bytes * 8.0 / bw[mv.src][mv.dst]
-                link[mv.src][mv.dst] = end
-                done_at = max(done_at, end + rtt[mv.src][mv.dst])
-                migration_bytes += mv.bytes
-            next_placement, activate_at = ch.placement, done_at
-        if activate_at is not None and next_placement is not None and t >= activate_at:
-            active, next_placement, activate_at = next_placement, None, None
-            plans.clear()  # routes changed: replan requests at their next step
-        r = requests[i]
-        s = r.server
-        plan = plans.get(i)
-        if plan is None:
-            plan = plans[i] = _Plan(r.expert_ids, prompts[i], active.route[s], s, transport, S)
-        if b == 0:
-            n_tok, loc_distinct, loc, dests, fully = plan.prefill[l]
-        else:
-            row = plan.decode_counts[b - 1][l]
-            K = r.expert_ids.shape[2]
-            if per_server:
-                dests = [(d, 1, 1, 1, c, c) for d, c in enumerate(row) if c]
+        t, _, kind, a, b = heapq.heappop(heap)
+        if kind == _EV_STEP:
+            dense(t, a)
+        elif kind == _EV_FREE:
+            batch = running[a]
+            assert batch is not None
+            running[a] = []  # busy while its continuations run, so they batch together
+            for item in batch:
+                what, arg = item[5], item[6]
+                if what == _DENSE:
+                    dispatch(t, arg)
+                elif what == _LOCAL:
+                    part_done(t, arg)
+                else:
+                    i, back = arg
+                    s = requests[i].server
+                    counters["bytes"] += back
+                    push(net.send(t, a, s, back), _EV_RETURN, i)
+            running[a] = None
+            if queue[a]:
+                start(t, a)
+        elif kind == _EV_ARRIVE:
+            enqueue(t, a, b)  # type: ignore[arg-type]
+        elif kind == _EV_RETURN:
+            part_done(t, a)
+        else:  # migration: a change starts (a == -1) or a copy's chunk has landed
+            if a == -1:
+                ch = b  # type: ignore[assignment]
+                target = ch.placement
+                copies_left = len(ch.copies)
+                for cp in ch.copies:
+                    send_chunk(t, cp, cp.nbytes)
+                if copies_left == 0:
+                    active, version = target, version + 1
+                    switched_at = t
             else:
-                dests = [(d, c, c, c, c, c) for d, c in enumerate(row) if c]
-            n_tok = 1
-            loc = loc_distinct = K - sum(row)
-            fully = int(loc == K)
-        # dense part (and shared experts) on the origin
-        t0 = max(t, free[s]) + (tm.dense_step_s + tm.dense_token_s * n_tok) / speed[s]
-        free[s] = t0
-        done = t0
-        for d, msgs, out_v, back_v, distinct, pairs in dests:
-            nbytes = out_v * msg
-            ts = max(t0, link[s][d]) + nbytes * 8.0 / bw[s][d]
-            link[s][d] = ts
-            arrive = ts + rtt[s][d] / 2
-            work = msgs * tm.call_overhead_s + distinct * tm.expert_s + pairs * tm.expert_token_s
-            tc = max(arrive, free[d]) + work / speed[d]
-            free[d] = tc
-            back = back_v * msg
-            tb = max(tc, link[d][s]) + back * 8.0 / bw[d][s]
-            link[d][s] = tb
-            done = max(done, tb + rtt[d][s] / 2)
-            total_bytes += nbytes + back
-        if loc:
-            work = loc_distinct * tm.expert_s + loc * tm.expert_token_s
-            tl = max(t0, free[s]) + work / speed[s]
-            free[s] = tl
-            done = max(done, tl)
-        local_pairs += fully
-        total_pairs += n_tok
-        seq += 1
-        L = r.expert_ids.shape[1]
-        if l + 1 < L:
-            heapq.heappush(heap, (done, seq, i, b, l + 1))
-        elif b < len(r.expert_ids) - prompts[i]:
-            heapq.heappush(heap, (done, seq, i, b + 1, 0))
-        else:
-            latency[i] = done - r.arrival_s
-            plans.pop(i, None)
-    by_server: dict[int, float] = {}
+                cp, left = b  # type: ignore[misc]
+                if left > 0:
+                    send_chunk(t, cp, left)
+                else:
+                    copies_left -= 1
+                    if copies_left == 0 and target is not None:
+                        active, version = target, version + 1
+                        switched_at = t
+
     servers = np.array([r.server for r in requests])
-    for s in range(S):
-        m = servers == s
-        if m.any():
-            by_server[s] = float(latency[m].mean())
-    return SimResult(latency, int(total_bytes + migration_bytes), local_pairs, total_pairs,
-                     migration_bytes, by_server)
+    by_server = {s: float(latency[servers == s].mean()) for s in range(S)
+                 if (servers == s).any()}
+    return SimResult(latency, counters["bytes"] + counters["migration"], counters["local"],
+                     counters["total"], counters["migration"], by_server, switched_at)

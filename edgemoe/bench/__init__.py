@@ -1,0 +1,1 @@
+"""Benchmarks that run strategies (edgemoe.placement) through the simulator (edgemoe.sim)."""

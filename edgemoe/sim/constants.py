@@ -1,0 +1,72 @@
+"""The simulator's inputs: compute and messaging costs, measured, never the objective's.
+
+`edgemoe bench calibrate` measures them on this machine with the model runtime (a
+DeepSeek-V2-Lite-shaped layer: hidden 2048, top-6, two shared experts) and writes the JSON
+file `load` reads; `bench placement --constants FILE` and the testbed pass it on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SimConstants:
+    """Seconds at compute speed 1.0. Defaults: `edgemoe bench calibrate` (DeepSeek-V2-Lite
+    layer shapes, float32, torch CPU) on the shared 2-core development box, 2026-11-30,
+    rounded: a slow device (about 4 s per decode step of 26 layers), so compute dominates
+    a fast network; measure yours and pass the file.
+
+    A batch of work items on one server costs
+    ``dense_fixed_s`` per distinct layer + ``dense_token_s`` per token (dense part: attention,
+    router, shared experts) + ``expert_fixed_s`` per distinct (layer, expert) + ``expert_row_s``
+    per (token, expert) row + ``message_s`` per message received. The fixed parts are the
+    weights read once per batch: what batching concurrent decode steps saves.
+    """
+
+    dense_fixed_s: float = 5.5e-2
+    dense_token_s: float = 2.1e-2
+    expert_fixed_s: float = 1.05e-2
+    expert_row_s: float = 2.7e-3
+    message_s: float = 5.4e-4
+    batching: bool = True  # a server runs everything waiting in its queue as one batch
+    prompt_fraction: float = 0.5  # share of a request's tokens that form its prompt
+    source: str = "defaults"  # where the figures came from (a calibration file, a flag)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and v < 0:
+                raise ValueError(f"{f.name} must not be negative, got {v}")
+        if not 0.0 < self.prompt_fraction < 1.0:
+            raise ValueError(f"prompt_fraction must be in (0, 1), got {self.prompt_fraction}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def load(path: str | Path) -> SimConstants:
+    """Constants from a calibration file; unknown keys are an error (a typo is not ignored)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read constants from {path}: {exc}") from None
+    doc = doc.get("constants", doc) if isinstance(doc, dict) else doc
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: expected a JSON object of constants")
+    known = {f.name for f in fields(SimConstants)}
+    bad = sorted(set(doc) - known)
+    if bad:
+        raise ValueError(f"{path}: unknown constants {bad}; known: {sorted(known)}")
+    try:
+        src = doc.get("source")
+        return replace(SimConstants(), **{**doc, "source": str(path) if src in (None, "defaults")
+                                          else src})
+    except TypeError as exc:
+        raise ValueError(f"{path}: {exc}") from None
