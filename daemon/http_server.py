@@ -120,22 +120,24 @@ class GuardedSite(web.TCPSite):
         host: str,
         port: int,
         *,
-        ssl_context: ssl.SSLContext | None = None,
+        tls: ssl.SSLContext | None = None,
         guard: ConnectionGuard | None = None,
     ) -> None:
-        super().__init__(runner, host, port, ssl_context=ssl_context)
+        super().__init__(runner, host, port)
+        self.tls = tls  # HTTPS for clients that start TLS; plain HTTP stays (see daemon.tls)
         self.guard = guard or ConnectionGuard()
 
     async def start(self) -> None:
+        from edgemoe.daemon.tls import Sniffing
+
         await web.BaseSite.start(self)  # registers the site with its runner
         server = self._runner.server
         assert server is not None
+        tls, guard = self.tls, self.guard
         self._server = await asyncio.get_running_loop().create_server(
-            lambda: _Guarded(server(), self.guard),
+            lambda: Sniffing(server(), guard, tls) if tls else _Guarded(server(), guard),
             self._host,
             self._port,
-            ssl=self._ssl_context,
-            ssl_handshake_timeout=HEAD_TIMEOUT_S if self._ssl_context else None,
             backlog=self._backlog,
             reuse_address=self._reuse_address,
             reuse_port=self._reuse_port,

@@ -30,6 +30,7 @@ from edgemoe.daemon.remote import LocalShareTap, Router
 from edgemoe.daemon.rpc import ExpertService
 from edgemoe.daemon.startup import StartupError, check_exposure, claim_dir
 from edgemoe.daemon.store import CorruptShard, ShardFetcher, ShardStore
+from edgemoe.daemon.tls import server_context
 from edgemoe.daemon.wire import MAX_PEER_BODY, ReplayGuard, unpack
 from edgemoe.model.local import LocalExperts
 from edgemoe.model.manifest import Manifest
@@ -63,6 +64,11 @@ class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         check_exposure(config)
+        self.tls = (
+            server_context(config.tls_cert, config.tls_key)
+            if config.tls_cert and config.tls_key
+            else None
+        )
         self._claims = [claim_dir(config.state_dir, "state dir")]
         try:
             self._claims.append(claim_dir(store_root(config), "model dir"))
@@ -123,7 +129,7 @@ class Daemon:
             app, access_log=None, shutdown_timeout=2.0, keepalive_timeout=KEEPALIVE_S
         )
         await self._runner.setup()
-        await GuardedSite(self._runner, self.config.host, self.config.port).start()
+        await GuardedSite(self._runner, self.config.host, self.config.port, tls=self.tls).start()
         log.info("node %s listening on %s (store %s)", self.node_id, self.url, self.store.root)
         if self.config.interface:
             host = self.url.split("//", 1)[1].rsplit(":", 1)[0]
