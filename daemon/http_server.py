@@ -44,7 +44,7 @@ class _Guarded(asyncio.Protocol):
         self._arm()
 
     def data_received(self, data: bytes) -> None:
-        if self._timer is None and not getattr(self.inner, "_request_in_progress", False):
+        if self._timer is None and self._awaiting_head():  # bytes of a head, not of a body
             self._arm()
         self.inner.data_received(data)
         if self.heads() > 0:
@@ -68,6 +68,11 @@ class _Guarded(asyncio.Protocol):
         """Request heads the handler has parsed on this connection."""
         return int(getattr(self.inner, "_request_count", 0))
 
+    def _awaiting_head(self) -> bool:
+        """The handler is idle, waiting for the next request (aiohttp's own keep-alive check)."""
+        waiter = getattr(self.inner, "_waiter", None)
+        return waiter is not None and not waiter.done()
+
     def drop(self) -> None:
         if self.transport is not None:
             self.transport.abort()
@@ -84,7 +89,7 @@ class _Guarded(asyncio.Protocol):
 
     def _expire(self, heads: int) -> None:
         self._timer = None
-        if self.heads() == heads:  # no head completed since the timer started
+        if self.heads() == heads and (heads == 0 or self._awaiting_head()):  # head incomplete
             self.guard.timeouts += 1
             self.drop()
 
