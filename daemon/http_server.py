@@ -6,6 +6,12 @@ first byte (or from the connection's start) and drops the connection if the head
 by then; connections that have not yet completed a first request count as unproven, and when
 more than `MAX_UNPROVEN` are open the oldest is dropped, so a flood of them can never crowd out a
 client that sends its request at once. Idle keep-alive connections close after `KEEPALIVE_S`.
+
+Used for TLS listeners only for now: with this guard on a plain listener the existing
+tests/daemon/test_seeds_lifecycle.py::test_sigterm_hands_experts_over_and_exits_0 failed (peers
+stopped reaching the leaving node; cause not found yet), while plain aiohttp with
+keepalive_timeout=KEEPALIVE_S passes it and still drops a slowloris within KEEPALIVE_S (aiohttp
+closes a connection whose head is incomplete when its keep-alive timer fires).
 """
 
 from __future__ import annotations

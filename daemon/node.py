@@ -129,7 +129,11 @@ class Daemon:
             app, access_log=None, shutdown_timeout=2.0, keepalive_timeout=KEEPALIVE_S
         )
         await self._runner.setup()
-        await GuardedSite(self._runner, self.config.host, self.config.port, tls=self.tls).start()
+        host, port = self.config.host, self.config.port
+        # aiohttp's keep-alive timer (KEEPALIVE_S) also drops a connection whose request head is
+        # not complete by then (slowloris); the guarded site is used for TLS only (see daemon.tls)
+        site = GuardedSite(self._runner, host, port, tls=self.tls) if self.tls else None
+        await (site or web.TCPSite(self._runner, host, port)).start()
         log.info("node %s listening on %s (store %s)", self.node_id, self.url, self.store.root)
         if self.config.interface:
             host = self.url.split("//", 1)[1].rsplit(":", 1)[0]
