@@ -84,6 +84,9 @@ def _matches(got: bytes | None, token: str | None) -> bool:
 def _check_token(request: web.Request, *, admin: bool) -> None:
     """The module docstring's roles: 401 without a valid token, 403 for the wrong role."""
     cfg = _daemon(request).config
+    if cfg.tls_cert and not request.secure and not is_loopback(request.remote or ""):
+        raise BadRequest("this node serves its client API over HTTPS only (plain HTTP is for "
+                         "its peers and local clients)", 403)  # fmt: skip
     got = _bearer(request)
     if admin and cfg.admin_token:
         if _matches(got, cfg.admin_token):

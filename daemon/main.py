@@ -15,6 +15,17 @@ from edgemoe.daemon.config import DaemonConfig
 from edgemoe.daemon.startup import EXIT_CANNOT_START, StartupError
 
 
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs a traceback for every malformed HTTP message it answers with a 400: a
+    client's fault, and a way for anyone to flood the log. The 400 is answer enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, HttpProcessingError)
+
+
 async def _serve(config: DaemonConfig) -> int:
     from edgemoe.daemon.node import Daemon
 
@@ -40,6 +51,7 @@ def run_daemon(config: DaemonConfig) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(_MalformedRequests())
     import torch
 
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))

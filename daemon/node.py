@@ -32,6 +32,7 @@ from edgemoe.daemon.rpc import ExpertService
 from edgemoe.daemon.startup import StartupError, check_exposure, claim_dir
 from edgemoe.daemon.store import CorruptShard, ShardFetcher, ShardStore
 from edgemoe.daemon.supervisor import Supervisor
+from edgemoe.daemon.tls import server_context
 from edgemoe.daemon.wire import MAX_PEER_BODY, ReplayGuard, keys_for
 from edgemoe.model.local import LocalExperts
 from edgemoe.model.manifest import Manifest
@@ -70,6 +71,11 @@ class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         check_exposure(config)
+        self.tls = (
+            server_context(config.tls_cert, config.tls_key)
+            if config.tls_cert and config.tls_key
+            else None
+        )
         self._claims = [claim_dir(config.state_dir, "state dir")]
         try:
             self._claims.append(claim_dir(store_root(config), "model dir"))
@@ -133,7 +139,11 @@ class Daemon:
             app, access_log=None, shutdown_timeout=2.0, keepalive_timeout=KEEPALIVE_S
         )
         await self._runner.setup()
-        await GuardedSite(self._runner, self.config.host, self.config.port).start()
+        host, port = self.config.host, self.config.port
+        # aiohttp's keep-alive timer (KEEPALIVE_S) also drops a connection whose request head is
+        # not complete by then (slowloris); the guarded site is used for TLS only (see daemon.tls)
+        site = GuardedSite(self._runner, host, port, tls=self.tls) if self.tls else None
+        await (site or web.TCPSite(self._runner, host, port)).start()
         log.info("node %s listening on %s (store %s)", self.node_id, self.url, self.store.root)
         if self.config.interface:
             host = self.url.split("//", 1)[1].rsplit(":", 1)[0]

@@ -248,7 +248,7 @@ def cluster3(tiny: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Itera
     cluster = Cluster(nodes, tmp, cid)
     try:
         for node in nodes:
-            node.wait_ready(120)
+            node.wait_ready(180)  # ready = model loaded and the first epoch decided
         yield cluster
     finally:
         cluster.stop()
@@ -267,7 +267,7 @@ def solo(tiny: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     )
     node.start()
     try:
-        node.wait_ready(120)
+        node.wait_ready(180)
         wait_for(
             lambda: len(node.cluster()["holdings"].get(node.node_id, [])) == 16,
             60,

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from edgemoe.daemon.engine import MAX_ADMITTED
-from edgemoe.daemon.http_server import HEAD_TIMEOUT_S
+from edgemoe.daemon.http_server import KEEPALIVE_S
 
 from .conftest import MAX_NEW, PROMPTS, TOKEN, Node, TinyModel, make_node, wait_for
 
@@ -180,14 +180,14 @@ def test_slowloris_connections_are_dropped_and_do_not_block_a_client(
     solo: Node, tiny: TinyModel
 ) -> None:
     slow = []
-    for _ in range(200):  # more than MAX_UNPROVEN: the oldest go at once, the rest time out
+    for _ in range(200):
         sock = socket.create_connection(("127.0.0.1", solo.port), timeout=5)
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
         slow.append(sock)
     start = time.monotonic()
     assert answers_reference(solo, tiny)  # a client sending its request at once is served
     held = set(slow)
-    while held and time.monotonic() < start + HEAD_TIMEOUT_S + 15:
+    while held and time.monotonic() < start + KEEPALIVE_S + 15:
         for sock in list(held):
             try:
                 sock.sendall(b"X-Slow: 1\r\n")  # one more header line: never a complete head
