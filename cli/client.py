@@ -129,6 +129,13 @@ def _http_error(url: str, path: str, exc: urllib.error.HTTPError) -> ClientError
         detail = ""
     explained = bool(detail.strip())  # an edgemoe node says why in a JSON body
     detail = " ".join(detail.split()) or (exc.reason or "")
+    if exc.code == 403 and explained:  # the wrong role (admin route) or transport: it says which
+        hint = (
+            "; pass --admin-token or set EDGEMOE_ADMIN_TOKEN or admin_token in the config"
+            if "admin token" in detail
+            else ""
+        )
+        return ClientError(f"{url}{path}: HTTP 403: {detail}{hint}", EXIT_AUTH, 403)
     if exc.code in (401, 403):
         return ClientError(
             f"{url} refused the API token (HTTP {exc.code}); pass --api-token or set "

@@ -129,6 +129,7 @@ def test_cli_migrate_sends_the_admin_token(guarded: Node) -> None:
            "--api-token", TOKEN, "--dry-run", "--json"]  # fmt: skip
     refused = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
     assert refused.returncode == 4, refused.stderr
+    assert "needs the admin token" in refused.stderr and "--admin-token" in refused.stderr
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60,
                           env={**env, "EDGEMOE_ADMIN_TOKEN": ADMIN})  # fmt: skip
     assert done.returncode == 0, done.stderr
