@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,17 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     out = model.generate(**ids, max_new_tokens=LONG_NEW, do_sample=False)
     long_reference = out[0, ids["input_ids"].shape[1] :].tolist()
     return TinyModel(model_dir, root / "shards", reference, long_reference)
+
+
+@contextmanager
+def running(node: Node, timeout: float = 180) -> Iterator[Node]:
+    """A started node, ready (the first epoch decided), stopped on the way out."""
+    node.start()
+    try:
+        node.wait_ready(timeout)
+        yield node
+    finally:
+        node.stop()
 
 
 def make_node(

@@ -18,7 +18,7 @@ import pytest
 from edgemoe.daemon.engine import MAX_ADMITTED
 from edgemoe.daemon.http_server import KEEPALIVE_S
 
-from .conftest import MAX_NEW, PROMPTS, TOKEN, Node, TinyModel, make_node, wait_for
+from .conftest import MAX_NEW, PROMPTS, TOKEN, Node, TinyModel, make_node, running, wait_for
 
 CANCELLED = "edgemoe_generations_cancelled_total"
 HEADERS = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
@@ -101,12 +101,8 @@ def guarded(tiny: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     node = make_node(tmp_path_factory.mktemp("guarded"), "guarded", shard_dir=tiny.shard_dir,
                      cluster_id="guarded", capacity="100%", mdns=False,
                      extra=["--admin-token", ADMIN])  # fmt: skip
-    node.start()
-    try:
-        node.wait_ready(120)
+    with running(node):
         yield node
-    finally:
-        node.stop()
 
 
 def test_admin_routes_need_the_admin_token_not_the_api_token(guarded: Node) -> None:

@@ -22,7 +22,7 @@ from edgemoe.daemon.diagnosis import (
     warnings,
 )
 
-from .conftest import TOKEN, Node, TinyModel, make_node, wait_for
+from .conftest import TOKEN, Node, TinyModel, make_node, running, wait_for
 
 runner = CliRunner()
 CLEAN_ENV = {"EDGEMOE_CONFIG": "/nonexistent/edgemoe.toml", "NO_COLOR": "1"}
@@ -104,12 +104,8 @@ def small(tiny: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     """The whole model on one node whose capacity is 60% of the experts."""
     node = make_node(tmp_path_factory.mktemp("small"), "small", shard_dir=tiny.shard_dir,
                      cluster_id="small", capacity="60%", mdns=False)  # fmt: skip
-    node.start()
-    try:
-        node.wait_ready(120)
+    with running(node):
         yield node
-    finally:
-        node.stop()
 
 
 def test_cluster_below_the_model_warns_in_log_view_and_status(small: Node) -> None:

@@ -23,7 +23,7 @@ from edgemoe.daemon.doctor import (
 )
 from edgemoe.daemon.startup import LOCK_NAME
 
-from .conftest import SECRET, TOKEN, Node, TinyModel, make_node
+from .conftest import SECRET, TOKEN, Node, TinyModel, make_node, running
 
 runner = CliRunner()
 
@@ -33,12 +33,8 @@ def small(tiny: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     """The whole model on one node (no mDNS) whose capacity is 60% of the experts."""
     node = make_node(tmp_path_factory.mktemp("doc"), "small", shard_dir=tiny.shard_dir,
                      cluster_id="doc", capacity="60%", mdns=False)  # fmt: skip
-    node.start()
-    try:
-        node.wait_ready(120)
+    with running(node):
         yield node
-    finally:
-        node.stop()
 
 
 def config(tmp: Path, **keys: Any) -> Path:
