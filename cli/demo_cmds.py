@@ -184,6 +184,7 @@ class LocalCluster:
             config = self.workdir / f"node{i}.toml"
             values = new_config(
                 cluster_id=cluster_id, secret=self.secret, api_token=self.token,
+                admin_token=self.token,  # one local operator: the demo's migrate uses it too
                 model_dir=str(self.shard_dir),
                 state_dir=str(node.state_dir), host="127.0.0.1", port=node.port,
                 capacity=f"{self.capacity_bytes}B", interface=["127.0.0.1"], device="cpu",

@@ -9,7 +9,6 @@ zeroconf on the configured interfaces only), so they follow the wire format as i
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import fcntl
 import json
 import os
@@ -353,26 +352,19 @@ class Hello:
     info: dict[str, Any] | None  # its hello, when it accepted us
     status: int | None  # HTTP status of a refusal
     error: str  # why there is no hello
-    skew_s: float | None  # its clock minus ours (HTTP Date, 1 s resolution)
+    skew_s: float | None  # its clock minus ours (its signed hello time against our midpoint)
 
 
 async def say_hello(url: str, node_id: str, secret: bytes) -> Hello:
     from edgemoe.daemon.peers import PeerClient, PeerError
-    from edgemoe.daemon.wire import unpack
 
     client = PeerClient(url, node_id, secret, timeout_s=HELLO_TIMEOUT_S)
     try:
         sent = time.time()
-        async with client.stream("/v1/hello", timeout_s=HELLO_TIMEOUT_S) as resp:
-            raw = await resp.read()
-            date = resp.headers.get("Date")
-        skew = None
-        if date:
-            with_tz = email.utils.parsedate_to_datetime(date)
-            skew = with_tz.timestamp() + 0.5 - (sent + time.time()) / 2  # Date truncates
-        info = unpack(raw)
-        if not isinstance(info, dict):
-            return Hello(url, None, None, "its hello is not a map", skew)
+        info = await client.hello(timeout_s=HELLO_TIMEOUT_S)  # signed both ways
+        now = (sent + time.time()) / 2
+        theirs = info.get("time")
+        skew = float(theirs) - now if isinstance(theirs, int | float) else None
         return Hello(url, info, None, "", skew)
     except PeerError as exc:
         return Hello(url, None, exc.status, str(exc), None)
@@ -560,7 +552,7 @@ def _local_node_id(state_dir: Path) -> str:
         text = (state_dir / "node_id").read_text().strip()
     except OSError:
         text = ""
-    return text or f"doctor-{secrets.token_hex(4)}"
+    return text or secrets.token_hex(8)  # a node id of the wire format (16 hex digits)
 
 
 def _local_manifest(cfg: DaemonConfig) -> dict[str, Any] | None:

@@ -223,6 +223,7 @@ class Daemon:
             "url": self.url,
             "fingerprint": self.fingerprint(),
             "ready": self.engine is not None,
+            "time": time.time(),  # its clock, for `edgemoe doctor`'s skew check
         }
 
     def add_peer(self, node_id: str, url: str, fingerprint: str = "", *, trusted: bool = False
