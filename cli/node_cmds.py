@@ -96,11 +96,7 @@ def _daemon_command(app: typer.Typer) -> None:
 
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(EXIT_CONFIG) from None
-        from edgemoe.daemon.config import dirs_to_create
         from edgemoe.daemon.main import run_daemon
-
-        if created := dirs_to_create(cfg):
-            typer.echo(f"info: creating {', '.join(map(str, created))}", err=True)
 
         raise typer.Exit(run_daemon(cfg))
 

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from edgemoe.daemon import client_api, diagnosis, peer_api
 from edgemoe.daemon.cluster_driver import HANDOVER_TIMEOUT_S, ClusterDriver
-from edgemoe.daemon.config import DaemonConfig
+from edgemoe.daemon.config import DaemonConfig, dirs_to_create
 from edgemoe.daemon.discovery import Discovery
 from edgemoe.daemon.engine import GenerationParams, GenerationResult, InferenceEngine
 from edgemoe.daemon.http_server import KEEPALIVE_S, GuardedSite
@@ -76,6 +76,7 @@ class Daemon:
             if config.tls_cert and config.tls_key
             else None
         )
+        created = dirs_to_create(config)
         self._claims = [claim_dir(config.state_dir, "state dir")]
         try:
             self._claims.append(claim_dir(store_root(config), "model dir"))
@@ -86,6 +87,8 @@ class Daemon:
         except StartupError:
             self.release_dirs()
             raise
+        if created:  # said once the start can work: a refused start is its one error line
+            log.info("created %s", ", ".join(map(str, created)))
         self.secret = config.secret.encode()
         self.replay = ReplayGuard()
         self.keys = keys_for(self.secret)

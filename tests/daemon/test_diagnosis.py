@@ -78,7 +78,7 @@ def lonely(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
 
 
 def test_daemon_says_which_directories_it_creates(lonely: Node) -> None:
-    assert f"info: creating {lonely.state_dir}, {lonely.state_dir / 'model'}" in lonely.log()
+    assert f"created {lonely.state_dir}, {lonely.state_dir / 'model'}" in lonely.log()
 
 
 def test_node_without_model_or_peers_says_nobody_has_the_model(lonely: Node) -> None:
