@@ -245,6 +245,19 @@ def placed(cluster: Cluster) -> dict | None:
     return None
 
 
+SMALL_CLUSTER = "small"
+
+
+@pytest.fixture(scope="session")
+def small(tiny: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    """The whole model on one node (no mDNS) whose capacity is 60% of the experts: a cluster
+    whose memory is below its model."""
+    node = make_node(tmp_path_factory.mktemp("small"), "small", shard_dir=tiny.shard_dir,
+                     cluster_id=SMALL_CLUSTER, capacity="60%", mdns=False)  # fmt: skip
+    with running(node):
+        yield node
+
+
 @pytest.fixture(scope="module")
 def cluster3(tiny: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """Three daemons found by mDNS alone; only the first has the shard directory."""

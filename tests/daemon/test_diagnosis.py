@@ -22,7 +22,7 @@ from edgemoe.daemon.diagnosis import (
     warnings,
 )
 
-from .conftest import TOKEN, Node, TinyModel, make_node, running, wait_for
+from .conftest import TOKEN, Node, make_node, wait_for
 
 runner = CliRunner()
 CLEAN_ENV = {"EDGEMOE_CONFIG": "/nonexistent/edgemoe.toml", "NO_COLOR": "1"}
@@ -97,15 +97,6 @@ def test_node_without_model_or_peers_says_nobody_has_the_model(lonely: Node) -> 
     gen = runner.invoke(app, ["generate", "hi", *args], env=CLEAN_ENV)
     assert gen.exit_code == 1
     assert gen.stderr.strip() == f"error: {lonely.url} cannot answer: {NO_MODEL}"
-
-
-@pytest.fixture(scope="module")
-def small(tiny: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    """The whole model on one node whose capacity is 60% of the experts."""
-    node = make_node(tmp_path_factory.mktemp("small"), "small", shard_dir=tiny.shard_dir,
-                     cluster_id="small", capacity="60%", mdns=False)  # fmt: skip
-    with running(node):
-        yield node
 
 
 def test_cluster_below_the_model_warns_in_log_view_and_status(small: Node) -> None:

@@ -4,11 +4,9 @@ and the exit code says whether anything failed."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from typer.testing import CliRunner
 
 from edgemoe.cli.main import app
@@ -23,23 +21,14 @@ from edgemoe.daemon.doctor import (
 )
 from edgemoe.daemon.startup import LOCK_NAME
 
-from .conftest import SECRET, TOKEN, Node, TinyModel, make_node, running
+from .conftest import SECRET, SMALL_CLUSTER, TOKEN, Node, TinyModel, make_node
 
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def small(tiny: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    """The whole model on one node (no mDNS) whose capacity is 60% of the experts."""
-    node = make_node(tmp_path_factory.mktemp("doc"), "small", shard_dir=tiny.shard_dir,
-                     cluster_id="doc", capacity="60%", mdns=False)  # fmt: skip
-    with running(node):
-        yield node
-
-
 def config(tmp: Path, **keys: Any) -> Path:
     """A config file for this box: its own state dir, the given keys."""
-    values = {"secret": SECRET, "api_token": TOKEN, "cluster_id": "doc",
+    values = {"secret": SECRET, "api_token": TOKEN, "cluster_id": SMALL_CLUSTER,
               "state_dir": str(tmp / "state"), "port": 1, "device": "cpu", **keys}  # fmt: skip
     path = tmp / "edgemoe.toml"
     path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
