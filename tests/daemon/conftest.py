@@ -245,6 +245,15 @@ def placed(cluster: Cluster) -> dict | None:
     return None
 
 
+def three_nodes(tmp: Path, tiny: TinyModel, cluster_id: str) -> list[Node]:
+    """Three daemons found by mDNS, each for 60% of the experts; only the first has the shards."""
+    return [
+        make_node(tmp, "seed", shard_dir=tiny.shard_dir, cluster_id=cluster_id, capacity="60%"),
+        make_node(tmp, "b", shard_dir=None, cluster_id=cluster_id, capacity="60%"),
+        make_node(tmp, "c", shard_dir=None, cluster_id=cluster_id, capacity="60%"),
+    ]
+
+
 SMALL_CLUSTER = "small"
 
 
@@ -263,11 +272,7 @@ def cluster3(tiny: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Itera
     """Three daemons found by mDNS alone; only the first has the shard directory."""
     tmp = tmp_path_factory.mktemp("cluster3")
     cid = f"t3-{os.getpid()}"
-    nodes = [
-        make_node(tmp, "seed", shard_dir=tiny.shard_dir, cluster_id=cid, capacity="60%"),
-        make_node(tmp, "b", shard_dir=None, cluster_id=cid, capacity="60%"),
-        make_node(tmp, "c", shard_dir=None, cluster_id=cid, capacity="60%"),
-    ]
+    nodes = three_nodes(tmp, tiny, cid)
     for node in nodes:
         node.start()
     cluster = Cluster(nodes, tmp, cid)

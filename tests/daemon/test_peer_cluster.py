@@ -14,7 +14,7 @@ import pytest
 
 from edgemoe.daemon.wire import keys_for, pack, request_headers
 
-from .conftest import SECRET, Cluster, Node, TinyModel, make_node, placed, wait_for
+from .conftest import SECRET, Cluster, Node, TinyModel, make_node, placed, three_nodes, wait_for
 
 SENDER = "feedfeedfeedfeed"  # signs with the right secret, never a member
 
@@ -24,11 +24,7 @@ def mixed(tiny: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator
                                                                                         Node]]:
     tmp = tmp_path_factory.mktemp("mixed")
     cid = f"mixed-{os.getpid()}"
-    good = [
-        make_node(tmp, "seed", shard_dir=tiny.shard_dir, cluster_id=cid, capacity="60%"),
-        make_node(tmp, "b", shard_dir=None, cluster_id=cid, capacity="60%"),
-        make_node(tmp, "c", shard_dir=None, cluster_id=cid, capacity="60%"),
-    ]
+    good = three_nodes(tmp, tiny, cid)
     own = tmp / "wrong-model"
     shutil.copytree(tiny.shard_dir, own)
     wrong = make_node(tmp, "wrong", shard_dir=own, cluster_id=cid, capacity="60%")
