@@ -6,12 +6,7 @@ first byte (or from the connection's start) and drops the connection if the head
 by then; connections that have not yet completed a first request count as unproven, and when
 more than `MAX_UNPROVEN` are open the oldest is dropped, so a flood of them can never crowd out a
 client that sends its request at once. Idle keep-alive connections close after `KEEPALIVE_S`.
-
-Used for TLS listeners only for now: with this guard on a plain listener the existing
-tests/daemon/test_seeds_lifecycle.py::test_sigterm_hands_experts_over_and_exits_0 failed (peers
-stopped reaching the leaving node; cause not found yet), while plain aiohttp with
-keepalive_timeout=KEEPALIVE_S passes it and still drops a slowloris within KEEPALIVE_S (aiohttp
-closes a connection whose head is incomplete when its keep-alive timer fires).
+Every listener, plain or TLS, is guarded; drops are counted per reason (`on_drop`).
 """
 
 from __future__ import annotations
@@ -19,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -96,23 +92,26 @@ class _Guarded(asyncio.Protocol):
     def _expire(self, heads: int) -> None:
         self._timer = None
         if self.heads() == heads and (heads == 0 or self._awaiting_head()):  # head incomplete
-            self.guard.timeouts += 1
+            self.guard.dropped("slow_head")
             self.drop()
 
 
 class ConnectionGuard:
     """The node's open connections that have not completed a first request, oldest first."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_drop: Callable[[str], None] | None = None) -> None:
         self._unproven: OrderedDict[_Guarded, None] = OrderedDict()
-        self.timeouts = 0  # connections dropped for a slow head
-        self.evicted = 0  # connections dropped to stay under MAX_UNPROVEN
+        self.on_drop = on_drop  # told each drop's reason: "slow_head" or "unproven_cap"
+
+    def dropped(self, reason: str) -> None:
+        if self.on_drop is not None:
+            self.on_drop(reason)
 
     def opened(self, conn: _Guarded) -> None:
         self._unproven[conn] = None
         while len(self._unproven) > MAX_UNPROVEN:
             oldest, _ = self._unproven.popitem(last=False)
-            self.evicted += 1
+            self.dropped("unproven_cap")
             oldest.drop()
 
     def proven(self, conn: _Guarded) -> None:

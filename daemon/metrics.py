@@ -114,6 +114,13 @@ class DaemonMetrics:
             ["reason"],
             registry=r,
         )
+        self.connections_dropped = Counter(
+            "edgemoe_connections_dropped",
+            "Connections closed before a complete request head: slow_head (none within "
+            "HEAD_TIMEOUT_S) or unproven_cap (the oldest of too many such connections)",
+            ["reason"],
+            registry=r,
+        )
         self.task_failures = Counter(
             "edgemoe_task_failures",
             "Failures of supervised long-lived tasks (restarted with backoff), per task",

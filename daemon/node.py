@@ -22,7 +22,7 @@ from edgemoe.daemon.cluster_driver import HANDOVER_TIMEOUT_S, ClusterDriver
 from edgemoe.daemon.config import DaemonConfig, dirs_to_create
 from edgemoe.daemon.discovery import Discovery
 from edgemoe.daemon.engine import GenerationParams, GenerationResult, InferenceEngine
-from edgemoe.daemon.http_server import KEEPALIVE_S, GuardedSite
+from edgemoe.daemon.http_server import KEEPALIVE_S, ConnectionGuard, GuardedSite
 from edgemoe.daemon.identity import load_or_create_node_id
 from edgemoe.daemon.metrics import DaemonMetrics
 from edgemoe.daemon.peers import PeerClient, PeerError
@@ -143,10 +143,8 @@ class Daemon:
         )
         await self._runner.setup()
         host, port = self.config.host, self.config.port
-        # aiohttp's keep-alive timer (KEEPALIVE_S) also drops a connection whose request head is
-        # not complete by then (slowloris); the guarded site is used for TLS only (see daemon.tls)
-        site = GuardedSite(self._runner, host, port, tls=self.tls) if self.tls else None
-        await (site or web.TCPSite(self._runner, host, port)).start()
+        guard = ConnectionGuard(lambda why: self.metrics.connections_dropped.labels(why).inc())
+        await GuardedSite(self._runner, host, port, tls=self.tls, guard=guard).start()
         log.info("node %s listening on %s (store %s)", self.node_id, self.url, self.store.root)
         if self.config.interface:
             host = self.url.split("//", 1)[1].rsplit(":", 1)[0]
