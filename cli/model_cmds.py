@@ -34,26 +34,38 @@ def tiny(
         int | None, typer.Option(help="Intermediate size of each routed expert (a multiple of 8).")
     ] = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            help="Store the routed experts quantized as published: mxfp4 (gpt_oss) or fp8 "
+            "(128x128 blocks; hidden size and expert width default to 128)."
+        ),
+    ] = None,
 ) -> None:
     """Write a tiny random MoE checkpoint (config, safetensors, offline byte tokenizer).
 
     Shape options override the family's tiny defaults; a DeepSeek-V2-Lite-shaped model with
     tiny experts: --arch deepseek_v2 --layers 26 --experts 64 --top-k 6 --shared-experts 2
-    --hidden-size 2048 --expert-width 8 --dtype bfloat16.
+    --hidden-size 2048 --expert-width 8 --dtype bfloat16. Quantized: --arch gpt_oss
+    --quantize mxfp4, or --arch deepseek_v3 --quantize fp8.
     """
     from edgemoe.model.errors import ModelError
-    from edgemoe.model.tiny import DTYPES, TinyShape, write_tiny_model
+    from edgemoe.model.tiny import DTYPES, QUANTIZATIONS, TinyShape, write_tiny_model
 
     if dtype not in DTYPES:
         raise _fail(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise _fail(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)}")
     shape = TinyShape(layers, experts, top_k, shared_experts, hidden_size, expert_width)
     try:
         path = write_tiny_model(
-            arch, out_dir, seed=seed, layout=layout, dtype=DTYPES[dtype], shape=shape  # type: ignore[arg-type]
+            arch, out_dir, seed=seed, layout=layout, dtype=DTYPES[dtype], shape=shape,  # type: ignore[arg-type]
+            quantize=quantize,
         )
     except ModelError as exc:
         raise _fail(str(exc)) from None
-    typer.echo(f"wrote tiny {arch} checkpoint to {path}")
+    what = f"{arch} ({quantize} experts)" if quantize else arch
+    typer.echo(f"wrote tiny {what} checkpoint to {path}")
 
 
 def _do_verify(out_dir: Path) -> None:
