@@ -10,6 +10,7 @@ a hub kernel package), written from the OCP Microscaling definition.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ SUPPORTED_TEXT = "mxfp4 and fp8 (block-scaled, weight_block_size)"
 EXPERT_DTYPES = {"native": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
 MX_BLOCK = 32  # values per MXFP4 scale: 16 bytes of packed E2M1 pairs (OCP MX v1.0)
 _E2M1_EMAX = 2  # largest E2M1 magnitude is 1.5 * 2**2 = 6
+log = logging.getLogger(__name__)
 
 
 def quant_config(config: Any) -> dict[str, Any] | None:
@@ -57,10 +59,12 @@ def quant_method(config: Any, where: str) -> str | None:
 
 
 def hf_quantizer(config: Any) -> Any:
-    """The library's quantizer for a pre-quantized checkpoint (never told to dequantize)."""
+    """The library's quantizer for a pre-quantized checkpoint (never told to dequantize);
+    `config` is a transformers config or a manifest's config dict."""
     from transformers.quantizers.auto import AutoHfQuantizer
 
-    return AutoHfQuantizer.from_config(config.quantization_config, pre_quantized=True)
+    raw = config["quantization_config"] if isinstance(config, dict) else config.quantization_config
+    return AutoHfQuantizer.from_config(raw, pre_quantized=True)
 
 
 def quantize_meta_model(model: nn.Module, config: Any, method: str) -> nn.Module:
@@ -231,3 +235,70 @@ def quantize_state(
         else:
             out[key] = value
     return out, {**_plain(qc.to_dict()), "fmt": "e4m3"}
+
+
+class NativeExperts:
+    """The library's quantized experts class restricted to the held subset, on a CUDA device
+    with the library's kernels (FP8: `FP8Experts` over its finegrained-fp8/DeepGEMM kernels;
+    MXFP4: `Mxfp4GptOssExperts` over the GPT-OSS triton kernels, swizzled by its own code).
+
+    Not exercised on the development box (no GPU); `create` returns None anywhere else, and
+    the experts are then dequantized on load.
+    """
+
+    def __init__(self, template: nn.Module, method: str, hub: Any) -> None:
+        self.template = template
+        self.method = method
+        self.hub = hub
+
+    @classmethod
+    def create(cls, shard_dir: Any, manifest: Any, device: torch.device) -> NativeExperts | None:
+        if device.type != "cuda":
+            return None
+        from transformers import AutoConfig
+
+        from edgemoe.model.families import build_model, experts_modules
+
+        method = manifest.quantization
+        try:
+            hub = _load_kernels(method)
+        except Exception as exc:  # kernels package or hub download missing: dequantize instead
+            log.warning("%s kernels unavailable (%s); experts are dequantized on load", method, exc)
+            return None
+        config = AutoConfig.from_pretrained(str(shard_dir), local_files_only=True)
+        if method == "fp8":
+            meta = quantize_meta_model(build_model(config, meta=True), config, method)
+            template = experts_modules(meta, manifest.num_experts)[0][1]
+        else:
+            from transformers.integrations.mxfp4 import Mxfp4GptOssExperts
+
+            with torch.device("meta"):
+                template = Mxfp4GptOssExperts(config)
+        return cls(template, method, hub)
+
+    def restricted(self, params: dict[str, torch.Tensor], count: int) -> nn.Module:
+        from edgemoe.model.local import restricted_module
+
+        if self.method == "fp8":
+            return restricted_module(self.template, params, count)
+        from transformers.integrations.mxfp4 import swizzle_mxfp4_convertops
+
+        plain = {k: v.float() for k, v in params.items() if k.endswith("_bias")}
+        module = restricted_module(self.template, plain, count)
+        for proj in ("gate_up_proj", "down_proj"):
+            blocks, scales = params[f"{proj}_blocks"], params[f"{proj}_scales"]
+            swizzle_mxfp4_convertops(blocks, scales, module, proj, blocks.device, self.hub)
+        return module
+
+
+def _load_kernels(method: str) -> Any:
+    if method == "fp8":
+        from transformers.integrations.finegrained_fp8 import load_finegrained_fp8_kernel
+
+        return load_finegrained_fp8_kernel()
+    import transformers.integrations.mxfp4 as mxfp4
+    from transformers.integrations.hub_kernels import get_kernel
+
+    hub = get_kernel("kernels-community/gpt-oss-triton-kernels", version=1)
+    mxfp4.triton_kernels_hub = hub  # what replace_with_mxfp4_linear sets for its module
+    return hub
