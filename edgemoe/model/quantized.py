@@ -21,6 +21,7 @@ from edgemoe.model.errors import ModelError
 SUPPORTED = ("mxfp4", "fp8")
 SUPPORTED_TEXT = "mxfp4 and fp8 (block-scaled, weight_block_size)"
 EXPERT_DTYPES = {"native": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
+FP8_BLOCK = 128  # the published FP8 checkpoints' weight_block_size
 MX_BLOCK = 32  # values per MXFP4 scale: 16 bytes of packed E2M1 pairs (OCP MX v1.0)
 _E2M1_EMAX = 2  # largest E2M1 magnitude is 1.5 * 2**2 = 6
 log = logging.getLogger(__name__)
@@ -222,15 +223,26 @@ def quantize_state(
     from transformers.quantizers.auto import AutoHfQuantizer
     from transformers.utils.quantization_config import FineGrainedFP8Config
 
-    qc = FineGrainedFP8Config(weight_block_size=[128, 128], modules_to_not_convert=linears)
+    # As published (DeepSeek-V3): every linear in whole 128x128 blocks is FP8 (routed and
+    # shared experts here); the others are listed in modules_to_not_convert.
+    whole = {
+        name for name in linears
+        if not any(d % FP8_BLOCK for d in state[f"{name}.weight"].shape)
+    }  # fmt: skip
+    qc = FineGrainedFP8Config(
+        weight_block_size=[FP8_BLOCK, FP8_BLOCK],
+        modules_to_not_convert=[name for name in linears if name not in whole],
+    )
     op = Fp8Quantize(AutoHfQuantizer.from_config(qc))
     for key, value in state.items():
         if ".experts." in key and key.endswith(".weight") and value.dim() == 2:
-            if value.shape[0] % 128 or value.shape[1] % 128:
+            if any(d % FP8_BLOCK for d in value.shape):
                 raise ModelError(
                     f"--quantize fp8 needs expert weights in whole 128x128 blocks; {key} is "
                     f"{list(value.shape)} (use --hidden-size 128 --expert-width 128)"
                 )
+            out.update(op._quantize_one(key, value))
+        elif key.removesuffix(".weight") in whole:
             out.update(op._quantize_one(key, value))
         else:
             out[key] = value

@@ -17,7 +17,7 @@ from edgemoe.model.families import (
     TINY_CONFIGS,
     tiny_config_kwargs,
 )
-from edgemoe.model.quantized import quantize_state
+from edgemoe.model.quantized import FP8_BLOCK, quantize_state
 from edgemoe.model.tokenizer import save_byte_tokenizer
 
 Layout = Literal["original", "fused"]
@@ -27,7 +27,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # would make attention grow with it, and a shaped model exists to move real-sized hidden
 # states while computing little.
 SHAPED_HEAD_DIM = 16
-FP8_BLOCK = 128
 QUANTIZATIONS = ("mxfp4", "fp8")
 
 
