@@ -1,4 +1,4 @@
-"""Model commands: `edgemoe model tiny`, `edgemoe shard [verify]`, `edgemoe bench shard`."""
+"""Model commands: `edgemoe model tiny`, `edgemoe shard [verify]`, `edgemoe bench shard|quant`."""
 
 from __future__ import annotations
 
@@ -179,3 +179,34 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     app.add_typer(model, name="model")
     app.command("shard")(shard)
     bench.command("shard")(bench_shard)
+    bench.command("quant")(bench_quant)
+
+
+def bench_quant(
+    tokens: Annotated[int, typer.Option(help="Greedy tokens generated per measurement.")] = 32,
+    rounds: Annotated[int, typer.Option(help="Rounds (expert dtypes interleaved); median.")] = 3,
+) -> None:
+    """Quantized experts: shard bytes vs bfloat16, bytes held, tokens/s per expert_dtype."""
+    import torch
+
+    from edgemoe.model.quant_bench import EXPERT_DTYPES, published_expert_bytes, run_quant_bench
+
+    torch.set_num_threads(1)  # one core each: the box is shared
+    with tempfile.TemporaryDirectory(prefix="edgemoe-bench-quant-") as tmp:
+        results = run_quant_bench(Path(tmp), tokens=tokens, rounds=rounds)
+    for r in results:
+        quantized, bf16 = published_expert_bytes(r.method)
+        typer.echo(f"{r.method} ({r.arch}) at the published size: expert {quantized} B, "
+                   f"bfloat16 {bf16} B (x{quantized / bf16:.3f}, "
+                   f"{1e9 / quantized:.1f} vs {1e9 / bf16:.1f} experts per GB)")  # fmt: skip
+        typer.echo(f"{r.method} ({r.arch}) tiny: expert shard {r.shard_bytes} B, bfloat16 shard "
+                   f"{r.bf16_bytes} B (x{r.shard_bytes / r.bf16_bytes:.3f})")  # fmt: skip
+        native = r.tokens_per_s["native"]
+        for dtype in EXPERT_DTYPES:
+            typer.echo(
+                f"  expert_dtype {dtype:8s} held {r.held_bytes[dtype]:7d} B/expert "
+                f"(x{r.held_bytes[dtype] / r.shard_bytes:.2f} shard)  "
+                f"{r.tokens_per_s[dtype]:7.1f} tok/s (x{r.tokens_per_s[dtype] / native:.3f} "
+                f"native)"
+            )
+    typer.echo("on a CPU 'native' dequantizes on load to the model's dtype (no quantized kernels)")
