@@ -119,6 +119,8 @@ def write_tiny_model(
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.core_model_loading import revert_weight_conversion
 
+    if quantize == "fp8" and layout != "original":  # only this layout does the library load
+        raise ModelError("--quantize fp8 writes the published per-expert layout: --layout original")
     if quantize == "fp8":  # whole 128x128 scale blocks, as the published FP8 checkpoints use
         shape = replace(
             shape or TinyShape(),
