@@ -12,7 +12,7 @@ from edgemoe.model.local import LocalExperts
 from edgemoe.model.quantized import quantize_mxfp4
 from edgemoe.model.runtime import load_distributed_model
 
-QUANTIZED = [("gpt_oss", "mxfp4"), ("deepseek_v3", "fp8")]
+QUANTIZED = [("gpt_oss", "mxfp4"), ("deepseek_v3", "fp8"), ("qwen3_moe", "fp8")]
 PROMPT = "The quick brown fox jumps over the lazy dog, again and again."
 
 
