@@ -96,6 +96,10 @@ SCHEMA: tuple[Key, ...] = (
         "[\"192.168.1.10\"] or [\"eth0\"]. Never all interfaces; empty: no mDNS, use seed_peer."),
     Key("seed_peer", [], "Static peers (\"host:port\") for networks that block multicast."),
     Key("device", "auto", "auto, cpu, cuda, cuda:N or mps."),
+    Key("expert_dtype", "native",
+        "Held experts of a quantized model (MXFP4, FP8): native keeps them quantized where the\n"
+        "device has the library's kernels (CUDA), else dequantizes to the model's dtype;\n"
+        "bfloat16 or float32 dequantize to that. Capacity counts the bytes held in memory."),
     Key("strategy", "edgemoe",
         "Placement strategy: uniform, layers, eplb, dancemoe, edgemoe or optimal."),
     Key("drift_threshold", 0.15,

@@ -1,4 +1,4 @@
-"""Model commands: `edgemoe model tiny`, `edgemoe shard [verify]`, `edgemoe bench shard`."""
+"""Model commands: `edgemoe model tiny`, `edgemoe shard [verify]`, `edgemoe bench shard|quant`."""
 
 from __future__ import annotations
 
@@ -34,26 +34,38 @@ def tiny(
         int | None, typer.Option(help="Intermediate size of each routed expert (a multiple of 8).")
     ] = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            help="Store the routed experts quantized as published: mxfp4 (gpt_oss) or fp8 "
+            "(128x128 blocks; hidden size and expert width default to 128)."
+        ),
+    ] = None,
 ) -> None:
     """Write a tiny random MoE checkpoint (config, safetensors, offline byte tokenizer).
 
     Shape options override the family's tiny defaults; a DeepSeek-V2-Lite-shaped model with
     tiny experts: --arch deepseek_v2 --layers 26 --experts 64 --top-k 6 --shared-experts 2
-    --hidden-size 2048 --expert-width 8 --dtype bfloat16.
+    --hidden-size 2048 --expert-width 8 --dtype bfloat16. Quantized: --arch gpt_oss
+    --quantize mxfp4, or --arch deepseek_v3 --quantize fp8.
     """
     from edgemoe.model.errors import ModelError
-    from edgemoe.model.tiny import DTYPES, TinyShape, write_tiny_model
+    from edgemoe.model.tiny import DTYPES, QUANTIZATIONS, TinyShape, write_tiny_model
 
     if dtype not in DTYPES:
         raise _fail(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise _fail(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)}")
     shape = TinyShape(layers, experts, top_k, shared_experts, hidden_size, expert_width)
     try:
         path = write_tiny_model(
-            arch, out_dir, seed=seed, layout=layout, dtype=DTYPES[dtype], shape=shape  # type: ignore[arg-type]
+            arch, out_dir, seed=seed, layout=layout, dtype=DTYPES[dtype], shape=shape,  # type: ignore[arg-type]
+            quantize=quantize,
         )
     except ModelError as exc:
         raise _fail(str(exc)) from None
-    typer.echo(f"wrote tiny {arch} checkpoint to {path}")
+    what = f"{arch} ({quantize} experts)" if quantize else arch
+    typer.echo(f"wrote tiny {what} checkpoint to {path}")
 
 
 def _do_verify(out_dir: Path) -> None:
@@ -167,3 +179,34 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     app.add_typer(model, name="model")
     app.command("shard")(shard)
     bench.command("shard")(bench_shard)
+    bench.command("quant")(bench_quant)
+
+
+def bench_quant(
+    tokens: Annotated[int, typer.Option(help="Greedy tokens generated per measurement.")] = 32,
+    rounds: Annotated[int, typer.Option(help="Rounds (expert dtypes interleaved); median.")] = 3,
+) -> None:
+    """Quantized experts: shard bytes vs bfloat16, bytes held, tokens/s per expert_dtype."""
+    import torch
+
+    from edgemoe.model.quant_bench import EXPERT_DTYPES, published_expert_bytes, run_quant_bench
+
+    torch.set_num_threads(1)  # one core each: the box is shared
+    with tempfile.TemporaryDirectory(prefix="edgemoe-bench-quant-") as tmp:
+        results = run_quant_bench(Path(tmp), tokens=tokens, rounds=rounds)
+    for r in results:
+        quantized, bf16 = published_expert_bytes(r.method)
+        typer.echo(f"{r.method} ({r.arch}) at the published size: expert {quantized} B, "
+                   f"bfloat16 {bf16} B (x{quantized / bf16:.3f}, "
+                   f"{1e9 / quantized:.1f} vs {1e9 / bf16:.1f} experts per GB)")  # fmt: skip
+        typer.echo(f"{r.method} ({r.arch}) tiny: expert shard {r.shard_bytes} B, bfloat16 shard "
+                   f"{r.bf16_bytes} B (x{r.shard_bytes / r.bf16_bytes:.3f})")  # fmt: skip
+        native = r.tokens_per_s["native"]
+        for dtype in EXPERT_DTYPES:
+            typer.echo(
+                f"  expert_dtype {dtype:8s} held {r.held_bytes[dtype]:7d} B/expert "
+                f"(x{r.held_bytes[dtype] / r.shard_bytes:.2f} shard)  "
+                f"{r.tokens_per_s[dtype]:7.1f} tok/s (x{r.tokens_per_s[dtype] / native:.3f} "
+                f"native)"
+            )
+    typer.echo("on a CPU 'native' dequantizes on load to the model's dtype (no quantized kernels)")

@@ -19,6 +19,9 @@ from typing import Any
 
 from edgemoe.cluster.config import ClusterConfig
 
+# edgemoe.model.quantized.EXPERT_DTYPES' names, without importing torch to check a config.
+EXPERT_DTYPES = ("native", "bfloat16", "float32")
+
 DEFAULT_PORT = 7600
 # Drift (edgemoe.stats.drift: the share of a node's expert selections that moved to other
 # experts, per layer, worst node) above which the cluster re-places by itself. Measured on the
@@ -131,6 +134,10 @@ class DaemonConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     device: str = "cpu"
+    # How held experts sit in memory: "native" keeps quantized shards (MXFP4, FP8) quantized
+    # where the library has kernels for the device (CUDA) and dequantizes them to the model's
+    # compute dtype elsewhere; "bfloat16"/"float32" dequantize (or cast) to that dtype.
+    expert_dtype: str = "native"
     strategy: str = "edgemoe"
     log_level: str = "info"
     advertise_host: str | None = None  # address peers use to reach us; defaults to host
@@ -198,6 +205,10 @@ def _coerce(key: str, value: Any) -> Any:
             value = str(value).lower()
             if value not in LOG_LEVELS:
                 raise ConfigError(f"log_level: must be one of {', '.join(LOG_LEVELS)}")
+        if key == "expert_dtype" and value not in EXPERT_DTYPES:
+            raise ConfigError(
+                f"expert_dtype: must be one of {', '.join(EXPERT_DTYPES)}, got {value!r}"
+            )
         if key == "device" and not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(value)):
             raise ConfigError("device: must be auto, cpu, cuda, cuda:N or mps")
         if key == "cluster_id" and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", str(value)):

@@ -389,7 +389,12 @@ class Daemon:
         assert manifest is not None
         if self.discovery is not None:
             await self.discovery.update()
-        self.local = await asyncio.to_thread(LocalExperts, self.store.root, device=self.device)
+        self.local = await asyncio.to_thread(
+            LocalExperts,
+            self.store.root,
+            device=self.device,
+            expert_dtype=self.config.expert_dtype,
+        )
         self.recorder = ActivationRecorder(
             manifest.num_layers, manifest.num_experts, manifest.top_k
         )
@@ -465,7 +470,14 @@ class Daemon:
 
     @property
     def capacity_bytes(self) -> int:
-        return self.config.capacity.resolve(self.model_expert_bytes)
+        """Expert memory offered to the placement, in the manifest's bytes per expert (what
+        it counts and moves). A size in bytes buys as many experts as fit once held: a
+        dequantized MXFP4 expert takes several times its shard's bytes in memory."""
+        capacity = self.config.capacity.resolve(self.model_expert_bytes)
+        m = self.store.manifest
+        if m is None or self.local is None or self.config.capacity.kind != "bytes":
+            return capacity
+        return capacity // self.local.expert_memory_bytes() * m.expert_bytes
 
     # ---- experts --------------------------------------------------------------------------------
     async def fetch_expert(self, layer: int, expert: int, prefer: str | None = None) -> None:

@@ -32,6 +32,7 @@ from edgemoe.model.families import (
     num_experts_of,
     top_k_of,
 )
+from edgemoe.model.quantized import quant_method, quantize_meta_model, weight_conversions
 
 _EXPERT_INDEX = re.compile(r"\.experts\.(\d+)\.")
 _DTYPES = {
@@ -39,6 +40,8 @@ _DTYPES = {
     "F32": torch.float32,
     "F16": torch.float16,
     "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
     "I64": torch.int64,
     "I32": torch.int32,
     "I8": torch.int8,
@@ -84,6 +87,7 @@ class CheckpointPlan:
     dense: dict[str, TensorRef]
     layers: list[ExpertLayerPlan]
     files: list[Path]
+    quantization: str | None = None  # "mxfp4" | "fp8": experts kept as stored, with scales
 
     @property
     def dense_bytes(self) -> int:
@@ -156,12 +160,15 @@ def plan_checkpoint(model_dir: str | Path) -> CheckpointPlan:
     """Map every tensor of the checkpoint to a dense parameter or an expert slice; check all.
 
     Refuses (ModelError naming the file) an unknown or non-MoE architecture, extra or missing
-    tensors, wrong dtypes or shapes, and unreadable files. Reads headers only.
+    tensors, wrong dtypes or shapes, and unreadable files. Reads headers only. A quantized
+    checkpoint (MXFP4, block-scaled FP8) is planned against the library's quantized modules,
+    so its experts keep their quantized tensors and scales; other methods are refused.
     """
     from transformers.core_model_loading import apply_renamings, rename_source_key
 
     root = Path(model_dir)
     config = load_config(root)
+    method = quant_method(config, str(root / "config.json"))
     dtype = config.dtype if isinstance(config.dtype, torch.dtype) else None
     files = checkpoint_files(root)
     refs = list(_scan(files))
@@ -169,6 +176,8 @@ def plan_checkpoint(model_dir: str | Path) -> CheckpointPlan:
         dtype = refs[0].dtype
     config.dtype = dtype
     meta = build_model(config, meta=True, dtype=dtype)
+    if method is not None:
+        meta = quantize_meta_model(meta, config, method)
     num_experts = num_experts_of(config)
     expected = {k: v for k, v in meta.state_dict().items()}
     experts = experts_modules(meta, num_experts)
@@ -186,6 +195,9 @@ def plan_checkpoint(model_dir: str | Path) -> CheckpointPlan:
     ]
     by_module = {plan.module: plan for plan in layers}
     renamings, converters = _split_conversions(meta)
+    if method is not None:
+        converters = weight_conversions(meta, config, converters)
+    stored = _stored_dtypes(meta) if method is not None else {}
     # What the family keeps in float32 in some half dtype (float16 asks for both of its lists).
     kept_fp32 = fp32_kept(meta, torch.float16)
     dense: dict[str, TensorRef] = {}
@@ -196,7 +208,11 @@ def plan_checkpoint(model_dir: str | Path) -> CheckpointPlan:
         target, pattern = rename_source_key(
             ref.key, renamings, converters, meta.base_model_prefix, expected
         )
-        if ref.dtype != dtype and not (ref.dtype == torch.float32 and kept_fp32(target)):
+        if (
+            ref.dtype != dtype
+            and not (ref.dtype == torch.float32 and kept_fp32(target))
+            and ref.dtype != stored.get(target)
+        ):
             raise ModelError(
                 f"{ref.file}: tensor {ref.key} has dtype {ref.dtype}, expected {dtype}"
             )
@@ -260,7 +276,20 @@ def plan_checkpoint(model_dir: str | Path) -> CheckpointPlan:
         lacking_params = sorted(set(plan.shapes) - covered)
         if lacking_params:
             raise ModelError(f"{_where(files)}: missing tensor {plan.module}.{lacking_params[0]}")
-    return CheckpointPlan(root, config, dtype, num_experts, top_k_of(config), dense, layers, files)
+    return CheckpointPlan(
+        root, config, dtype, num_experts, top_k_of(config), dense, layers, files, method
+    )
+
+
+def _stored_dtypes(meta: torch.nn.Module) -> dict[str, torch.dtype]:
+    """Dtypes a quantized checkpoint stores (FP8 weights, float32 or uint8 scales, packed
+    FP4 blocks) by parameter name, as the library's quantized modules declare them."""
+    quantized = {torch.float8_e4m3fn, torch.float8_e5m2, torch.uint8, torch.int8}
+    return {
+        name: value.dtype
+        for name, value in meta.state_dict().items()
+        if value.dtype in quantized or name.endswith(("_scale_inv", ".activation_scale"))
+    }
 
 
 def _where(files: list[Path]) -> str:

@@ -4,6 +4,10 @@ Held experts of a layer run through a copy of the family's own fused experts mod
 `[E, ...]` parameters are restricted to the held subset, so the family's math (activation,
 biases, clamping, experts implementation) is reused as is. Each (token, slot) pair sent here
 becomes one row routed top-1 to its expert; rows are summed back per token with index_add_.
+
+Quantized shards (MXFP4, FP8) are dequantized on load with the library's ops to the compute
+dtype (or `expert_dtype`), so the family's own module runs them; only on a CUDA device with
+the library's kernels does `expert_dtype="native"` keep them quantized (see `quantized.py`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ from torch import nn
 from edgemoe.model.errors import ModelError
 from edgemoe.model.families import build_model, experts_modules
 from edgemoe.model.manifest import Manifest
+from edgemoe.model.quantized import EXPERT_DTYPES, NativeExperts, dequantize_expert
 from edgemoe.model.shard import file_problem
+
+_COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def template_experts(shard_dir: Path, manifest: Manifest) -> nn.Module:
@@ -70,12 +77,27 @@ class LocalExperts:
         device: str | torch.device = "cpu",
         verify: bool = True,
         template: nn.Module | None = None,
+        expert_dtype: str = "native",
     ) -> None:
         self.shard_dir = Path(shard_dir)
         self.manifest = Manifest.load(self.shard_dir)
         self.device = torch.device(device)
         self.verify = verify
+        if expert_dtype not in EXPERT_DTYPES:
+            raise ModelError(f"expert_dtype must be one of {', '.join(EXPERT_DTYPES)}")
         self._template = template or template_experts(self.shard_dir, self.manifest)
+        compute = _COMPUTE_DTYPES.get(self.manifest.dtype, torch.float32)
+        # The dtype held experts compute in; None: as stored (plain shards, "native").
+        self.expert_dtype = EXPERT_DTYPES[expert_dtype]
+        if self.expert_dtype is None and self.manifest.quantization:
+            self.expert_dtype = compute
+        self._native = (
+            NativeExperts.create(self.shard_dir, self.manifest, self.device)
+            if expert_dtype == "native" and self.manifest.quantization
+            else None
+        )
+        if self._native is not None:
+            self.expert_dtype = None
         self._weights: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self._cache: dict[int, _LayerCache] = {}
         self._lock = threading.RLock()
@@ -101,7 +123,7 @@ class LocalExperts:
         if problem:
             raise ModelError(f"{problem}; the expert shard differs from the manifest")
         try:
-            tensors = load_file(str(path), device=str(self.device))
+            tensors = self._prepare(load_file(str(path), device=str(self.device)))
         except Exception as exc:
             raise ModelError(f"{path}: unreadable expert shard ({exc})") from None
         with self._lock:
@@ -110,9 +132,30 @@ class LocalExperts:
 
     def load_tensors(self, layer: int, expert: int, tensors: dict[str, torch.Tensor]) -> None:
         """Hold an expert given as tensors (e.g. received from a peer)."""
+        prepared = self._prepare({k: v.to(self.device) for k, v in tensors.items()})
         with self._lock:
-            self._weights[(layer, expert)] = {k: v.to(self.device) for k, v in tensors.items()}
+            self._weights[(layer, expert)] = prepared
             self._cache.pop(layer, None)
+
+    def _prepare(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Shard tensors -> what is held: dequantized (the library's ops) or cast to
+        `expert_dtype`, or kept as stored for the library's quantized kernels."""
+        if self._native is not None or self.expert_dtype is None:
+            return tensors
+        if self.manifest.quantization:
+            return dequantize_expert(
+                self.manifest.quantization, tensors, self.expert_dtype, self.manifest.config
+            )
+        return {k: v.to(self.expert_dtype) if v.is_floating_point() else v
+                for k, v in tensors.items()}  # fmt: skip
+
+    def expert_memory_bytes(self) -> int:
+        """Bytes one expert takes once held: what capacity counts (a dequantized MXFP4
+        expert holds about 4x (bfloat16) or 8x (float32) its shard's bytes)."""
+        if self.expert_dtype is None:
+            return self.manifest.expert_bytes
+        size = torch.empty((), dtype=self.expert_dtype).element_size()
+        return sum(p[0].numel() * size for p in self._template.parameters(recurse=False))
 
     def load_all(self) -> LocalExperts:
         for layer in range(self.manifest.num_layers):
@@ -154,9 +197,12 @@ class LocalExperts:
             # Keep one copy only: the per-expert entries become views of the stacked tensors.
             for i, e in enumerate(experts):
                 self._weights[(layer, e)] = {n: params[n][i] for n in names}
-            cached = _LayerCache(
-                experts, restricted_module(self._template, params, len(experts)), self.device
+            module = (
+                self._native.restricted(params, len(experts))
+                if self._native is not None
+                else restricted_module(self._template, params, len(experts))
             )
+            cached = _LayerCache(experts, module, self.device)
             self._cache[layer] = cached
             return cached
 
@@ -186,8 +232,11 @@ class LocalExperts:
         if cached is None or bool((ids >= cached.lookup.numel()).any()) or bool((local < 0).any()):
             missing = sorted({int(i) for i in ids} - set(cached.experts if cached else []))
             raise ModelError(f"{self.shard_dir}: layer {layer} experts {missing} are not held here")
+        rows_in, row_weights = hidden[rows], weights[rows, slots]
+        if self.expert_dtype is not None:
+            rows_in, row_weights = rows_in.to(self.expert_dtype), row_weights.to(self.expert_dtype)
         with torch.no_grad():
-            result = cached.module(hidden[rows], local[:, None], weights[rows, slots][:, None])
+            result = cached.module(rows_in, local[:, None], row_weights[:, None])
         out.index_add_(0, rows, result.to(out.dtype))
         return out
 

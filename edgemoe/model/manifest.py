@@ -31,6 +31,9 @@ class Manifest:
     fingerprint: str
     expert_params: list[str] = field(default_factory=list)
     source: dict[str, Any] = field(default_factory=dict)
+    # "mxfp4" | "fp8": expert shards hold the quantized tensors and scales of the library's
+    # quantized experts module (config["quantization_config"] has the details); None: plain.
+    quantization: str | None = None
     format_version: int = FORMAT_VERSION
 
     @property

@@ -13,6 +13,7 @@ from edgemoe.model.errors import ModelError
 from edgemoe.model.executor import ExpertDirectory
 from edgemoe.model.families import build_model, experts_modules, fp32_kept
 from edgemoe.model.manifest import Manifest
+from edgemoe.model.quantized import dequantize_dense
 from edgemoe.model.routing import RoutingTrace
 from edgemoe.model.shard import DENSE_NAME, file_problem
 
@@ -68,6 +69,8 @@ def load_distributed_model(
         dense = load_file(str(dense_path))
     except Exception as exc:
         raise ModelError(f"{dense_path}: unreadable dense part ({exc})") from None
+    if manifest.quantization == "fp8":  # FP8 linears outside the experts, dequantized
+        dense = dequantize_dense(dense, dtype, manifest.config)
     _keep_fp32_params(model, dtype)
     result = model.load_state_dict(dense, strict=False)
     if result.unexpected_keys:

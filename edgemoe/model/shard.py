@@ -122,6 +122,7 @@ def shard_checkpoint(
             fingerprint=_fingerprint(plan.config.model_type, config, files),
             expert_params=sorted(plan.layers[0].shapes),
             source=source,
+            quantization=plan.quantization,
         )
         manifest.save(staging)
         _swap_in(staging, out)

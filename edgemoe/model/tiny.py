@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +17,7 @@ from edgemoe.model.families import (
     TINY_CONFIGS,
     tiny_config_kwargs,
 )
+from edgemoe.model.quantized import FP8_BLOCK, quantize_state
 from edgemoe.model.tokenizer import save_byte_tokenizer
 
 Layout = Literal["original", "fused"]
@@ -26,6 +27,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # would make attention grow with it, and a shaped model exists to move real-sized hidden
 # states while computing little.
 SHAPED_HEAD_DIM = 16
+QUANTIZATIONS = ("mxfp4", "fp8")
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,7 @@ def write_tiny_model(
     scale: int = 1,
     dtype: torch.dtype = torch.float32,
     shape: TinyShape | None = None,
+    quantize: str | None = None,
 ) -> Path:
     """Write config.json, model.safetensors and a tokenizer to `out_dir`.
 
@@ -109,12 +112,21 @@ def write_tiny_model(
     own reverse conversion: per-expert 2-D tensors for most families); "fused" stores the
     `[E, ...]` tensors of the transformers module. `scale` multiplies hidden and expert
     widths (for the sharding benchmark); `shape` overrides layers, experts, top-k, shared
-    experts, hidden size and expert width.
+    experts, hidden size and expert width; `quantize` ("mxfp4": GPT-OSS, "fp8": 128x128
+    blocks) stores the routed experts quantized as those families are published.
     """
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.core_model_loading import revert_weight_conversion
 
+    if quantize == "fp8" and layout != "original":  # only this layout does the library load
+        raise ModelError("--quantize fp8 writes the published per-expert layout: --layout original")
+    if quantize == "fp8":  # whole 128x128 scale blocks, as the published FP8 checkpoints use
+        shape = replace(
+            shape or TinyShape(),
+            hidden_size=(shape and shape.hidden_size) or FP8_BLOCK,
+            expert_width=(shape and shape.expert_width) or FP8_BLOCK,
+        )
     kwargs = shaped_config_kwargs(arch, shape)
     if scale > 1:
         for key in ("hidden_size", "intermediate_size", "moe_intermediate_size"):
@@ -131,6 +143,8 @@ def write_tiny_model(
     elif layout != "fused":
         raise ModelError(f"unknown layout {layout!r} (original or fused)")
     state = {k: v.contiguous() for k, v in state.items()}
+    if quantize is not None:
+        state, config.quantization_config = quantize_state(model, state, quantize)
 
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,14 +16,19 @@ torch.set_num_threads(1)
 class TinyModels:
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._done: dict[tuple[str, str], tuple[Path, Path]] = {}
+        self._done: dict[tuple[str, str, str | None], tuple[Path, Path]] = {}
 
-    def get(self, arch: str, layout: str = "original") -> tuple[Path, Path]:
+    def get(
+        self, arch: str, layout: str = "original", quantize: str | None = None
+    ) -> tuple[Path, Path]:
         """(checkpoint dir, shard dir) for an architecture; built on first use."""
-        key = (arch, layout)
+        key = (arch, layout, quantize)
         if key not in self._done:
-            ckpt = write_tiny_model(arch, self.root / f"{arch}-{layout}", seed=7, layout=layout)  # type: ignore[arg-type]
-            shards = self.root / f"{arch}-{layout}-shards"
+            name = f"{arch}-{layout}" + (f"-{quantize}" if quantize else "")
+            ckpt = write_tiny_model(
+                arch, self.root / name, seed=7, layout=layout, quantize=quantize  # type: ignore[arg-type]
+            )
+            shards = self.root / f"{name}-shards"
             shard_checkpoint(ckpt, shards)
             self._done[key] = (ckpt, shards)
         return self._done[key]
