@@ -1,11 +1,16 @@
 """`edgemoe bench testbed`: real daemons in namespaces over shaped links, replaying real
 routing, strategies side by side on the same setting and seed.
 
+A strategy is a placement strategy, optionally with `+per-expert`: its daemons then call
+peers once per (token, expert) (DanceMoE's system as published; daemon/per_expert.py).
+
 Per strategy, on one testbed: one daemon per namespace (only node 0 has the shards; mDNS
 bound to the namespace addresses), wait for the first placement, replay each node's stream
 for a profiling window, re-place from those statistics (`migrate`), then every node runs
 `requests` streamed requests of `tokens` tokens (nodes in parallel, each sequential) while
 the bench records token arrival times, expert-RPC bytes and calls, and the local share.
+Beside each, edgemoe.sim's prediction of the same run (`simulated.py`), with constants from
+`bench calibrate` run first on this machine.
 """
 
 from __future__ import annotations
@@ -45,6 +50,13 @@ POLL_S = 0.5
 REQUEST_ATTEMPTS = 3
 PROMPT = "Replay the recorded routing of this request."
 SHAPES = ("lite", "tiny")
+DEFAULT_STRATEGIES = ("edgemoe", "dancemoe", "dancemoe+per-expert", "eplb", "layers")
+
+
+def split_strategy(name: str) -> tuple[str, str]:
+    """'dancemoe+per-expert' -> ('dancemoe', 'per-expert'); a bare name is per-server."""
+    strategy, _, transport = name.partition("+")
+    return strategy, transport or "per-server"
 
 
 @dataclass(frozen=True)
@@ -55,7 +67,7 @@ class BenchSetting:
     total_capacity: float = 1.2  # all nodes together, in model expert bytes
     bandwidth_mbps: float | None = 500.0
     delay_ms: float = 1.0
-    strategies: tuple[str, ...] = ("edgemoe", "dancemoe", "eplb", "layers")
+    strategies: tuple[str, ...] = DEFAULT_STRATEGIES
     profile_requests: int = 4
     requests: int = 4
     tokens: int = 16
@@ -97,12 +109,17 @@ class StrategyResult:
     bytes_between_nodes_per_token: float
     remote_calls_per_token: float
     local_share: float
+    simulated_request_latency_mean_s: float = float("nan")
+    measured_over_simulated: float = float("nan")  # request latency, measured / simulated
     tokens: int = 0
     seconds: float = 0.0
     epoch: int = 0
     setup_s: float = 0.0
     failed_requests: int = 0  # answered with an error and sent again (measured window)
     failures: list[str] | None = None
+    # per node (namespace order): its tokens/s and decode p50, and over the measured window
+    # the counters of `_StrategyRun.counters` (where the bytes, calls and CPU went)
+    nodes: list[dict[str, float]] | None = None
 
 
 @dataclass
@@ -210,6 +227,15 @@ def _metric_sum(text: str, name: str) -> float:
     return total
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (/proc; `ip netns exec` execs the daemon)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _settled(view: dict[str, Any], nodes: int, after_epoch: int) -> bool:
     """All members alive, a placement newer than `after_epoch`, every node holding exactly
     what it is assigned, nothing pending."""
@@ -247,7 +273,8 @@ class _StrategyRun:
     def _start(self, shards: Path, port: int) -> None:
         s = self.setting
         secret = secrets.token_hex(32)
-        cluster_id = f"tb-{self.strategy}-{secrets.token_hex(2)}"
+        strategy, transport = split_strategy(self.strategy)
+        cluster_id = f"tb-{strategy}-{secrets.token_hex(2)}"
         for i in range(s.nodes):
             state = self.workdir / f"node{i}"
             state.mkdir(parents=True, exist_ok=True)
@@ -258,7 +285,8 @@ class _StrategyRun:
                 model_dir=str(shards) if i == 0 else None,
                 host=self.tb.address(i), port=port, interface=[self.tb.address(i)],
                 capacity=f"{100 * s.capacity_share(i):.4f}%", device="cpu",
-                strategy=self.strategy, log_level="warning", drift_threshold=1.0,
+                strategy=strategy, transport=transport, log_level="warning",
+                drift_threshold=1.0,
                 routing_trace=str(s.trace), routing_stream=s.streams[i],
             )))  # fmt: skip
             env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEMOE_")}
@@ -298,22 +326,22 @@ class _StrategyRun:
             return all(h.call("GET", "/healthz", timeout=3).get("ready") for h in self.http)
 
         self.wait("the daemons to be ready", healthy, START_TIMEOUT_S)
+        self.node_ids = [h.call("GET", "/healthz", timeout=3)["node_id"] for h in self.http]
         self.wait("the first placement", lambda: all(
             _settled(self.view(i), self.setting.nodes, 0) for i in range(self.setting.nodes)
         ), PLACEMENT_TIMEOUT_S)  # fmt: skip
         return int(self.view()["placement"]["epoch"])
 
-    def load(self, requests: int) -> tuple[list[list[float]], list[int], float]:
-        """Every node `requests` sequential streamed requests, nodes in parallel."""
+    def load(self, requests: int) -> tuple[list[list[tuple[list[float], int]]], float]:
+        """Every node `requests` sequential streamed requests, nodes in parallel: per node,
+        (token arrival times, tokens) of each request; the wall time."""
         def node_work(i: int) -> list[tuple[list[float], int]]:
             return [self._one(i) for _ in range(requests)]  # on a thread in node i's namespace
 
         start = time.perf_counter()
         futures = [self.pools[i].submit(node_work, i) for i in range(self.setting.nodes)]
         per_node = [f.result(HTTP_TIMEOUT_S * requests * REQUEST_ATTEMPTS) for f in futures]
-        wall = time.perf_counter() - start
-        runs = [r for node in per_node for r in node]
-        return [t for t, _ in runs], [n for _, n in runs], wall
+        return per_node, time.perf_counter() - start
 
     def _one(self, node: int) -> tuple[list[float], int]:
         """One request; a request the daemon fails is counted and sent again (bounded)."""
@@ -334,15 +362,23 @@ class _StrategyRun:
         ), PLACEMENT_TIMEOUT_S)  # fmt: skip
         return int(self.view()["placement"]["epoch"])
 
-    def counters(self) -> dict[str, float]:
-        out = {"bytes": 0.0, "calls": 0.0, "local": 0.0, "routed": 0.0}
+    def counters(self) -> list[dict[str, float]]:
+        """Per node: bytes sent and received for its experts, calls made, pairs routed (and
+        held locally), rows and calls served for peers, CPU seconds of its daemon."""
+        out = []
         for i in range(self.setting.nodes):
             v = self.view(i)
-            out["bytes"] += float(v.get("remote_bytes", 0))
-            out["local"] += float((v.get("routed") or {}).get("local", 0))
-            out["routed"] += float((v.get("routed") or {}).get("total", 0))
             metrics = self.http[i].call("GET", "/metrics")
-            out["calls"] += _metric_sum(metrics, "edgemoe_remote_expert_calls_total")
+            out.append({
+                "bytes": float(v.get("remote_bytes", 0)),
+                "local": float((v.get("routed") or {}).get("local", 0)),
+                "routed": float((v.get("routed") or {}).get("total", 0)),
+                "calls": _metric_sum(metrics, "edgemoe_remote_expert_calls_total"),
+                "served_calls": _metric_sum(metrics, "edgemoe_expert_rpc_served_total"),
+                "served_rows": _metric_sum(metrics, "edgemoe_expert_rpc_batch_rows_sum"),
+                "cpu_s": _cpu_seconds(self.procs[i].pid),
+                "held": float(len((v.get("holdings") or {}).get(v.get("node_id", ""), []))),
+            })  # fmt: skip
         return out
 
     def stop(self) -> None:
@@ -362,7 +398,8 @@ class _StrategyRun:
 def measure_strategy(
     tb: Testbed, setting: BenchSetting, strategy: str, shards: Path, workdir: Path, port: int,
     say: Callable[[str], None],
-) -> StrategyResult:
+) -> tuple[StrategyResult, dict[str, Any], list[str]]:
+    """The measured figures, the placement in force while measuring, the nodes' ids."""
     t0 = time.monotonic()
     run = _StrategyRun(tb, setting, strategy, shards, workdir, port)
     try:
@@ -371,30 +408,72 @@ def measure_strategy(
             f"{setting.profile_requests} requests per node")  # fmt: skip
         run.load(setting.profile_requests)
         epoch = run.migrate(epoch)
+        placed = run.view()
         setup = time.monotonic() - t0
         say(f"{strategy}: re-placed (epoch {epoch}); measuring {setting.requests} x "
             f"{setting.tokens} tokens per node")  # fmt: skip
         before = run.counters()
         failed_before = len(run.failures)
-        times, counts, wall = run.load(setting.requests)
+        per_node, wall = run.load(setting.requests)
         after = run.counters()
         failures = run.failures[failed_before:]
     finally:
         run.stop()
-    tokens = sum(counts)
-    gaps = np.concatenate([np.diff(t[1:]) for t in times if len(t) > 2] or [np.zeros(0)])
-    delta = {k: after[k] - before[k] for k in after}
+    times = [t for node in per_node for t, _ in node]
+    tokens = sum(n for node in per_node for _, n in node)
+    gaps = _decode_gaps(times)
+    delta = {k: sum(a[k] - b[k] for a, b in zip(after, before, strict=True)) for k in after[0]}
+    nodes = [{
+        "tokens_per_s": sum(n for _, n in node) / wall,
+        "decode_latency_p50_s": _p(_decode_gaps([t for t, _ in node]), 50),
+        **{k: a[k] - b[k] for k in a if k != "held"}, "held": a["held"],
+    } for node, a, b in zip(per_node, after, before, strict=True)]  # fmt: skip
     return StrategyResult(
         tokens_per_s=tokens / wall,
-        decode_latency_p50_s=float(np.percentile(gaps, 50)) if gaps.size else float("nan"),
-        decode_latency_p99_s=float(np.percentile(gaps, 99)) if gaps.size else float("nan"),
+        decode_latency_p50_s=_p(gaps, 50), decode_latency_p99_s=_p(gaps, 99),
         request_latency_mean_s=float(np.mean([t[-1] - t[0] for t in times])),
         bytes_between_nodes_per_token=delta["bytes"] / max(tokens, 1),
         remote_calls_per_token=delta["calls"] / max(tokens, 1),
         local_share=delta["local"] / delta["routed"] if delta["routed"] else 1.0,
         tokens=tokens, seconds=wall, epoch=epoch, setup_s=setup,
-        failed_requests=len(failures), failures=run.failures or None,
-    )  # fmt: skip
+        failed_requests=len(failures), failures=run.failures or None, nodes=nodes,
+    ), placed, run.node_ids  # fmt: skip
+
+
+def _decode_gaps(times: list[list[float]]) -> np.ndarray:
+    """Seconds between consecutive tokens after the first (decode steps) of each request."""
+    return np.concatenate([np.diff(t[1:]) for t in times if len(t) > 2] or [np.zeros(0)])
+
+
+def _p(values: np.ndarray, q: float) -> float:
+    return float(np.percentile(values, q)) if values.size else float("nan")
+
+
+def _prompt_tokens(shards: Path) -> int:
+    """Tokens of PROMPT as the daemons encode it (their tokenizer ships with the shards)."""
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(str(shards))(PROMPT)["input_ids"])
+
+
+def _simulate(setting: BenchSetting, strategy: str, shards: Path, placed: dict[str, Any],
+              node_ids: list[str], constants: Any) -> float:  # fmt: skip
+    """edgemoe.sim's mean request latency for this strategy's measured window."""
+    from edgemoe.daemon.testbed import simulated
+    from edgemoe.model.manifest import Manifest
+
+    manifest = Manifest.load(shards)
+    prompt = _prompt_tokens(shards)
+    requests = simulated.replayed_requests(
+        setting.trace, setting.streams, shards, skip=setting.profile_requests,
+        count=setting.requests, prompt_tokens=prompt, tokens=setting.tokens)
+    placement = simulated.placement_of(placed, node_ids, manifest.num_layers,
+                                       manifest.num_experts)
+    return simulated.simulated_latency(
+        placement, requests, constants=constants, bandwidth_mbps=setting.bandwidth_mbps,
+        delay_ms=setting.delay_ms, hidden_size=int(manifest.config["hidden_size"]),
+        activation_bytes=2 if setting.shape == "lite" else 4,
+        transport=split_strategy(strategy)[1], prompt_tokens=prompt)
 
 
 def run_testbed_bench(setting: BenchSetting, workdir: Path,
@@ -407,6 +486,12 @@ def run_testbed_bench(setting: BenchSetting, workdir: Path,
     for name in setting.streams:
         load_stream(setting.trace, name)  # a bad stream fails now, not in a daemon
     shards = build_model(workdir, setting.shape, say, setting.layers)
+    from edgemoe.daemon.testbed.simulated import calibrate_for
+
+    say("bench calibrate: the simulator's constants at this model's shape, on one thread ...")
+    constants = calibrate_for(shards)
+    say(", ".join(f"{k} {v:.3g}" for k, v in constants.to_dict().items()
+                  if isinstance(v, float)))  # fmt: skip
     spec = TestbedSpec(nodes=setting.nodes, bandwidth_mbps=setting.bandwidth_mbps,
                        delay_ms=setting.delay_ms)  # fmt: skip
     results: dict[str, Any] = {}
@@ -418,14 +503,21 @@ def run_testbed_bench(setting: BenchSetting, workdir: Path,
             run_dir = workdir / f"run-{strategy}"
             shutil.rmtree(run_dir, ignore_errors=True)  # a node's state from an earlier run
             run_dir.mkdir(parents=True)  # (placement log, holdings) must not leak into this one
-            results[strategy] = asdict(measure_strategy(
-                tb, setting, strategy, shards, run_dir, DAEMON_PORT + k, say))  # fmt: skip
+            result, placed, node_ids = measure_strategy(
+                tb, setting, strategy, shards, run_dir, DAEMON_PORT + k, say)
+            result.simulated_request_latency_mean_s = _simulate(
+                setting, strategy, shards, placed, node_ids, constants)
+            result.measured_over_simulated = (
+                result.request_latency_mean_s / result.simulated_request_latency_mean_s)
+            results[strategy] = asdict(result)
     return {
         "setting": {**{k: v for k, v in asdict(setting).items() if k != "trace"},
                     "trace": str(setting.trace), "nodes": setting.nodes},
         "link": {"rtt_median_s": link["rtt_median_s"], "mbps": link["mbps"]},
+        "constants": constants.to_dict(),
         "strategies": results,
     }
 
 
-__all__ = ["BenchSetting", "StrategyResult", "build_model", "run_testbed_bench"]
+__all__ = ["DEFAULT_STRATEGIES", "BenchSetting", "StrategyResult", "build_model",
+           "run_testbed_bench", "split_strategy"]
