@@ -154,7 +154,7 @@ def bench_testbed(
     from edgemoe.daemon.testbed.lifecycle import remove_leftovers as remove
     from edgemoe.stats.traces import TraceError, default_trace_path
 
-    out = Console()
+    out = Console(width=max(Console().width, 150))  # the table's 10 columns, unwrapped
     if remove_leftovers:
         names = remove()
         out.print(f"removed {len(names)} namespaces: {', '.join(names) or 'none left'}")

@@ -15,6 +15,7 @@ Beside each, edgemoe.sim's prediction of the same run (`simulated.py`), with con
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -48,6 +49,10 @@ HTTP_TIMEOUT_S = 300.0
 POLL_S = 0.5
 # A request the daemon answers with an error is sent again this many times in all.
 REQUEST_ATTEMPTS = 3
+# The expert-call probe (the simulator's per-message cost): calls, and the id it signs as
+# (not a member; daemons answer expert calls from any holder of the secret).
+RPC_PROBE_CALLS = 30
+RPC_PROBE_NODE_ID = "7e57be0c47e57be0"
 PROMPT = "Replay the recorded routing of this request."
 SHAPES = ("lite", "tiny")
 DEFAULT_STRATEGIES = ("edgemoe", "dancemoe", "dancemoe+per-expert", "eplb", "layers")
@@ -120,6 +125,7 @@ class StrategyResult:
     # per node (namespace order): its tokens/s and decode p50, and over the measured window
     # the counters of `_StrategyRun.counters` (where the bytes, calls and CPU went)
     nodes: list[dict[str, float]] | None = None
+    expert_call_s: float = float("nan")  # the expert-call probe's median (first strategy)
 
 
 @dataclass
@@ -227,6 +233,32 @@ def _metric_sum(text: str, name: str) -> float:
     return total
 
 
+async def _expert_rtts(url: str, secret: str, view: dict[str, Any], expert: str, hidden: int,
+                      dtype: str, calls: int) -> float:  # fmt: skip
+    import torch
+
+    from edgemoe.daemon.peers import PeerClient
+    from edgemoe.daemon.remote import FORWARD_PATH
+    from edgemoe.daemon.rpc import tensor_to_wire
+
+    layer, index = (int(x) for x in expert.split("/"))
+    kind = getattr(torch, dtype)
+    body = {"layer": layer, "hidden": tensor_to_wire(torch.randn(1, hidden).to(kind)),
+            "expert_ids": tensor_to_wire(torch.tensor([[index]], dtype=torch.int64)),
+            "weights": tensor_to_wire(torch.ones(1, 1, dtype=kind))}  # fmt: skip
+    client = PeerClient(url, RPC_PROBE_NODE_ID, secret.encode(), peer_id=view["node_id"])
+    times = []
+    try:
+        for i in range(calls + 3):  # 3 to warm the connection up
+            t0 = time.perf_counter()
+            await client.post(FORWARD_PATH, body, timeout_s=HTTP_TIMEOUT_S)
+            if i >= 3:
+                times.append(time.perf_counter() - t0)
+    finally:
+        await client.close()
+    return float(np.median(times))
+
+
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process (/proc; `ip netns exec` execs the daemon)."""
     try:
@@ -272,7 +304,7 @@ class _StrategyRun:
 
     def _start(self, shards: Path, port: int) -> None:
         s = self.setting
-        secret = secrets.token_hex(32)
+        self.secret = secret = secrets.token_hex(32)
         strategy, transport = split_strategy(self.strategy)
         cluster_id = f"tb-{strategy}-{secrets.token_hex(2)}"
         for i in range(s.nodes):
@@ -354,6 +386,17 @@ class _StrategyRun:
                     raise
         raise AssertionError("unreachable")
 
+    def expert_call_s(self, hidden: int, dtype: str, calls: int = RPC_PROBE_CALLS) -> float:
+        """Median round trip of a one-row expert call from node 0 to an expert node 1 holds,
+        through the daemons' own wire (signed, sealed, their batching worker): what one
+        message costs, for the simulator's `message_s` (calibrate's is a bare msgpack echo)."""
+        view = self.view(1)
+        expert = view["holdings"][view["node_id"]][0]
+        return self.pools[0].submit(
+            lambda: _in_namespace_thread() or asyncio.run(_expert_rtts(
+                self.http[1].url, self.secret, view, expert, hidden, dtype, calls))
+        ).result(HTTP_TIMEOUT_S)
+
     def migrate(self, epoch: int) -> int:
         self.http[0].call("POST", "/v1/cluster/migrate", {"dry_run": False, "members": None},
                           timeout=HTTP_TIMEOUT_S)  # fmt: skip
@@ -397,13 +440,15 @@ class _StrategyRun:
 
 def measure_strategy(
     tb: Testbed, setting: BenchSetting, strategy: str, shards: Path, workdir: Path, port: int,
-    say: Callable[[str], None],
+    say: Callable[[str], None], probe: tuple[int, str] | None = None,
 ) -> tuple[StrategyResult, dict[str, Any], list[str]]:
-    """The measured figures, the placement in force while measuring, the nodes' ids."""
+    """The measured figures, the placement in force while measuring, the nodes' ids.
+    `probe` (hidden size, dtype): also time one-row expert calls (`expert_call_s`) first."""
     t0 = time.monotonic()
     run = _StrategyRun(tb, setting, strategy, shards, workdir, port)
     try:
         epoch = run.ready()
+        call_s = run.expert_call_s(*probe) if probe else float("nan")
         say(f"{strategy}: placement epoch {epoch} in force; profiling "
             f"{setting.profile_requests} requests per node")  # fmt: skip
         run.load(setting.profile_requests)
@@ -424,7 +469,7 @@ def measure_strategy(
     gaps = _decode_gaps(times)
     delta = {k: sum(a[k] - b[k] for a, b in zip(after, before, strict=True)) for k in after[0]}
     nodes = [{
-        "tokens_per_s": sum(n for _, n in node) / wall,
+        "tokens_per_s": sum(n for _, n in node) / (node[-1][0][-1] - node[0][0][0]),
         "decode_latency_p50_s": _p(_decode_gaps([t for t, _ in node]), 50),
         **{k: a[k] - b[k] for k in a if k != "held"}, "held": a["held"],
     } for node, a, b in zip(per_node, after, before, strict=True)]  # fmt: skip
@@ -437,6 +482,7 @@ def measure_strategy(
         local_share=delta["local"] / delta["routed"] if delta["routed"] else 1.0,
         tokens=tokens, seconds=wall, epoch=epoch, setup_s=setup,
         failed_requests=len(failures), failures=run.failures or None, nodes=nodes,
+        expert_call_s=call_s,
     ), placed, run.node_ids  # fmt: skip
 
 
@@ -486,10 +532,13 @@ def run_testbed_bench(setting: BenchSetting, workdir: Path,
     for name in setting.streams:
         load_stream(setting.trace, name)  # a bad stream fails now, not in a daemon
     shards = build_model(workdir, setting.shape, say, setting.layers)
-    from edgemoe.daemon.testbed.simulated import calibrate_for
+    from edgemoe.daemon.testbed.simulated import calibrate_for, with_wire_cost
+    from edgemoe.model.manifest import Manifest
 
+    manifest = Manifest.load(shards)
+    dtype = manifest.config.get("dtype") or manifest.config.get("torch_dtype") or "float32"
     say("bench calibrate: the simulator's constants at this model's shape, on one thread ...")
-    constants = calibrate_for(shards)
+    calibrated = constants = calibrate_for(shards)
     say(", ".join(f"{k} {v:.3g}" for k, v in constants.to_dict().items()
                   if isinstance(v, float)))  # fmt: skip
     spec = TestbedSpec(nodes=setting.nodes, bandwidth_mbps=setting.bandwidth_mbps,
@@ -504,7 +553,14 @@ def run_testbed_bench(setting: BenchSetting, workdir: Path,
             shutil.rmtree(run_dir, ignore_errors=True)  # a node's state from an earlier run
             run_dir.mkdir(parents=True)  # (placement log, holdings) must not leak into this one
             result, placed, node_ids = measure_strategy(
-                tb, setting, strategy, shards, run_dir, DAEMON_PORT + k, say)
+                tb, setting, strategy, shards, run_dir, DAEMON_PORT + k, say,
+                probe=None if k else (int(manifest.config["hidden_size"]), str(dtype)))
+            if k == 0:
+                constants = with_wire_cost(calibrated, result.expert_call_s,
+                                           link["rtt_median_s"])
+                say(f"expert call through the daemons: {1000 * result.expert_call_s:.2f} ms "
+                    f"round trip; simulator message_s {1000 * constants.message_s:.2f} ms "
+                    f"(calibrate's bare echo: {1000 * calibrated.message_s:.2f} ms)")
             result.simulated_request_latency_mean_s = _simulate(
                 setting, strategy, shards, placed, node_ids, constants)
             result.measured_over_simulated = (
@@ -515,6 +571,7 @@ def run_testbed_bench(setting: BenchSetting, workdir: Path,
                     "trace": str(setting.trace), "nodes": setting.nodes},
         "link": {"rtt_median_s": link["rtt_median_s"], "mbps": link["mbps"]},
         "constants": constants.to_dict(),
+        "calibrated_constants": calibrated.to_dict(),
         "strategies": results,
     }
 
