@@ -448,12 +448,13 @@ def measure_strategy(
     run = _StrategyRun(tb, setting, strategy, shards, workdir, port)
     try:
         epoch = run.ready()
-        call_s = run.expert_call_s(*probe) if probe else float("nan")
         say(f"{strategy}: placement epoch {epoch} in force; profiling "
             f"{setting.profile_requests} requests per node")  # fmt: skip
         run.load(setting.profile_requests)
         epoch = run.migrate(epoch)
         placed = run.view()
+        # after the profiling window and the re-placement: warm daemons, nothing moving
+        call_s = run.expert_call_s(*probe) if probe else float("nan")
         setup = time.monotonic() - t0
         say(f"{strategy}: re-placed (epoch {epoch}); measuring {setting.requests} x "
             f"{setting.tokens} tokens per node")  # fmt: skip
