@@ -102,6 +102,10 @@ SCHEMA: tuple[Key, ...] = (
         "bfloat16 or float32 dequantize to that. Capacity counts the bytes held in memory."),
     Key("strategy", "edgemoe",
         "Placement strategy: uniform, layers, eplb, dancemoe, edgemoe or optimal."),
+    Key("transport", None,
+        "How remote experts are called: per-server (one call per peer and layer, the default)\n"
+        "or per-expert (one per (token, expert), as DanceMoE's system; for comparisons).",
+        "per-expert"),
     Key("drift_threshold", 0.15,
         "Re-place experts by itself when a node's requests moved this share of their expert\n"
         "selections to other experts since the placement was decided (0-1; 1: never)."),

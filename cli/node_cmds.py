@@ -60,6 +60,9 @@ def _daemon_command(app: typer.Typer) -> None:
         tls_key: Annotated[str | None, typer.Option(help="PEM key of tls_cert")] = None,
         device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N")] = None,
         strategy: Annotated[str | None, typer.Option(help="Placement strategy")] = None,
+        transport: Annotated[
+            str | None, typer.Option(help="per-server (default) or per-expert (DanceMoE's calls)")
+        ] = None,
         log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error")] = None,
         drift_threshold: Annotated[
             float | None, typer.Option(help="Re-place when statistics drift above this (0-1)")
@@ -83,7 +86,7 @@ def _daemon_command(app: typer.Typer) -> None:
             api_token=api_token, admin_token=admin_token, secret_file=secret_file,
             api_token_file=api_token_file, admin_token_file=admin_token_file,
             tls_cert=tls_cert, tls_key=tls_key, device=device, strategy=strategy,
-            log_level=log_level,
+            transport=transport, log_level=log_level,
             drift_threshold=drift_threshold, drift_min_interval=drift_min_interval,
             routing_trace=routing_trace, routing_stream=routing_stream,
         )  # fmt: skip

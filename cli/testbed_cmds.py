@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-DEFAULT_STRATEGIES = "edgemoe,dancemoe,eplb,layers"
+DEFAULT_STRATEGIES = "edgemoe,dancemoe,dancemoe+per-expert,eplb,layers"
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -35,7 +35,8 @@ def results_table(report: dict[str, Any]) -> Any:
         f"{s['delay_ms']:g} ms a side; {s['requests']} x {s['tokens']} tokens per node"
     ))  # fmt: skip
     for col in ("strategy", "tokens/s", "decode p50 ms", "decode p99 ms", "request s",
-                "KB/token", "calls/token", "local share"):  # fmt: skip
+                "KB/token", "calls/token", "local share", "sim request s",
+                "measured/sim"):  # fmt: skip
         table.add_column(col, justify="left" if col == "strategy" else "right")
     for name, r in report["strategies"].items():
         table.add_row(
@@ -43,26 +44,55 @@ def results_table(report: dict[str, Any]) -> Any:
             f"{1000 * r['decode_latency_p99_s']:.1f}", f"{r['request_latency_mean_s']:.2f}",
             f"{r['bytes_between_nodes_per_token'] / 1000:.1f}",
             f"{r['remote_calls_per_token']:.1f}", f"{r['local_share']:.0%}",
+            f"{r['simulated_request_latency_mean_s']:.2f}", f"x{r['measured_over_simulated']:.2f}",
         )  # fmt: skip
     return table
 
 
-def ratio_lines(report: dict[str, Any]) -> list[str]:
-    """edgemoe against each other strategy, from this run's numbers."""
+def strategy_ratios(report: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """edgemoe / each other strategy, from this run's numbers: measured and simulated (the
+    simulator agrees when `sim_over_measured` is near 1)."""
     res = report["strategies"]
     if "edgemoe" not in res:
-        return []
+        return {}
     e = res["edgemoe"]
-    out = []
+    out = {}
     for name, r in res.items():
         if name == "edgemoe" or not r["tokens_per_s"]:
             continue
-        out.append(
-            f"edgemoe / {name}: tokens/s x{e['tokens_per_s'] / r['tokens_per_s']:.2f}, "
-            f"decode p50 x{e['decode_latency_p50_s'] / r['decode_latency_p50_s']:.2f}, "
-            f"bytes/token x{e['bytes_between_nodes_per_token'] / max(r['bytes_between_nodes_per_token'], 1):.2f}"  # noqa: E501
-        )
+        measured = e["request_latency_mean_s"] / r["request_latency_mean_s"]
+        simulated = e["simulated_request_latency_mean_s"] / r["simulated_request_latency_mean_s"]
+        out[name] = {
+            "tokens_per_s": e["tokens_per_s"] / r["tokens_per_s"],
+            "decode_latency_p50_s": e["decode_latency_p50_s"] / r["decode_latency_p50_s"],
+            "bytes_between_nodes_per_token": e["bytes_between_nodes_per_token"]
+            / max(r["bytes_between_nodes_per_token"], 1),
+            "request_latency_mean_s": measured,
+            "simulated_request_latency_mean_s": simulated,
+            "sim_over_measured": simulated / measured,
+        }
     return out
+
+
+def node_lines(report: dict[str, Any]) -> list[str]:
+    """Where each strategy's work went: per node, over the measured window."""
+    return [
+        f"{name} node {i}: {n['tokens_per_s']:.2f} tokens/s, decode p50 "
+        f"{1000 * n['decode_latency_p50_s']:.0f} ms, CPU {n['cpu_s']:.1f} s, holds "
+        f"{n['held']:.0f} experts, made {n['calls']:.0f} calls, served {n['served_calls']:.0f} "
+        f"calls / {n['served_rows']:.0f} rows for peers"
+        for name, r in report["strategies"].items() for i, n in enumerate(r.get("nodes") or [])
+    ]
+
+
+def ratio_lines(ratios: dict[str, dict[str, float]]) -> list[str]:
+    return [
+        f"edgemoe / {name}: tokens/s x{r['tokens_per_s']:.2f}, decode p50 "
+        f"x{r['decode_latency_p50_s']:.2f}, bytes/token x{r['bytes_between_nodes_per_token']:.2f}"
+        f", request latency measured x{r['request_latency_mean_s']:.2f} simulated "
+        f"x{r['simulated_request_latency_mean_s']:.2f} (sim/measured {r['sim_over_measured']:.2f})"
+        for name, r in ratios.items()
+    ]
 
 
 def bench_testbed(
@@ -110,28 +140,31 @@ def bench_testbed(
 
     Per strategy: start one daemon per namespace (only node 0 has the shards), wait for the
     placement, replay each node's stream for a profiling window, re-place (migrate), then
-    measure. Needs root, iproute2, iptables and the netfilterqueue package; removes every
-    namespace, qdisc, rule and process it made on exit, errors and Ctrl-C. The per-expert
-    transport (dancemoe as published) is not in the daemon yet, so it is not compared.
+    measure; beside each, edgemoe.sim's prediction of the same run (constants from `bench
+    calibrate`, run first). A strategy NAME+per-expert runs its daemons with the per-expert
+    transport (one call per (token, expert): dancemoe+per-expert is DanceMoE as published).
+    Needs root, iproute2, iptables and the netfilterqueue package; removes every namespace,
+    qdisc, rule and process it made on exit, errors and Ctrl-C.
     """
     from rich.console import Console
 
-    from edgemoe.daemon.config import STRATEGIES
+    from edgemoe.daemon.config import STRATEGIES, TRANSPORTS
     from edgemoe.daemon.testbed import TestbedError
-    from edgemoe.daemon.testbed.bench import BenchSetting, run_testbed_bench
+    from edgemoe.daemon.testbed.bench import BenchSetting, run_testbed_bench, split_strategy
     from edgemoe.daemon.testbed.lifecycle import remove_leftovers as remove
     from edgemoe.stats.traces import TraceError, default_trace_path
 
-    out = Console()
+    out = Console(width=max(Console().width, 150))  # the table's 10 columns, unwrapped
     if remove_leftovers:
         names = remove()
         out.print(f"removed {len(names)} namespaces: {', '.join(names) or 'none left'}")
         return
     chosen = tuple(s.strip() for s in strategies.split(",") if s.strip())
-    unknown = [s for s in chosen if s not in STRATEGIES]
+    unknown = [s for s in chosen if split_strategy(s)[0] not in STRATEGIES
+               or split_strategy(s)[1] not in TRANSPORTS]  # fmt: skip
     if unknown or not chosen:
         raise _fail(f"unknown strategy {unknown[0] if unknown else '(none)'}; choose from "
-                    f"{', '.join(STRATEGIES)}")  # fmt: skip
+                    f"{', '.join(STRATEGIES)}, each optionally +per-expert")  # fmt: skip
     setting = BenchSetting(
         trace=trace or default_trace_path(),
         streams=tuple(s.strip() for s in streams.split(",") if s.strip()),
@@ -150,8 +183,9 @@ def bench_testbed(
     finally:
         if tmp:
             shutil.rmtree(work, ignore_errors=True)
+    report["ratios"] = {"edgemoe_over": strategy_ratios(report)}
     out.print(results_table(report))
-    for line in ratio_lines(report):
+    for line in node_lines(report) + ratio_lines(report["ratios"]["edgemoe_over"]):
         out.print(line)
     for name, r in report["strategies"].items():
         if r.get("failures"):

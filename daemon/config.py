@@ -33,6 +33,9 @@ DEFAULT_PORT = 7600
 # threshold or less. 0.25 would wait 6-14 min; 1 turns drift epochs off (drift never exceeds 1).
 DEFAULT_DRIFT_THRESHOLD = 0.15
 STRATEGIES = ("uniform", "layers", "eplb", "dancemoe", "edgemoe", "optimal")
+# How a node calls peers for remote experts: one call per peer per layer (ours), or one per
+# (token, expert) as DanceMoE's system does (daemon/per_expert.py).
+TRANSPORTS = ("per-server", "per-expert")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _SIZE_UNITS = {
     "": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -139,6 +142,7 @@ class DaemonConfig:
     # compute dtype elsewhere; "bfloat16"/"float32" dequantize (or cast) to that dtype.
     expert_dtype: str = "native"
     strategy: str = "edgemoe"
+    transport: str = "per-server"
     log_level: str = "info"
     advertise_host: str | None = None  # address peers use to reach us; defaults to host
     drift_threshold: float = DEFAULT_DRIFT_THRESHOLD
@@ -201,6 +205,8 @@ def _coerce(key: str, value: Any) -> Any:
             return tuple(parse_host_port(item) for item in _as_list(value))
         if key == "strategy" and value not in STRATEGIES:
             raise ConfigError(f"strategy: must be one of {', '.join(STRATEGIES)}, got {value!r}")
+        if key == "transport" and value not in TRANSPORTS:
+            raise ConfigError(f"transport: must be one of {', '.join(TRANSPORTS)}, got {value!r}")
         if key == "log_level":
             value = str(value).lower()
             if value not in LOG_LEVELS:

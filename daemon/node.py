@@ -26,6 +26,7 @@ from edgemoe.daemon.http_server import KEEPALIVE_S, ConnectionGuard, GuardedSite
 from edgemoe.daemon.identity import load_or_create_node_id
 from edgemoe.daemon.metrics import DaemonMetrics
 from edgemoe.daemon.peers import PeerClient, PeerError
+from edgemoe.daemon.per_expert import remote_executor_factory
 from edgemoe.daemon.remote import LocalShareTap, Router
 from edgemoe.daemon.replay import replay_from_config
 from edgemoe.daemon.rpc import ExpertService
@@ -401,7 +402,8 @@ class Daemon:
         self.tap = LocalShareTap(self.recorder, self.local, self.metrics)
         loop = asyncio.get_running_loop()
         self.router = Router(
-            self.node_id, self.local, self, loop, self.metrics, self.fetch_and_load
+            self.node_id, self.local, self, loop, self.metrics, self.fetch_and_load,
+            remote_executor=remote_executor_factory(self.config.transport),
         )
         self.expert_service = ExpertService(
             self.local, on_batch=self.metrics.rpc_batch_rows.observe

@@ -51,6 +51,7 @@ class Router:
         fetch_and_load: Callable[[int, int], Awaitable[None]],
         *,
         call_timeout_s: float = 20.0,
+        remote_executor: Callable[[Router, str], ExpertExecutor] | None = None,
     ) -> None:
         self.node_id = node_id
         self.local = local
@@ -61,7 +62,9 @@ class Router:
         self.call_timeout_s = call_timeout_s
         self._holdings: dict[tuple[int, int], tuple[str, ...]] = {}
         self._preferred: dict[tuple[int, int], str] = {}
-        self._remotes: dict[str, RemoteExecutor] = {}
+        self._remotes: dict[str, ExpertExecutor] = {}
+        # The transport: what calls a peer (per_expert.remote_executor_factory chooses).
+        self._make_remote = remote_executor or RemoteExecutor
         self._lock = threading.Lock()
         self._orphans = _OrphanExecutor(self)
 
@@ -89,11 +92,11 @@ class Router:
             alive.insert(0, first)
         return alive
 
-    def remote(self, node_id: str) -> RemoteExecutor:
+    def remote(self, node_id: str) -> ExpertExecutor:
         with self._lock:
             ex = self._remotes.get(node_id)
             if ex is None:
-                ex = self._remotes[node_id] = RemoteExecutor(self, node_id)
+                ex = self._remotes[node_id] = self._make_remote(self, node_id)
             return ex
 
     def executor_for(self, layer: int, expert: int) -> ExpertExecutor:

@@ -1,15 +1,21 @@
 """`edgemoe bench testbed`: real daemons in namespaces over shaped links, replaying real
 routing, strategies side by side on the same setting and seed.
 
+A strategy is a placement strategy, optionally with `+per-expert`: its daemons then call
+peers once per (token, expert) (DanceMoE's system as published; daemon/per_expert.py).
+
 Per strategy, on one testbed: one daemon per namespace (only node 0 has the shards; mDNS
 bound to the namespace addresses), wait for the first placement, replay each node's stream
 for a profiling window, re-place from those statistics (`migrate`), then every node runs
 `requests` streamed requests of `tokens` tokens (nodes in parallel, each sequential) while
 the bench records token arrival times, expert-RPC bytes and calls, and the local share.
+Beside each, edgemoe.sim's prediction of the same run (`simulated.py`), with constants from
+`bench calibrate` run first on this machine.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -43,8 +49,19 @@ HTTP_TIMEOUT_S = 300.0
 POLL_S = 0.5
 # A request the daemon answers with an error is sent again this many times in all.
 REQUEST_ATTEMPTS = 3
+# The expert-call probe (the simulator's per-message cost): calls, and the id it signs as
+# (not a member; daemons answer expert calls from any holder of the secret).
+RPC_PROBE_CALLS = 30
+RPC_PROBE_NODE_ID = "7e57be0c47e57be0"
 PROMPT = "Replay the recorded routing of this request."
 SHAPES = ("lite", "tiny")
+DEFAULT_STRATEGIES = ("edgemoe", "dancemoe", "dancemoe+per-expert", "eplb", "layers")
+
+
+def split_strategy(name: str) -> tuple[str, str]:
+    """'dancemoe+per-expert' -> ('dancemoe', 'per-expert'); a bare name is per-server."""
+    strategy, _, transport = name.partition("+")
+    return strategy, transport or "per-server"
 
 
 @dataclass(frozen=True)
@@ -55,7 +72,7 @@ class BenchSetting:
     total_capacity: float = 1.2  # all nodes together, in model expert bytes
     bandwidth_mbps: float | None = 500.0
     delay_ms: float = 1.0
-    strategies: tuple[str, ...] = ("edgemoe", "dancemoe", "eplb", "layers")
+    strategies: tuple[str, ...] = DEFAULT_STRATEGIES
     profile_requests: int = 4
     requests: int = 4
     tokens: int = 16
@@ -97,12 +114,18 @@ class StrategyResult:
     bytes_between_nodes_per_token: float
     remote_calls_per_token: float
     local_share: float
+    simulated_request_latency_mean_s: float = float("nan")
+    measured_over_simulated: float = float("nan")  # request latency, measured / simulated
     tokens: int = 0
     seconds: float = 0.0
     epoch: int = 0
     setup_s: float = 0.0
     failed_requests: int = 0  # answered with an error and sent again (measured window)
     failures: list[str] | None = None
+    # per node (namespace order): its tokens/s and decode p50, and over the measured window
+    # the counters of `_StrategyRun.counters` (where the bytes, calls and CPU went)
+    nodes: list[dict[str, float]] | None = None
+    expert_call_s: float = float("nan")  # the expert-call probe's median (first strategy)
 
 
 @dataclass
@@ -210,6 +233,41 @@ def _metric_sum(text: str, name: str) -> float:
     return total
 
 
+async def _expert_rtts(url: str, secret: str, view: dict[str, Any], expert: str, hidden: int,
+                      dtype: str, calls: int) -> float:  # fmt: skip
+    import torch
+
+    from edgemoe.daemon.peers import PeerClient
+    from edgemoe.daemon.remote import FORWARD_PATH
+    from edgemoe.daemon.rpc import tensor_to_wire
+
+    layer, index = (int(x) for x in expert.split("/"))
+    kind = getattr(torch, dtype)
+    body = {"layer": layer, "hidden": tensor_to_wire(torch.randn(1, hidden).to(kind)),
+            "expert_ids": tensor_to_wire(torch.tensor([[index]], dtype=torch.int64)),
+            "weights": tensor_to_wire(torch.ones(1, 1, dtype=kind))}  # fmt: skip
+    client = PeerClient(url, RPC_PROBE_NODE_ID, secret.encode(), peer_id=view["node_id"])
+    times = []
+    try:
+        for i in range(calls + 3):  # 3 to warm the connection up
+            t0 = time.perf_counter()
+            await client.post(FORWARD_PATH, body, timeout_s=HTTP_TIMEOUT_S)
+            if i >= 3:
+                times.append(time.perf_counter() - t0)
+    finally:
+        await client.close()
+    return float(np.median(times))
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (/proc; `ip netns exec` execs the daemon)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _settled(view: dict[str, Any], nodes: int, after_epoch: int) -> bool:
     """All members alive, a placement newer than `after_epoch`, every node holding exactly
     what it is assigned, nothing pending."""
@@ -246,8 +304,9 @@ class _StrategyRun:
 
     def _start(self, shards: Path, port: int) -> None:
         s = self.setting
-        secret = secrets.token_hex(32)
-        cluster_id = f"tb-{self.strategy}-{secrets.token_hex(2)}"
+        self.secret = secret = secrets.token_hex(32)
+        strategy, transport = split_strategy(self.strategy)
+        cluster_id = f"tb-{strategy}-{secrets.token_hex(2)}"
         for i in range(s.nodes):
             state = self.workdir / f"node{i}"
             state.mkdir(parents=True, exist_ok=True)
@@ -258,7 +317,8 @@ class _StrategyRun:
                 model_dir=str(shards) if i == 0 else None,
                 host=self.tb.address(i), port=port, interface=[self.tb.address(i)],
                 capacity=f"{100 * s.capacity_share(i):.4f}%", device="cpu",
-                strategy=self.strategy, log_level="warning", drift_threshold=1.0,
+                strategy=strategy, transport=transport, log_level="warning",
+                drift_threshold=1.0,
                 routing_trace=str(s.trace), routing_stream=s.streams[i],
             )))  # fmt: skip
             env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEMOE_")}
@@ -298,22 +358,22 @@ class _StrategyRun:
             return all(h.call("GET", "/healthz", timeout=3).get("ready") for h in self.http)
 
         self.wait("the daemons to be ready", healthy, START_TIMEOUT_S)
+        self.node_ids = [h.call("GET", "/healthz", timeout=3)["node_id"] for h in self.http]
         self.wait("the first placement", lambda: all(
             _settled(self.view(i), self.setting.nodes, 0) for i in range(self.setting.nodes)
         ), PLACEMENT_TIMEOUT_S)  # fmt: skip
         return int(self.view()["placement"]["epoch"])
 
-    def load(self, requests: int) -> tuple[list[list[float]], list[int], float]:
-        """Every node `requests` sequential streamed requests, nodes in parallel."""
+    def load(self, requests: int) -> tuple[list[list[tuple[list[float], int]]], float]:
+        """Every node `requests` sequential streamed requests, nodes in parallel: per node,
+        (token arrival times, tokens) of each request; the wall time."""
         def node_work(i: int) -> list[tuple[list[float], int]]:
             return [self._one(i) for _ in range(requests)]  # on a thread in node i's namespace
 
         start = time.perf_counter()
         futures = [self.pools[i].submit(node_work, i) for i in range(self.setting.nodes)]
         per_node = [f.result(HTTP_TIMEOUT_S * requests * REQUEST_ATTEMPTS) for f in futures]
-        wall = time.perf_counter() - start
-        runs = [r for node in per_node for r in node]
-        return [t for t, _ in runs], [n for _, n in runs], wall
+        return per_node, time.perf_counter() - start
 
     def _one(self, node: int) -> tuple[list[float], int]:
         """One request; a request the daemon fails is counted and sent again (bounded)."""
@@ -326,6 +386,17 @@ class _StrategyRun:
                     raise
         raise AssertionError("unreachable")
 
+    def expert_call_s(self, hidden: int, dtype: str, calls: int = RPC_PROBE_CALLS) -> float:
+        """Median round trip of a one-row expert call from node 0 to an expert node 1 holds,
+        through the daemons' own wire (signed, sealed, their batching worker): what one
+        message costs, for the simulator's `message_s` (calibrate's is a bare msgpack echo)."""
+        view = self.view(1)
+        expert = view["holdings"][view["node_id"]][0]
+        return self.pools[0].submit(
+            lambda: _in_namespace_thread() or asyncio.run(_expert_rtts(
+                self.http[1].url, self.secret, view, expert, hidden, dtype, calls))
+        ).result(HTTP_TIMEOUT_S)
+
     def migrate(self, epoch: int) -> int:
         self.http[0].call("POST", "/v1/cluster/migrate", {"dry_run": False, "members": None},
                           timeout=HTTP_TIMEOUT_S)  # fmt: skip
@@ -334,15 +405,23 @@ class _StrategyRun:
         ), PLACEMENT_TIMEOUT_S)  # fmt: skip
         return int(self.view()["placement"]["epoch"])
 
-    def counters(self) -> dict[str, float]:
-        out = {"bytes": 0.0, "calls": 0.0, "local": 0.0, "routed": 0.0}
+    def counters(self) -> list[dict[str, float]]:
+        """Per node: bytes sent and received for its experts, calls made, pairs routed (and
+        held locally), rows and calls served for peers, CPU seconds of its daemon."""
+        out = []
         for i in range(self.setting.nodes):
             v = self.view(i)
-            out["bytes"] += float(v.get("remote_bytes", 0))
-            out["local"] += float((v.get("routed") or {}).get("local", 0))
-            out["routed"] += float((v.get("routed") or {}).get("total", 0))
             metrics = self.http[i].call("GET", "/metrics")
-            out["calls"] += _metric_sum(metrics, "edgemoe_remote_expert_calls_total")
+            out.append({
+                "bytes": float(v.get("remote_bytes", 0)),
+                "local": float((v.get("routed") or {}).get("local", 0)),
+                "routed": float((v.get("routed") or {}).get("total", 0)),
+                "calls": _metric_sum(metrics, "edgemoe_remote_expert_calls_total"),
+                "served_calls": _metric_sum(metrics, "edgemoe_expert_rpc_served_total"),
+                "served_rows": _metric_sum(metrics, "edgemoe_expert_rpc_batch_rows_sum"),
+                "cpu_s": _cpu_seconds(self.procs[i].pid),
+                "held": float(len((v.get("holdings") or {}).get(v.get("node_id", ""), []))),
+            })  # fmt: skip
         return out
 
     def stop(self) -> None:
@@ -361,8 +440,10 @@ class _StrategyRun:
 
 def measure_strategy(
     tb: Testbed, setting: BenchSetting, strategy: str, shards: Path, workdir: Path, port: int,
-    say: Callable[[str], None],
-) -> StrategyResult:
+    say: Callable[[str], None], probe: tuple[int, str] | None = None,
+) -> tuple[StrategyResult, dict[str, Any], list[str]]:
+    """The measured figures, the placement in force while measuring, the nodes' ids.
+    `probe` (hidden size, dtype): also time one-row expert calls (`expert_call_s`) first."""
     t0 = time.monotonic()
     run = _StrategyRun(tb, setting, strategy, shards, workdir, port)
     try:
@@ -371,30 +452,75 @@ def measure_strategy(
             f"{setting.profile_requests} requests per node")  # fmt: skip
         run.load(setting.profile_requests)
         epoch = run.migrate(epoch)
+        placed = run.view()
+        # after the profiling window and the re-placement: warm daemons, nothing moving
+        call_s = run.expert_call_s(*probe) if probe else float("nan")
         setup = time.monotonic() - t0
         say(f"{strategy}: re-placed (epoch {epoch}); measuring {setting.requests} x "
             f"{setting.tokens} tokens per node")  # fmt: skip
         before = run.counters()
         failed_before = len(run.failures)
-        times, counts, wall = run.load(setting.requests)
+        per_node, wall = run.load(setting.requests)
         after = run.counters()
         failures = run.failures[failed_before:]
     finally:
         run.stop()
-    tokens = sum(counts)
-    gaps = np.concatenate([np.diff(t[1:]) for t in times if len(t) > 2] or [np.zeros(0)])
-    delta = {k: after[k] - before[k] for k in after}
+    times = [t for node in per_node for t, _ in node]
+    tokens = sum(n for node in per_node for _, n in node)
+    gaps = _decode_gaps(times)
+    delta = {k: sum(a[k] - b[k] for a, b in zip(after, before, strict=True)) for k in after[0]}
+    nodes = [{
+        "tokens_per_s": sum(n for _, n in node) / (node[-1][0][-1] - node[0][0][0]),
+        "decode_latency_p50_s": _p(_decode_gaps([t for t, _ in node]), 50),
+        **{k: a[k] - b[k] for k in a if k != "held"}, "held": a["held"],
+    } for node, a, b in zip(per_node, after, before, strict=True)]  # fmt: skip
     return StrategyResult(
         tokens_per_s=tokens / wall,
-        decode_latency_p50_s=float(np.percentile(gaps, 50)) if gaps.size else float("nan"),
-        decode_latency_p99_s=float(np.percentile(gaps, 99)) if gaps.size else float("nan"),
+        decode_latency_p50_s=_p(gaps, 50), decode_latency_p99_s=_p(gaps, 99),
         request_latency_mean_s=float(np.mean([t[-1] - t[0] for t in times])),
         bytes_between_nodes_per_token=delta["bytes"] / max(tokens, 1),
         remote_calls_per_token=delta["calls"] / max(tokens, 1),
         local_share=delta["local"] / delta["routed"] if delta["routed"] else 1.0,
         tokens=tokens, seconds=wall, epoch=epoch, setup_s=setup,
-        failed_requests=len(failures), failures=run.failures or None,
-    )  # fmt: skip
+        failed_requests=len(failures), failures=run.failures or None, nodes=nodes,
+        expert_call_s=call_s,
+    ), placed, run.node_ids  # fmt: skip
+
+
+def _decode_gaps(times: list[list[float]]) -> np.ndarray:
+    """Seconds between consecutive tokens after the first (decode steps) of each request."""
+    return np.concatenate([np.diff(t[1:]) for t in times if len(t) > 2] or [np.zeros(0)])
+
+
+def _p(values: np.ndarray, q: float) -> float:
+    return float(np.percentile(values, q)) if values.size else float("nan")
+
+
+def _prompt_tokens(shards: Path) -> int:
+    """Tokens of PROMPT as the daemons encode it (their tokenizer ships with the shards)."""
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(str(shards))(PROMPT)["input_ids"])
+
+
+def _simulate(setting: BenchSetting, strategy: str, shards: Path, placed: dict[str, Any],
+              node_ids: list[str], constants: Any) -> float:  # fmt: skip
+    """edgemoe.sim's mean request latency for this strategy's measured window."""
+    from edgemoe.daemon.testbed import simulated
+    from edgemoe.model.manifest import Manifest
+
+    manifest = Manifest.load(shards)
+    prompt = _prompt_tokens(shards)
+    requests = simulated.replayed_requests(
+        setting.trace, setting.streams, shards, skip=setting.profile_requests,
+        count=setting.requests, prompt_tokens=prompt, tokens=setting.tokens)
+    placement = simulated.placement_of(placed, node_ids, manifest.num_layers,
+                                       manifest.num_experts)
+    return simulated.simulated_latency(
+        placement, requests, constants=constants, bandwidth_mbps=setting.bandwidth_mbps,
+        delay_ms=setting.delay_ms, hidden_size=int(manifest.config["hidden_size"]),
+        activation_bytes=2 if setting.shape == "lite" else 4,
+        transport=split_strategy(strategy)[1], prompt_tokens=prompt)
 
 
 def run_testbed_bench(setting: BenchSetting, workdir: Path,
@@ -407,6 +533,15 @@ def run_testbed_bench(setting: BenchSetting, workdir: Path,
     for name in setting.streams:
         load_stream(setting.trace, name)  # a bad stream fails now, not in a daemon
     shards = build_model(workdir, setting.shape, say, setting.layers)
+    from edgemoe.daemon.testbed.simulated import calibrate_for, with_wire_cost
+    from edgemoe.model.manifest import Manifest
+
+    manifest = Manifest.load(shards)
+    dtype = manifest.config.get("dtype") or manifest.config.get("torch_dtype") or "float32"
+    say("bench calibrate: the simulator's constants at this model's shape, on one thread ...")
+    calibrated = constants = calibrate_for(shards)
+    say(", ".join(f"{k} {v:.3g}" for k, v in constants.to_dict().items()
+                  if isinstance(v, float)))  # fmt: skip
     spec = TestbedSpec(nodes=setting.nodes, bandwidth_mbps=setting.bandwidth_mbps,
                        delay_ms=setting.delay_ms)  # fmt: skip
     results: dict[str, Any] = {}
@@ -418,14 +553,29 @@ def run_testbed_bench(setting: BenchSetting, workdir: Path,
             run_dir = workdir / f"run-{strategy}"
             shutil.rmtree(run_dir, ignore_errors=True)  # a node's state from an earlier run
             run_dir.mkdir(parents=True)  # (placement log, holdings) must not leak into this one
-            results[strategy] = asdict(measure_strategy(
-                tb, setting, strategy, shards, run_dir, DAEMON_PORT + k, say))  # fmt: skip
+            result, placed, node_ids = measure_strategy(
+                tb, setting, strategy, shards, run_dir, DAEMON_PORT + k, say,
+                probe=None if k else (int(manifest.config["hidden_size"]), str(dtype)))
+            if k == 0:
+                constants = with_wire_cost(calibrated, result.expert_call_s,
+                                           link["rtt_median_s"])
+                say(f"expert call through the daemons: {1000 * result.expert_call_s:.2f} ms "
+                    f"round trip; simulator message_s {1000 * constants.message_s:.2f} ms "
+                    f"(calibrate's bare echo: {1000 * calibrated.message_s:.2f} ms)")
+            result.simulated_request_latency_mean_s = _simulate(
+                setting, strategy, shards, placed, node_ids, constants)
+            result.measured_over_simulated = (
+                result.request_latency_mean_s / result.simulated_request_latency_mean_s)
+            results[strategy] = asdict(result)
     return {
         "setting": {**{k: v for k, v in asdict(setting).items() if k != "trace"},
                     "trace": str(setting.trace), "nodes": setting.nodes},
         "link": {"rtt_median_s": link["rtt_median_s"], "mbps": link["mbps"]},
+        "constants": constants.to_dict(),
+        "calibrated_constants": calibrated.to_dict(),
         "strategies": results,
     }
 
 
-__all__ = ["BenchSetting", "StrategyResult", "build_model", "run_testbed_bench"]
+__all__ = ["DEFAULT_STRATEGIES", "BenchSetting", "StrategyResult", "build_model",
+           "run_testbed_bench", "split_strategy"]

@@ -1,0 +1,155 @@
+"""The simulator beside the testbed: edgemoe.sim's prediction of the very run just measured.
+
+Same nodes, capacities (through the placement the daemons decided), links (per-node NIC rate
+each way, 2 x the one-way delay per round trip), transport, and the same replayed rows: each
+node's requests are built by the daemon's own replay (`load_replay`), request after request
+from index 0, so the sim's request j of node i routes exactly as the daemon's did. Constants
+come from `edgemoe.bench.calibrate` run first, here, at the testbed model's shape.
+
+What edgemoe.sim does not take, wrapped here: (1) the testbed's clients are closed loops
+(each node sends its next request when the last one ends), the simulator takes arrival
+times, so arrivals are iterated to a fixed point (arrival j+1 = end of request j); (2) the
+daemons' routing choice for a replicated expert is not in /v1/cluster, so a remote expert is
+routed to its first listed holder; (3) nodes share this machine's cores: each simulated
+server runs at speed min(1, cores / nodes), the constants measured on one thread as each
+daemon runs (OMP_NUM_THREADS=1); (4) calibrate's `message_s` is a bare signed msgpack
+echo: the cost of one message through the daemons' wire (sealed bodies, signed headers,
+batching worker) is measured on the testbed itself (`with_wire_cost`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgemoe.sim.constants import SimConstants
+
+FIXED_POINT_ROUNDS = 30
+FIXED_POINT_TOLERANCE_S = 1e-3
+
+
+def calibrate_for(shards: Path) -> SimConstants:
+    """`bench calibrate` at the shape of the testbed's model (its hidden size, expert width,
+    shared experts, top-k, heads and dtype), on one thread as the daemons run."""
+    import torch
+
+    from edgemoe.bench.calibrate import Shape, calibrate
+    from edgemoe.model.manifest import Manifest
+
+    cfg = Manifest.load(shards).config
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return calibrate(Shape(
+            hidden=int(cfg["hidden_size"]), expert_width=int(cfg["moe_intermediate_size"]),
+            shared_experts=int(cfg.get("n_shared_experts") or 0),
+            top_k=int(cfg["num_experts_per_tok"]),
+            heads=int(cfg["num_attention_heads"]),
+            dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
+        ), repeat=3)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+
+
+def with_wire_cost(c: SimConstants, call_s: float, rtt_s: float) -> SimConstants:
+    """`c` with `message_s` from a one-row expert call through the daemons' own wire (its
+    round trip less the link's and the expert's compute): calibrate measures a bare signed
+    msgpack echo, which leaves out the daemons' sealing, request signing and batching
+    worker. The simulator charges it on the receiver, once per message."""
+    import dataclasses
+
+    wire = call_s - rtt_s - c.expert_fixed_s - c.expert_row_s
+    if not wire > c.message_s:  # nan or below the bare echo: keep calibrate's
+        return c
+    return dataclasses.replace(c, message_s=wire,
+                               source=f"{c.source}; message_s: testbed expert call")
+
+
+def placement_of(view: dict[str, Any], node_ids: Sequence[str], layers: int,
+                 experts: int) -> Any:  # fmt: skip
+    """The decided placement of /v1/cluster as edgemoe's `Placement` (node i = namespace i)."""
+    from edgemoe.placement.problem import Placement
+
+    index = {n: i for i, n in enumerate(node_ids)}
+    S = len(node_ids)
+    holders = np.zeros((S, layers, experts), dtype=bool)
+    first = np.full((layers, experts), -1, dtype=np.int64)
+    for key, names in view["placement"]["holders"].items():
+        layer, expert = (int(x) for x in key.split("/"))
+        for name in names:
+            holders[index[name], layer, expert] = True
+        first[layer, expert] = index[names[0]]
+    route = np.where(holders, np.arange(S)[:, None, None], first[None, :, :])
+    return Placement(holders=holders, route=route, strategy=view["placement"]["strategy"])
+
+
+def replayed_requests(trace: Path, streams: Sequence[str], shards: Path, skip: int,
+                      count: int, prompt_tokens: int, tokens: int) -> list[list[np.ndarray]]:
+    """Per node, its requests skip..skip+count-1 as the daemon replays them: expert ids
+    [prompt_tokens + tokens - 1, layers, top_k] (the prefill's rows, then one per decode
+    step: the first generated token comes from the prefill)."""
+    import torch
+
+    from edgemoe.daemon.replay import load_replay
+    from edgemoe.model.manifest import Manifest
+
+    manifest = Manifest.load(shards)
+    out = []
+    for stream in streams:
+        replay = load_replay(trace, stream, manifest)
+        node = []
+        for j in range(skip + count):
+            with replay.request():
+                steps = [prompt_tokens] + [1] * (tokens - 1)
+                rows = [np.stack([replay.route(layer, n, device=torch.device("cpu"),
+                                               dtype=torch.float32)[0].numpy()
+                                  for layer in range(manifest.num_layers)], axis=1)
+                        for n in steps]  # fmt: skip
+            if j >= skip:
+                node.append(np.concatenate(rows).astype(np.int64))
+        out.append(node)
+    return out
+
+
+def simulated_latency(
+    placement: Any, requests: list[list[np.ndarray]], *, constants: SimConstants,
+    bandwidth_mbps: float | None, delay_ms: float, hidden_size: int, activation_bytes: int,
+    transport: str, prompt_tokens: int,
+) -> float:
+    """Mean request latency edgemoe.sim predicts for closed-loop clients (one per node)."""
+    import dataclasses
+
+    from edgemoe.sim.simulator import Cluster, Request, simulate
+
+    S = len(requests)
+    rtt = np.full((S, S), 2 * delay_ms / 1000.0)
+    np.fill_diagonal(rtt, 0.0)
+    nic = None if not bandwidth_mbps else np.full(S, bandwidth_mbps * 1e6)
+    cluster = Cluster(
+        compute_speed=np.full(S, min(1.0, (os.cpu_count() or 1) / S)), rtt_s=rtt,
+        bandwidth_bps=np.full((S, S), np.inf), hidden_size=hidden_size,
+        activation_bytes=activation_bytes, nic_egress_bps=nic, nic_ingress_bps=nic,
+    )  # fmt: skip
+    length = len(requests[0][0])
+    c = dataclasses.replace(constants, prompt_fraction=min(prompt_tokens / length, 0.999))
+    arrivals = [np.zeros(len(reqs)) for reqs in requests]
+    lat = np.zeros(0)
+    for _ in range(FIXED_POINT_ROUNDS):
+        reqs = [Request(i, float(arrivals[i][j]), ids)
+                for i, node in enumerate(requests) for j, ids in enumerate(node)]  # fmt: skip
+        lat = simulate(cluster, placement, reqs, transport=transport, constants=c).latencies_s
+        moved = 0.0
+        k = 0
+        for i, node in enumerate(requests):
+            ends = arrivals[i] + lat[k : k + len(node)]
+            nxt = np.concatenate([[0.0], ends[:-1]])
+            moved = max(moved, float(np.abs(nxt - arrivals[i]).max()))
+            arrivals[i] = nxt
+            k += len(node)
+        if moved < FIXED_POINT_TOLERANCE_S:
+            break
+    return float(lat.mean())
