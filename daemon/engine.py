@@ -102,7 +102,7 @@ class InferenceEngine:
         return cls(model, tokenizer)
 
     def close(self) -> None:
-        self.scheduler.close()
+        self.scheduler.close(timeout=0.0)  # never wait on the loop: the model thread may need it
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text)["input_ids"])

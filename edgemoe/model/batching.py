@@ -10,6 +10,12 @@ layer in full (no sliding-window truncation): the model's masks still apply any 
 and padded rows keep the same distances between positions, so each row computes what it would
 alone. Sampling is per row (temperature, top-k, top-p, its own seeded generator), min_tokens
 masks end-of-sequence as `generate` does.
+
+Why not transformers' own manager (`generate_batch`, paged attention `paged|eager`): measured
+side by side on the distributed model (tiny Mixtral, 8 requests x 32 tokens, CPU, one run), it
+does go through our experts module (one call per layer per step) but ran 0.24x this scheduler's
+tokens/s at hidden 512 and at the default tiny width, where 3 of 8 requests also came out with
+other greedy tokens than `generate` alone; it has no per-request seed or routing replay either.
 """
 
 from __future__ import annotations
