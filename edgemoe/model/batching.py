@@ -12,10 +12,11 @@ alone. Sampling is per row (temperature, top-k, top-p, its own seeded generator)
 masks end-of-sequence as `generate` does.
 
 Why not transformers' own manager (`generate_batch`, paged attention `paged|eager`): measured
-side by side on the distributed model (tiny Mixtral, 8 requests x 32 tokens, CPU, one run), it
-does go through our experts module (one call per layer per step) but ran 0.24x this scheduler's
-tokens/s at hidden 512 and at the default tiny width, where 3 of 8 requests also came out with
-other greedy tokens than `generate` alone; it has no per-request seed or routing replay either.
+side by side on the distributed model (`python -m edgemoe.model.batch_bench`: tiny Mixtral, 8
+requests x 32 tokens, CPU), it does go through our experts module (one call per layer per step)
+and its greedy tokens match `generate` as far as they go, but it ran 0.19-0.33x this
+scheduler's tokens/s, dropped min_new_tokens (3 of 8 requests stopped at EOS where `generate`
+went on), and has no per-request seed or routing replay.
 """
 
 from __future__ import annotations
