@@ -81,13 +81,14 @@ class Sampler:
     def choose(self, logits: torch.Tensor, requests: Sequence[Request]) -> list[int]:
         """logits float [B, V], one row per request (in order)."""
         logits = logits.float()
+        eos = self.eos_ids.to(logits.device)
         for row, req in enumerate(requests):
-            if len(req.tokens) < req.params.min_tokens and len(self.eos_ids):
-                logits[row, self.eos_ids] = float("-inf")
+            if len(req.tokens) < req.params.min_tokens and len(eos):
+                logits[row, eos] = float("-inf")
         out = logits.argmax(dim=-1).tolist()
         for row, req in enumerate(requests):
             if req.params.temperature > 0:
-                out[row] = self._draw(logits[row], req)
+                out[row] = self._draw(logits[row].cpu(), req)  # the request's CPU generator
         return [int(t) for t in out]
 
     def _draw(self, logits: torch.Tensor, req: Request) -> int:
