@@ -4,7 +4,9 @@ Request r of a node replays rows `off[r]:off[r+1]` of the node's stream (wrappin
 the stream's end): the first half of those rows feed the prompt's prefill, the rest one
 decode step each (each part wraps within itself when a prompt or a generation is longer).
 Cursors are per request and per layer, so concurrent requests never share one; a model
-thread binds its request with `with replay.request():`. Expert ids are mapped onto the model
+thread binds its request with `with replay.request():`; a batched forward binds several
+requests' cursors at once (`bind`), each taking its equal share of the pass's rows in order.
+Expert ids are mapped onto the model
 as `RoutingTrace` maps them (modulo the model's expert count, layer modulo the trace's).
 """
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -68,24 +70,38 @@ class RequestReplay:
         r = index % self.num_requests
         return int(self.offsets[r]), int(self.offsets[r + 1])
 
+    def open(self) -> _Cursor:
+        """The next request's cursor (requests are numbered in the order they start)."""
+        index = next(self._counter)
+        return _Cursor(index, *self.rows_of(index))
+
+    @contextlib.contextmanager
+    def bind(self, cursors: Sequence[_Cursor]) -> Iterator[None]:
+        """Route the calling thread's forwards by these requests' rows, in this order."""
+        previous = getattr(self._local, "cursors", None)
+        self._local.cursors = list(cursors)
+        try:
+            yield
+        finally:
+            self._local.cursors = previous
+
     @contextlib.contextmanager
     def request(self) -> Iterator[int]:
         """Bind the calling thread to the next request's rows for the duration."""
-        index = next(self._counter)
-        previous = getattr(self._local, "cursor", None)
-        self._local.cursor = _Cursor(index, *self.rows_of(index))
-        try:
-            yield index
-        finally:
-            self._local.cursor = previous
+        cursor = self.open()
+        with self.bind([cursor]):
+            yield cursor.index
 
     def route(
         self, layer: int, num_tokens: int, *, device: torch.device, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cursor: _Cursor | None = getattr(self._local, "cursor", None)
-        if cursor is None:  # a forward outside any request (warm-up): the shared cursor
+        cursors: list[_Cursor] | None = getattr(self._local, "cursors", None)
+        if not cursors:  # a forward outside any request (warm-up): the shared cursor
             return self.trace.route(layer, num_tokens, device=device, dtype=dtype)
-        rows = cursor.rows(layer, num_tokens)
+        if num_tokens % len(cursors):
+            raise ValueError(f"{num_tokens} rows do not split over {len(cursors)} requests")
+        share = num_tokens // len(cursors)
+        rows = np.concatenate([cursor.rows(layer, share) for cursor in cursors])
         trace_layer = layer % self.trace.ids.shape[1]
         ids = torch.from_numpy(self.trace.ids[rows, trace_layer]).to(device)
         weights = torch.from_numpy(self.trace.weights[rows, trace_layer])

@@ -85,9 +85,20 @@ def load_distributed_model(
         raise ModelError(f"{dense_path}: missing tensor {missing[0]}")
     if tied:
         model.tie_weights()
+    _fix_latent_attention_groups(model)
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True)
     return model, tokenizer
+
+
+def _fix_latent_attention_groups(model: nn.Module) -> None:
+    """Multi-head latent attention (DeepSeek-V2/V3) expands its cached latents to every query
+    head, but transformers still repeats them by heads / num_key_value_heads whenever a mask is
+    passed (padded batches): with num_key_value_heads below the head count (our tiny configs;
+    the published ones set them equal) a batched forward fails. One group is what it computes."""
+    for module in model.modules():
+        if hasattr(module, "kv_b_proj") and getattr(module, "num_key_value_groups", 1) != 1:
+            module.num_key_value_groups = 1
 
 
 def _keep_fp32_params(model: nn.Module, dtype: torch.dtype) -> None:
