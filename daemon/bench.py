@@ -3,7 +3,7 @@
 1. Expert RPC (signed msgpack, batching worker, real experts) against a bare aiohttp echo of
    the same bytes: round trip and throughput, overhead ratio.
 2. Shard streaming (signed, Range-capable, sha256-verified, atomic install) against a plain
-   aiohttp static-file copy of the same files: MB/s.
+   aiohttp static-file copy of the same files, both with `STREAMS_IN_FLIGHT` files at once: MB/s.
 3. Tokens/s of one node holding every expert with 8 concurrent clients against 1 client, and
    its per-token latency against the plain transformers model in one process.
 4. Tokens/s of a 3-node cluster against one node holding everything, same model and prompts.
@@ -23,7 +23,7 @@ import sys
 import textwrap
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -227,6 +227,19 @@ async def _rpc_figures(
         await plain.close()
 
 
+STREAMS_IN_FLIGHT = 4  # files transferred at once, by both sides of the streaming comparison
+
+
+async def _in_flight(rels: list[str], fn: Callable[[str], Awaitable[None]]) -> None:
+    gate = asyncio.Semaphore(STREAMS_IN_FLIGHT)
+
+    async def one(rel: str) -> None:
+        async with gate:
+            await fn(rel)
+
+    await asyncio.gather(*(one(rel) for rel in rels))
+
+
 async def _stream_figures(
     url: str, files_url: str, secret: str, shard_dir: Path, workdir: Path
 ) -> dict[str, float]:
@@ -240,21 +253,23 @@ async def _stream_figures(
         store.install_manifest((shard_dir / "manifest.json").read_bytes(), None)
         fetcher = ShardFetcher(store)
         t0 = time.perf_counter()
-        for rel in rels:
-            await fetcher.fetch(rel, [client])
+        await _in_flight(rels, lambda rel: fetcher.fetch(rel, [client]))
         ours = time.perf_counter() - t0
     finally:
         await client.close()
     plain_dir = workdir / "plain"
     async with aiohttp.ClientSession() as session:
-        t0 = time.perf_counter()
-        for rel in rels:
+
+        async def copy(rel: str) -> None:
             target = plain_dir / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             async with session.get(f"{files_url}/{rel}") as resp:
                 with target.open("wb") as fh:
                     async for chunk in resp.content.iter_chunked(1 << 20):
                         fh.write(chunk)
+
+        t0 = time.perf_counter()
+        await _in_flight(rels, copy)
         plain = time.perf_counter() - t0
     return {
         "files": len(rels),
@@ -307,6 +322,9 @@ def _transformers_ms_per_token(model_dir: Path, prompts: int, max_tokens: int) -
     torch.set_num_threads(1)
     try:
         with torch.inference_mode():
+            warm = tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
+            model.generate(warm, attention_mask=torch.ones_like(warm), do_sample=False,
+                           max_new_tokens=2, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
             tokens, t0 = 0, time.perf_counter()
             for i in range(prompts):
                 ids = tokenizer(PROMPTS[i % len(PROMPTS)], return_tensors="pt")["input_ids"]
