@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from edgemoe.cluster.config import ClusterConfig
-from edgemoe.cluster.consensus import Consensus, PlacementFn, build_proposal
+from edgemoe.cluster.consensus import Consensus, PlacementFn, PlacementPending, build_proposal
 from edgemoe.cluster.effects import Decided
 from edgemoe.cluster.membership import ALIVE, SUSPECT, Membership
 from edgemoe.cluster.messages import (
@@ -47,6 +47,7 @@ from edgemoe.cluster.storage import Storage
 # -> how far they moved apart (compared with `ClusterConfig.drift_threshold`)
 DriftFn = Callable[[Mapping[str, Any], Mapping[str, Any]], float]
 STATS, HOLDINGS = "stats", "holdings"
+PLACEMENT_POLL_S = 0.05  # a proposal waiting for its placement (computed elsewhere) retries
 _CONSENSUS = (Prepare, Promise, Accept, Accepted, Nack, Learn, CatchUp)
 
 
@@ -410,8 +411,12 @@ class Node:
             self._trigger_reason = reason
             return
         if now >= self._trigger_at:
+            try:
+                self._propose(now, reason, out, None, False)
+            except PlacementPending:  # computing off the event loop: ask again shortly
+                self._trigger_at = now + PLACEMENT_POLL_S
+                return
             self._trigger_at = None
-            self._propose(now, reason, out, None, False)
 
     def _propose(
         self, now: float, reason: str, out: Outbox, members: list[str] | None, forced: bool
