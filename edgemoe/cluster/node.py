@@ -91,6 +91,9 @@ class Node:
         self._next_push_pull = float("inf")
         self._next_catchup = 0.0
         self._trigger_at: float | None = None
+        # members and snapshots of a proposal whose placement is being computed elsewhere: its
+        # retries use them, so statistics published meanwhile do not restart the computation
+        self._held: tuple[list[tuple[str, int]], list[Snapshot]] | None = None
         self._trigger_reason = ""
         self._trigger_key: tuple[int, int, int] | None = None
         self._trigger_why: str | None = None
@@ -430,14 +433,21 @@ class Node:
         snaps = [
             Snapshot(o, v, p) for o, (v, p) in sorted(self.stats_snapshots().items()) if o in ids
         ]
-        value = build_proposal(
-            self.epoch + 1,
-            chosen,
-            snaps,
-            self.consensus.placement,
-            self.consensus.current,
-            self.node_id,
-            reason,
-            forced,
-        )
+        if self._held is not None and self._held[0] == chosen:
+            snaps = self._held[1]
+        try:
+            value = build_proposal(
+                self.epoch + 1,
+                chosen,
+                snaps,
+                self.consensus.placement,
+                self.consensus.current,
+                self.node_id,
+                reason,
+                forced,
+            )
+        except PlacementPending:
+            self._held = (chosen, snaps)
+            raise
+        self._held = None
         self.consensus.propose(now, value, out, [n for n, _ in value.members] if forced else ())
