@@ -34,7 +34,7 @@ import torch
 from edgemoe.daemon.peers import PeerClient
 from edgemoe.daemon.rpc import tensor_from_wire, tensor_to_wire
 from edgemoe.daemon.store import ShardFetcher, ShardStore
-from edgemoe.daemon.wire import pack
+from edgemoe.daemon.wire import pack, unpack
 from edgemoe.model.manifest import Manifest
 
 BENCH_NODE_ID = "be0c4be0c4be0c40"  # the benchmark's client signs as this (not a member)
@@ -139,6 +139,7 @@ def _compute_ms(shard_dir: Path, body: dict[str, Any], calls: int) -> float:
     from edgemoe.model.local import LocalExperts
 
     local = LocalExperts(shard_dir).load_all()
+    body = unpack(pack(body))  # as the server sees it
     args = [tensor_from_wire(body[k], dtypes=(body[k]["dtype"],), ndim=2, max_elements=1 << 30,
                              name=k) for k in ("hidden", "expert_ids", "weights")]  # fmt: skip
     lat = []

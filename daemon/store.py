@@ -5,10 +5,11 @@ The store's root is a shard directory (the layout of `edgemoe shard`): the node'
 into ``.partial/`` and resumes from what is there with an HTTP Range request; only a file whose
 size and sha256 match the manifest is renamed into place, so a corrupt or cut transfer is
 never loaded. A whole-file fetch hashes the bytes as they arrive (a resumed one hashes the part
-already on disk first), writes them through a large buffer and syncs the file once before the
-rename: nothing is read back. The directory is not synced after the rename: a rename lost in a
-crash only means the verified file is fetched again (the store trusts nothing across restarts
-without hashing it, and holding an expert means holding it in memory, not on disk).
+already on disk first), writes and hashes them 4 MiB at a time on a worker thread, and
+renames it into place: nothing is read back. Its one fsync follows on a syncer thread, off the
+transfer's path; the directory is not synced. A file torn or a rename lost in a crash only
+means the file is fetched again: the store trusts nothing across restarts without hashing it,
+and holding an expert means holding it in memory, not on disk.
 
 A verified file is remembered with its size, mtime and inode; a file whose stat differs from
 that (rewritten, truncated, extended, replaced) is hashed again before it is served or used,
@@ -24,6 +25,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,9 @@ from edgemoe.model.shard import DENSE_NAME
 
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
-_WRITE_BUFFER = 4 << 20  # received chunks (often 64 KiB) reach the disk in writes this large
+# received chunks (often 64 KiB) are written and hashed on a worker thread, this many bytes at
+# a time: the event loop only receives, and several files in flight use several cores
+_WRITE_BATCH = 4 << 20
 # A file fetched from several peers at once is cut into segments of at least this many bytes.
 _MIN_SEGMENT = 1 << 16
 _PARTIAL = ".partial"
@@ -53,6 +57,8 @@ class ShardStore:
         # rel -> (size, mtime_ns, inode) of the file when its sha256 last matched
         self._verified: dict[str, tuple[int, int, int]] = {}
         self._failed: dict[str, tuple[int, int, int]] = {}  # same, of a file that did not match
+        self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsync")
+        self._syncs: list[Future[None]] = []
         if (root / MANIFEST_NAME).is_file():
             self.manifest = Manifest.load(root)
 
@@ -107,8 +113,16 @@ class ShardStore:
         return stamp == (st.st_size, st.st_mtime_ns, st.st_ino)
 
     async def verified(self, rel: str) -> bool:
-        """`has` for the event loop: a changed or new file is hashed on a worker thread."""
-        return self.known_good(rel) or await asyncio.to_thread(self.has, rel)
+        """`has` for the event loop: a changed or new file is hashed on a worker thread (an
+        absent one costs a stat here)."""
+        if self.known_good(rel):
+            return True
+        if rel not in (self.manifest.files if self.manifest else ()):
+            return False
+        if not (self.root / rel).exists():
+            self._verified.pop(rel, None)
+            return False
+        return await asyncio.to_thread(self.has, rel)
 
     def damaged(self, rels: list[str]) -> list[str]:
         """Those of `rels` (files that verified before) that no longer do: cheap while
@@ -185,17 +199,22 @@ class ShardStore:
 
     def install_hashed(self, rel: str, part: Path, size: int, sha256: str) -> None:
         """Install a part whose bytes were hashed while they arrived: compared with the
-        manifest, synced once, renamed into place (nothing read back)."""
+        manifest and renamed into place (nothing read back); its one fsync runs after, on
+        the syncer thread, off the fetch's path (the bytes are served from the page cache
+        meanwhile, and a file torn by a crash before it fails the hash every start does)."""
         info = self.info(rel)
         if size != info["bytes"] or sha256 != info["sha256"]:
             part.unlink(missing_ok=True)
             raise CorruptShard(f"{rel}: size {size} or sha256 differs from the manifest")
-        fd = os.open(part, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
         self._rename(rel, part)
+        self._syncs.append(self._syncer.submit(_fsync, self.root / rel))
+        self._syncs = [f for f in self._syncs if not f.done()]
+
+    def sync(self) -> None:
+        """Wait until every installed file is on disk."""
+        for fut in self._syncs:
+            fut.result()
+        self._syncs = []
 
     def _rename(self, rel: str, source: Path) -> None:
         target = self.root / rel
@@ -209,6 +228,28 @@ def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     _hash_into(digest, path)
     return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:  # replaced or removed since: nothing of ours to sync
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        log.warning("%s: fsync failed (%s); a restart hashes it again", path, exc)
+    finally:
+        os.close(fd)
+
+
+def _write(fh: Any, chunks: list[bytes], digest: Any) -> None:
+    for chunk in chunks:
+        view = memoryview(chunk)
+        while view:  # a raw file may write less than asked
+            view = view[fh.write(view) :]
+        if digest is not None:
+            digest.update(chunk)
 
 
 def _hash_into(digest: Any, path: Path) -> None:
@@ -292,8 +333,8 @@ class ShardFetcher:
 
         await asyncio.gather(*(segment(i) for i in range(n)))
         if digests[0] is not None:  # one segment: hashed as it arrived, nothing read back
-            await asyncio.to_thread(self.store.install_hashed, rel, parts[0], size,
-                                    digests[0].hexdigest())  # fmt: skip
+            # a compare and a rename: no thread hop (its fsync runs on the syncer)
+            self.store.install_hashed(rel, parts[0], size, digests[0].hexdigest())
         else:
             await asyncio.to_thread(self.store.install_from, rel, parts)
 
@@ -314,16 +355,19 @@ class ShardFetcher:
         async with peer.stream(url_path(rel), start=lo + have, end=hi - 1) as resp:
             if resp.status == 200 and lo + have != 0:
                 raise PeerError(f"{peer.url}: ignored the Range request")
-            with part.open("ab", buffering=_WRITE_BUFFER) as fh:
+            with part.open("ab", buffering=0) as fh:
+                held: list[bytes] = []  # received, not yet written
                 try:
                     async for chunk in resp.content.iter_chunked(_CHUNK):
-                        fh.write(chunk)
-                        if digest is not None:
-                            digest.update(chunk)
+                        held.append(chunk)
                         self.on_bytes(len(chunk))
+                        if sum(map(len, held)) >= _WRITE_BATCH:
+                            await asyncio.to_thread(_write, fh, held, digest)
+                            held = []
                 except Exception as exc:
-                    fh.flush()
+                    await asyncio.to_thread(_write, fh, held, digest)  # kept for the resume
                     raise PeerError(f"{peer.url}: transfer of {rel} cut: {exc!r}") from None
+                await asyncio.to_thread(_write, fh, held, digest)
                 # no fsync here: the install syncs before the rename, and a part torn by a
                 # crash fails the sha256 check and is fetched again
         got = part.stat().st_size
