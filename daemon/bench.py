@@ -133,27 +133,26 @@ ECHO_SERVER = textwrap.dedent(
 )
 
 
-def _compute_ms(shard_dir: Path, body: dict[str, Any], calls: int) -> float:
-    """Median time of the same expert computation in-process: the part of the RPC that is
-    not transport."""
+def _compute_fn(shard_dir: Path, body: dict[str, Any]) -> Callable[[], None]:
+    """The same expert computation in-process, on one thread as the daemons run: the part of
+    the RPC that is not transport (timed interleaved with the calls)."""
     from edgemoe.model.local import LocalExperts
 
     local = LocalExperts(shard_dir).load_all()
     body = unpack(pack(body))  # as the server sees it
     args = [tensor_from_wire(body[k], dtypes=(body[k]["dtype"],), ndim=2, max_elements=1 << 30,
                              name=k) for k in ("hidden", "expert_ids", "weights")]  # fmt: skip
-    lat = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the daemons run (OMP_NUM_THREADS=1)
-    try:
-        with torch.inference_mode():
-            for _ in range(calls):
-                t0 = time.perf_counter()
+
+    def compute() -> None:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as the daemons run (OMP_NUM_THREADS=1)
+        try:
+            with torch.inference_mode():
                 local.forward(body["layer"], *args)
-                lat.append(time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(threads)
-    return statistics.median(lat) * 1e3
+        finally:
+            torch.set_num_threads(threads)
+
+    return compute
 
 
 async def _rpc_figures(
@@ -200,11 +199,17 @@ async def _rpc_figures(
         out: dict[str, float] = {"request_bytes": len(raw), "answer_bytes": answer_bytes}
         kinds = (("rpc", rpc), ("rpc_unsealed", rpc_unsealed), ("echo", echo))
         lat: dict[str, list[float]] = {name: [] for name, _ in kinds}
+        compute = _compute_fn(shard_dir, body)
+        compute()
+        lat["compute"] = []
         for _ in range(calls):  # interleaved, so a busy moment hits every kind alike
             for name, fn in kinds:
                 t0 = time.perf_counter()
                 await fn()
                 lat[name].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            compute()
+            lat["compute"].append(time.perf_counter() - t0)
         for name, fn in kinds:
             out[f"{name}_rtt_ms_p50"] = statistics.median(lat[name]) * 1e3
             out[f"{name}_rtt_ms_mean"] = statistics.fmean(lat[name]) * 1e3
@@ -217,7 +222,7 @@ async def _rpc_figures(
 
             await asyncio.gather(*(limited() for _ in range(calls)))
             out[f"{name}_calls_per_s"] = calls / (time.perf_counter() - t0)
-        out["compute_ms_p50"] = await asyncio.to_thread(_compute_ms, shard_dir, body, calls)
+        out["compute_ms_p50"] = statistics.median(lat["compute"]) * 1e3
         out["rtt_overhead_ratio"] = out["rpc_rtt_ms_p50"] / out["echo_rtt_ms_p50"]
         out["seal_ratio"] = out["rpc_rtt_ms_p50"] / out["rpc_unsealed_rtt_ms_p50"]
         out["throughput_ratio"] = out["echo_calls_per_s"] / out["rpc_calls_per_s"]

@@ -1,10 +1,11 @@
 """Expert RPC: tensors on the wire, and the server side that computes held experts for peers.
 
-`ExpertService` computes a small request on the event loop when nothing else is waiting (a
-thread hand-off and the wake-up back cost more than the few milliseconds of the experts); larger
-ones, and requests arriving while others are computed, go to one worker thread that groups them
-per layer into one call. Tensors travel without copies on a little-endian host: encoded as
-views of the tensor's memory, decoded as tensors over the received bytes (`torch.frombuffer`).
+`ExpertService` computes a small request on the event loop when it is alone (a thread hand-off
+and the wake-up back cost more than the few milliseconds of the experts under load); larger
+ones, and requests that arrive together or while others are computed, go to one worker thread
+that groups them per layer into one call, while the loop keeps receiving. Tensors travel
+without copies on a little-endian host: encoded as views of the tensor's memory, decoded as
+tensors over the received bytes (`torch.frombuffer`).
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ class ExpertService:
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="expert-rpc", daemon=True)
         self._queued = 0  # jobs handed to the worker and not yet answered (event loop only)
+        self._arrived = 0  # small requests deciding where to run (event loop only)
         self.batches = 0
         self.inline = 0  # requests computed on the event loop
 
@@ -148,16 +150,15 @@ class ExpertService:
         missing = sorted(e for e in wanted if not self.experts.holds(request.layer, e))
         if missing:
             raise WireError(f"layer {request.layer} experts {missing} are not held here", 409)
-        if self._queued == 0 and request.expert_ids.numel() <= INLINE_PAIRS:
-            self.inline += 1
-            self.batches += 1
-            if self.on_batch is not None:
-                self.on_batch(request.hidden.shape[0])
-            with torch.no_grad():
-                return self.experts.forward(
-                    request.layer, request.hidden, request.expert_ids,
-                    request.weights.to(request.hidden.dtype),
-                )  # fmt: skip
+        if request.expert_ids.numel() <= INLINE_PAIRS:
+            self._arrived += 1
+            try:
+                await asyncio.sleep(0)  # requests received with this one get here meanwhile
+                alone = self._arrived == 1 and self._queued == 0
+            finally:
+                self._arrived -= 1
+            if alone:
+                return self._inline(request)
         loop = asyncio.get_running_loop()
         job = _Job(request, loop, loop.create_future())
         self._queued += 1
@@ -166,6 +167,15 @@ class ExpertService:
             return await job.future
         finally:
             self._queued -= 1
+
+    def _inline(self, request: ForwardRequest) -> torch.Tensor:
+        self.inline += 1
+        self.batches += 1
+        if self.on_batch is not None:
+            self.on_batch(request.hidden.shape[0])
+        with torch.no_grad():
+            return self.experts.forward(request.layer, request.hidden, request.expert_ids,
+                                        request.weights.to(request.hidden.dtype))  # fmt: skip
 
     def _run(self) -> None:
         while True:

@@ -1,6 +1,6 @@
-"""The expert service computes small idle requests on the event loop and the rest on its worker,
-and both give what the experts give when called directly; tensors cross the wire unchanged
-whether they are decoded as views of the received bytes or copied."""
+"""The expert service computes a small request that arrives alone on the event loop and the rest
+(large ones, several at once) on its worker, and both give what the experts give when called
+directly; tensors cross the wire unchanged, decoded as views of the received bytes."""
 
 from __future__ import annotations
 
@@ -61,9 +61,9 @@ async def test_inline_and_worker_requests_match_the_experts(tiny: TinyModel) -> 
         large = await service.forward(reqs[1])
         assert service.inline == 1  # too many pairs: computed on the worker
         together = await asyncio.gather(*(service.forward(r) for r in reqs[2:6]))
-        assert service.inline == 5  # each finds the worker idle: computed where it arrived
+        assert service.inline == 1  # arrived together: batched on the worker
         both = await asyncio.gather(*(service.forward(r) for r in reqs[6:]))
-        assert service.inline == 5
+        assert service.inline == 1
         for req, out in zip(reqs, [small, large, *together, *both], strict=True):
             want = local.forward(req.layer, req.hidden, req.expert_ids, req.weights)
             assert torch.allclose(out, want, atol=1e-6)
