@@ -25,7 +25,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +57,8 @@ class ShardStore:
         # rel -> (size, mtime_ns, inode) of the file when its sha256 last matched
         self._verified: dict[str, tuple[int, int, int]] = {}
         self._failed: dict[str, tuple[int, int, int]] = {}  # same, of a file that did not match
+        # pending fsyncs finish before the interpreter exits (concurrent.futures joins it)
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsync")
-        self._syncs: list[Future[None]] = []
         if (root / MANIFEST_NAME).is_file():
             self.manifest = Manifest.load(root)
 
@@ -207,14 +207,7 @@ class ShardStore:
             part.unlink(missing_ok=True)
             raise CorruptShard(f"{rel}: size {size} or sha256 differs from the manifest")
         self._rename(rel, part)
-        self._syncs.append(self._syncer.submit(_fsync, self.root / rel))
-        self._syncs = [f for f in self._syncs if not f.done()]
-
-    def sync(self) -> None:
-        """Wait until every installed file is on disk."""
-        for fut in self._syncs:
-            fut.result()
-        self._syncs = []
+        self._syncer.submit(_fsync, self.root / rel)
 
     def _rename(self, rel: str, source: Path) -> None:
         target = self.root / rel

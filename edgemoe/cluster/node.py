@@ -91,9 +91,10 @@ class Node:
         self._next_push_pull = float("inf")
         self._next_catchup = 0.0
         self._trigger_at: float | None = None
-        # members and snapshots of a proposal whose placement is being computed elsewhere: its
-        # retries use them, so statistics published meanwhile do not restart the computation
-        self._held: tuple[list[tuple[str, int]], list[Snapshot]] | None = None
+        # epoch, members and snapshots of a proposal whose placement is being computed
+        # elsewhere: its retries for that epoch use them, so statistics published meanwhile do
+        # not restart the computation
+        self._held: tuple[int, list[tuple[str, int]], list[Snapshot]] | None = None
         self._trigger_reason = ""
         self._trigger_key: tuple[int, int, int] | None = None
         self._trigger_why: str | None = None
@@ -433,8 +434,8 @@ class Node:
         snaps = [
             Snapshot(o, v, p) for o, (v, p) in sorted(self.stats_snapshots().items()) if o in ids
         ]
-        if self._held is not None and self._held[0] == chosen:
-            snaps = self._held[1]
+        if self._held is not None and self._held[:2] == (self.epoch + 1, chosen):
+            snaps = self._held[2]
         try:
             value = build_proposal(
                 self.epoch + 1,
@@ -447,7 +448,7 @@ class Node:
                 forced,
             )
         except PlacementPending:
-            self._held = (chosen, snaps)
+            self._held = (self.epoch + 1, chosen, snaps)
             raise
         self._held = None
         self.consensus.propose(now, value, out, [n for n, _ in value.members] if forced else ())
