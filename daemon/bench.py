@@ -3,8 +3,12 @@
 1. Expert RPC (signed msgpack, batching worker, real experts) against a bare aiohttp echo of
    the same bytes: round trip and throughput, overhead ratio.
 2. Shard streaming (signed, Range-capable, sha256-verified, atomic install) against a plain
-   aiohttp static-file copy of the same files: MB/s.
-3. Tokens/s of a 3-node cluster against one node holding everything, same model and prompts.
+   aiohttp static-file copy of the same files, both with `STREAMS_IN_FLIGHT` files at once: MB/s.
+3. Tokens/s of one node holding every expert with 8 concurrent clients against 1 client, and
+   its per-token latency against the plain transformers model in one process.
+4. Tokens/s of a 3-node cluster against one node holding everything, same model and prompts.
+
+`ratios` holds the four figures issue 14 sets goals for, each measured side by side in one run.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import sys
 import textwrap
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -30,7 +34,7 @@ import torch
 from edgemoe.daemon.peers import PeerClient
 from edgemoe.daemon.rpc import tensor_from_wire, tensor_to_wire
 from edgemoe.daemon.store import ShardFetcher, ShardStore
-from edgemoe.daemon.wire import pack
+from edgemoe.daemon.wire import pack, unpack
 from edgemoe.model.manifest import Manifest
 
 BENCH_NODE_ID = "be0c4be0c4be0c40"  # the benchmark's client signs as this (not a member)
@@ -129,26 +133,26 @@ ECHO_SERVER = textwrap.dedent(
 )
 
 
-def _compute_ms(shard_dir: Path, body: dict[str, Any], calls: int) -> float:
-    """Median time of the same expert computation in-process: the part of the RPC that is
-    not transport."""
+def _compute_fn(shard_dir: Path, body: dict[str, Any]) -> Callable[[], None]:
+    """The same expert computation in-process, on one thread as the daemons run: the part of
+    the RPC that is not transport (timed interleaved with the calls)."""
     from edgemoe.model.local import LocalExperts
 
     local = LocalExperts(shard_dir).load_all()
+    body = unpack(pack(body))  # as the server sees it
     args = [tensor_from_wire(body[k], dtypes=(body[k]["dtype"],), ndim=2, max_elements=1 << 30,
                              name=k) for k in ("hidden", "expert_ids", "weights")]  # fmt: skip
-    lat = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the daemons run (OMP_NUM_THREADS=1)
-    try:
-        with torch.inference_mode():
-            for _ in range(calls):
-                t0 = time.perf_counter()
+
+    def compute() -> None:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as the daemons run (OMP_NUM_THREADS=1)
+        try:
+            with torch.inference_mode():
                 local.forward(body["layer"], *args)
-                lat.append(time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(threads)
-    return statistics.median(lat) * 1e3
+        finally:
+            torch.set_num_threads(threads)
+
+    return compute
 
 
 async def _rpc_figures(
@@ -195,11 +199,17 @@ async def _rpc_figures(
         out: dict[str, float] = {"request_bytes": len(raw), "answer_bytes": answer_bytes}
         kinds = (("rpc", rpc), ("rpc_unsealed", rpc_unsealed), ("echo", echo))
         lat: dict[str, list[float]] = {name: [] for name, _ in kinds}
+        compute = _compute_fn(shard_dir, body)
+        compute()
+        lat["compute"] = []
         for _ in range(calls):  # interleaved, so a busy moment hits every kind alike
             for name, fn in kinds:
                 t0 = time.perf_counter()
                 await fn()
                 lat[name].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            compute()
+            lat["compute"].append(time.perf_counter() - t0)
         for name, fn in kinds:
             out[f"{name}_rtt_ms_p50"] = statistics.median(lat[name]) * 1e3
             out[f"{name}_rtt_ms_mean"] = statistics.fmean(lat[name]) * 1e3
@@ -212,7 +222,7 @@ async def _rpc_figures(
 
             await asyncio.gather(*(limited() for _ in range(calls)))
             out[f"{name}_calls_per_s"] = calls / (time.perf_counter() - t0)
-        out["compute_ms_p50"] = await asyncio.to_thread(_compute_ms, shard_dir, body, calls)
+        out["compute_ms_p50"] = statistics.median(lat["compute"]) * 1e3
         out["rtt_overhead_ratio"] = out["rpc_rtt_ms_p50"] / out["echo_rtt_ms_p50"]
         out["seal_ratio"] = out["rpc_rtt_ms_p50"] / out["rpc_unsealed_rtt_ms_p50"]
         out["throughput_ratio"] = out["echo_calls_per_s"] / out["rpc_calls_per_s"]
@@ -221,6 +231,19 @@ async def _rpc_figures(
         await client.close()
         await unsealed.close()
         await plain.close()
+
+
+STREAMS_IN_FLIGHT = 4  # files transferred at once, by both sides of the streaming comparison
+
+
+async def _in_flight(rels: list[str], fn: Callable[[str], Awaitable[None]]) -> None:
+    gate = asyncio.Semaphore(STREAMS_IN_FLIGHT)
+
+    async def one(rel: str) -> None:
+        async with gate:
+            await fn(rel)
+
+    await asyncio.gather(*(one(rel) for rel in rels))
 
 
 async def _stream_figures(
@@ -236,21 +259,23 @@ async def _stream_figures(
         store.install_manifest((shard_dir / "manifest.json").read_bytes(), None)
         fetcher = ShardFetcher(store)
         t0 = time.perf_counter()
-        for rel in rels:
-            await fetcher.fetch(rel, [client])
+        await _in_flight(rels, lambda rel: fetcher.fetch(rel, [client]))
         ours = time.perf_counter() - t0
     finally:
         await client.close()
     plain_dir = workdir / "plain"
     async with aiohttp.ClientSession() as session:
-        t0 = time.perf_counter()
-        for rel in rels:
+
+        async def copy(rel: str) -> None:
             target = plain_dir / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             async with session.get(f"{files_url}/{rel}") as resp:
                 with target.open("wb") as fh:
                     async for chunk in resp.content.iter_chunked(1 << 20):
                         fh.write(chunk)
+
+        t0 = time.perf_counter()
+        await _in_flight(rels, copy)
         plain = time.perf_counter() - t0
     return {
         "files": len(rels),
@@ -287,7 +312,48 @@ def _tokens_per_s(
         "clients": len(urls),
         "tokens": tokens,
         "aggregate_tokens_per_s": tokens / wall,
+        "ms_per_token": wall / max(1, tokens) * 1e3 * len(urls),
         "per_request_tokens_per_s": statistics.fmean(n / s for n, s in results),
+    }
+
+
+def _transformers_ms_per_token(model_dir: Path, prompts: int, max_tokens: int) -> float:
+    """Per-token latency of the plain transformers model in this process, one thread (as the
+    daemons run), greedy, the same prompts one after another."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            warm = tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
+            model.generate(warm, attention_mask=torch.ones_like(warm), do_sample=False,
+                           max_new_tokens=2, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+            tokens, t0 = 0, time.perf_counter()
+            for i in range(prompts):
+                ids = tokenizer(PROMPTS[i % len(PROMPTS)], return_tensors="pt")["input_ids"]
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=max_tokens, temperature=None, top_p=None,
+                                     top_k=None, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+                tokens += out.shape[1] - ids.shape[1]
+            return (time.perf_counter() - t0) / max(1, tokens) * 1e3
+    finally:
+        torch.set_num_threads(threads)
+
+
+def ratios(figures: dict[str, Any]) -> dict[str, float]:
+    """The four goal ratios of issue 14 from one run's figures."""
+    r, s, t = figures["rpc"], figures["streaming"], figures["tokens"]
+    return {
+        "rpc_p50_over_echo_plus_compute": r["rpc_rtt_ms_p50"]
+        / (r["echo_rtt_ms_p50"] + r["compute_ms_p50"]),
+        "stream_over_plain_http": s["edgemoe_mb_per_s"] / s["plain_http_mb_per_s"],
+        "batched_8_over_single_tokens_per_s": t["one_node_8_clients"]["aggregate_tokens_per_s"]
+        / t["one_node_1_client"]["aggregate_tokens_per_s"],
+        "daemon_all_local_over_transformers": t["one_node_1_client"]["ms_per_token"]
+        / t["transformers_ms_per_token"],
     }
 
 
@@ -302,7 +368,7 @@ def run_rpc_bench(
     max_tokens: int,
     echo: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Run the three comparisons; print them with `echo` and return the figures."""
+    """Run the comparisons; print them with `echo` and return the figures (with `ratios`)."""
     from edgemoe.model.shard import shard_checkpoint
     from edgemoe.model.tiny import write_tiny_model
 
@@ -355,7 +421,17 @@ def run_rpc_bench(
             f"{s['plain_http_mb_per_s']:.1f} MB/s (x{s['ratio']:.2f})"
         )
         model = _get(url + "/v1/models", token)["data"][0]["id"]
-        one = _tokens_per_s([url] * 3, token, model, prompts, max_tokens)
+        single = _tokens_per_s([url], token, model, prompts, max_tokens)
+        eight = _tokens_per_s([url] * 8, token, model, prompts, max_tokens)
+        plain_ms = _transformers_ms_per_token(model_dir, prompts, max_tokens)
+        echo(
+            f"one node holding all, {prompts} prompts x {max_tokens} tokens per client: 1 client "
+            f"{single['aggregate_tokens_per_s']:.1f} tok/s ({single['ms_per_token']:.1f} ms/token"
+            f" vs {plain_ms:.1f} ms/token for plain transformers in one process, "
+            f"x{single['ms_per_token'] / plain_ms:.2f}); 8 clients "
+            f"{eight['aggregate_tokens_per_s']:.1f} tok/s aggregate "
+            f"(x{eight['aggregate_tokens_per_s'] / single['aggregate_tokens_per_s']:.2f})"
+        )
         solo.stop()
         cid = f"bench-{run_id}"
         nodes = [_daemon(workdir, "c0", secret, token, model_dir=shard_dir, capacity="40%",
@@ -371,16 +447,23 @@ def run_rpc_bench(
         views = [_get(u + "/v1/cluster", token) for u in urls]
         three["local_share"] = statistics.fmean(v["local_share"] for v in views)
         three["remote_mb"] = sum(v["remote_bytes"] for v in views) / 1e6
-        figures["tokens"] = {"one_node": one, "three_nodes": three}
+        figures["tokens"] = {
+            "one_node_1_client": single,
+            "one_node_8_clients": eight,
+            "transformers_ms_per_token": plain_ms,
+            "three_nodes": three,
+        }
+        figures["ratios"] = ratios(figures)
         echo(
-            f"tokens/s, 3 clients x {prompts} prompts x {max_tokens} tokens: one node holding "
-            f"all {one['aggregate_tokens_per_s']:.1f} tok/s aggregate, "
-            f"{one['per_request_tokens_per_s']:.1f} per stream; 3 nodes (each 40% of the "
-            f"experts, one client each) {three['aggregate_tokens_per_s']:.1f} tok/s aggregate, "
+            f"3 nodes (each 40% of the experts, one client each, {prompts} prompts x "
+            f"{max_tokens} tokens): {three['aggregate_tokens_per_s']:.1f} tok/s aggregate, "
             f"{three['per_request_tokens_per_s']:.1f} per stream "
-            f"(x{three['aggregate_tokens_per_s'] / one['aggregate_tokens_per_s']:.2f}); "
-            f"local share {three['local_share']:.2f}, {three['remote_mb']:.1f} MB of expert RPC"
+            f"(x{three['aggregate_tokens_per_s'] / single['aggregate_tokens_per_s']:.2f} of one "
+            f"node with one client); local share {three['local_share']:.2f}, "
+            f"{three['remote_mb']:.1f} MB of expert RPC"
         )
+        for name, value in figures["ratios"].items():
+            echo(f"ratio {name} = {value:.3f}")
     finally:
         for p in procs:
             p.stop()

@@ -6,7 +6,10 @@ Messages: every (destination, message) of an `Outbox` is POSTed to the destinati
 lost update the peer set and routing; `FetchShard` runs the migration executor (pull, verify,
 load) and reports `shard_loaded`; `DropShard` frees memory the core says is safe to free.
 The placement function is an `edgemoe.placement` strategy over the members' capacities and
-activation snapshots (deterministic, so acceptors can recompute proposals). The drift measure
+activation snapshots (deterministic, so acceptors can recompute proposals), computed on a
+worker thread (`PlacementSolver`): the core's proposal waits for it (`PlacementPending`), an
+Accept is handed to the core once its value's placement is computed, and meanwhile the timers
+keep ticking membership. The drift measure
 (`edgemoe.stats.drift`) lets the core start an epoch by itself when the members' statistics
 moved away from those the current placement was computed on.
 """
@@ -27,7 +30,7 @@ import msgpack
 import numpy as np
 
 from edgemoe.cluster.config import ClusterConfig
-from edgemoe.cluster.consensus import PlacementInputs, build_proposal
+from edgemoe.cluster.consensus import PlacementInputs, build_proposal, placement_inputs
 from edgemoe.cluster.effects import (
     AnnounceHolding,
     Decided,
@@ -37,13 +40,21 @@ from edgemoe.cluster.effects import (
     MemberDead,
     MemberSuspect,
 )
-from edgemoe.cluster.messages import MessageError, Proposal, Snapshot, from_wire, to_wire
+from edgemoe.cluster.messages import (
+    Accept,
+    MessageError,
+    Promise,
+    Proposal,
+    Snapshot,
+    from_wire,
+    to_wire,
+)
 from edgemoe.cluster.node import Node
 from edgemoe.cluster.outbox import Outbox
 from edgemoe.cluster.storage import SqliteStorage
 from edgemoe.daemon.migration import MigrationExecutor
 from edgemoe.daemon.peers import PeerError
-from edgemoe.daemon.placement_fn import ModelShape, place
+from edgemoe.daemon.placement_fn import ModelShape, PlacementSolver, Solving, place
 from edgemoe.daemon.wire import WireError
 from edgemoe.stats.drift import statistics_drift
 from edgemoe.stats.snapshot import ActivationSnapshot
@@ -57,6 +68,7 @@ STATS_INTERVAL_S = 3.0
 MAX_SENDS_IN_FLIGHT = 64
 PLACEMENT_MEMO = 8  # placements remembered (a few candidate values per epoch)
 HANDOVER_TIMEOUT_S = 10.0
+PENDING_RETRIES = 4  # an operator's epoch request waits at most this many placements
 FETCH_BACKOFF_S = 0.5
 FETCH_BACKOFF_MAX_S = 8.0
 
@@ -91,8 +103,10 @@ class ClusterDriver:
         self.migration = MigrationExecutor(daemon.local, daemon.fetch_and_load,
                                            manifest.expert_bytes)  # fmt: skip
         self._routes: dict[int, dict[str, dict[tuple[int, int], str]]] = {}
-        self._memo: dict[Any, Any] = {}  # placement inputs -> (assignment, routes), oldest first
         self._wake = asyncio.Event()
+        self.solver: PlacementSolver[PlacementInputs, Any] = PlacementSolver(
+            self._compute_placement, _placement_key, memo=PLACEMENT_MEMO, on_ready=self._wake.set
+        )
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sends = asyncio.Semaphore(MAX_SENDS_IN_FLIGHT)
         self._decided = asyncio.Condition()
@@ -105,27 +119,41 @@ class ClusterDriver:
     # ---- placement (called by the core, also to verify others' proposals) -------------------
     def _placement(self, inputs: PlacementInputs) -> Mapping[str, Iterable[tuple[int, int]]]:
         # A pure function of its inputs, so remembered: every Accept of a retried ballot makes
-        # each acceptor check the same value again, and one computation can take longer than
-        # the consensus timeout on a busy CPU (it runs on the event loop).
-        key = (inputs.members, tuple(
-            (s.origin, s.version, hashlib.sha256(msgpack.packb(s.payload)).hexdigest())
-            for s in inputs.snapshots))  # fmt: skip
-        hit = self._memo.get(key)
-        if hit is None:
-            snaps = {}
-            for s in inputs.snapshots:
-                snap = _snapshot(s.payload)
-                if snap is not None:
-                    snaps[s.origin] = snap
-            hit = place(self.strategy, self.shape, dict(inputs.members), snaps)
-            self._memo[key] = hit
-            while len(self._memo) > PLACEMENT_MEMO:
-                del self._memo[next(iter(self._memo))]
-        assignment, routes = hit
+        # each acceptor check the same value again. Not yet computed: `Solving` (the core
+        # retries, the solver wakes the timer when it is done).
+        assignment, routes = self.solver.lookup(inputs)
         self._routes[inputs.epoch] = routes
         for old in [e for e in self._routes if e < inputs.epoch - 2]:
             del self._routes[old]
         return assignment
+
+    def _compute_placement(self, inputs: PlacementInputs) -> Any:
+        """(assignment, routes) of `inputs`; runs on the solver's worker thread."""
+        snaps = {}
+        for s in inputs.snapshots:
+            snap = _snapshot(s.payload)
+            if snap is not None:
+                snaps[s.origin] = snap
+        return place(self.strategy, self.shape, dict(inputs.members), snaps)
+
+    async def _solve_for(self, value: Any) -> None:
+        """Compute an incoming value's placement off the loop before the core checks it;
+        a malformed value is left to the core to refuse."""
+        try:
+            inputs = placement_inputs(value.epoch, value.members, value.snapshots)
+            await self.solver.solve(inputs)
+        except Exception:  # the core sees the same inputs and says why
+            return
+
+    async def _request_epoch(self, members: list[str] | None, reason: str) -> None:
+        """`core.request_epoch`, waiting (off the loop) for the placement it needs."""
+        for _ in range(PENDING_RETRIES):
+            try:
+                self.apply(self.core.request_epoch(self.now(), members, reason=reason))
+                return
+            except Solving as pending:
+                await asyncio.shield(pending.ready)
+        raise TimeoutError("the placement inputs kept changing while they were computed")
 
     # ---- drift (called by the core when statistics, members or the epoch changed) -----------
     def _config(self) -> ClusterConfig:
@@ -191,7 +219,7 @@ class ClusterDriver:
             # another epoch with us in it may win the race; then ask again
             start = self.core.epoch
             others = [n for n in self.core.alive_members() if n != self.d.node_id] or others
-            self.apply(self.core.request_epoch(self.now(), others, reason="leave"))
+            await self._request_epoch(others, "leave")
             await self.wait_decided(start + 1, timeout=HANDOVER_TIMEOUT_S)
         mine = set(self.core.routing.holdings_of(self.d.node_id))
         while mine:
@@ -204,6 +232,7 @@ class ClusterDriver:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.solver.close()
         self.storage.close()
 
     def _spawn(self, coro: Any, name: str, *, restart: bool = False) -> None:
@@ -257,6 +286,13 @@ class ClusterDriver:
             raise WireError("message sender differs from the signed sender", 403)
         if self._left:
             return {"ok": False}
+        # an Accept's check recomputes its value's placement; so does a Promise's accepted
+        # value, which this node proposes again and accepts itself
+        value = msg.value if isinstance(msg, Accept) else getattr(msg, "accepted_value", None)
+        if isinstance(msg, Accept | Promise) and value is not None:
+            await self._solve_for(value)
+            if self._left:
+                return {"ok": False}
         self.d.metrics.gossip_messages.labels(direction="in").inc()
         try:
             out = self.core.handle(self.now(), msg)
@@ -437,12 +473,14 @@ class ClusterDriver:
         if dry_run:
             snaps = [Snapshot(o, v, p) for o, (v, p) in sorted(core.stats_snapshots().items())
                      if o in chosen]  # fmt: skip
+            inputs = placement_inputs(epoch + 1, [(n, known[n].capacity) for n in chosen], snaps)
+            await self.solver.solve(inputs)
             value = build_proposal(
-                epoch + 1, [(n, known[n].capacity) for n in chosen], snaps, self._placement,
+                epoch + 1, inputs.members, inputs.snapshots, self._placement,
                 core.consensus.current, self.d.node_id, "operator-dry-run",
             )  # fmt: skip
             return {"epoch": epoch + 1, "plan": self._plan(value), "decided": False}
-        self.apply(core.request_epoch(self.now(), members, reason="operator"))
+        await self._request_epoch(members, "operator")
         decided = await self.wait_decided(epoch + 1, timeout=30.0)
         value = core.consensus.log[epoch] if decided else None
         return {"epoch": core.epoch, "plan": self._plan(value) if value else [],
@@ -459,3 +497,10 @@ class ClusterDriver:
             }
             for l, e, src, dst in value.plan
         ]
+
+
+def _placement_key(inputs: PlacementInputs) -> Any:
+    """What a placement depends on: members with capacities and each snapshot's content."""
+    return (inputs.members, tuple(
+        (s.origin, s.version, hashlib.sha256(msgpack.packb(s.payload)).hexdigest())
+        for s in inputs.snapshots))  # fmt: skip

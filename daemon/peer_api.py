@@ -235,13 +235,15 @@ async def _forward(request: web.Request, call: Call) -> Reply:
     return _msgpack({"out": tensor_to_wire(out)})
 
 
-def _serve_file(request: web.Request, rel: str) -> web.StreamResponse:
+async def _serve_file(request: web.Request, rel: str) -> web.StreamResponse:
+    """The file by sendfile; its bytes are authenticated by the fetcher against the signed
+    manifest's sha256 (the response signature binds the nonce, not the bytes)."""
     d = _daemon(request)
     if d.store.manifest is None:
         raise WireError("this node has no manifest yet", 503)
     if rel not in d.store.manifest.files:
         raise WireError("no such file in the manifest", 404)
-    if not d.store.has(rel):
+    if not await d.store.verified(rel):  # a changed file is hashed off the event loop
         raise WireError(f"{rel} is not on this node's disk", 404)
     size = int(d.store.manifest.files[rel]["bytes"])
     try:
@@ -250,25 +252,25 @@ def _serve_file(request: web.Request, rel: str) -> web.StreamResponse:
         start, stop = 0, 0
     kind = "dense" if rel == DENSE_NAME else "expert" if rel.startswith("experts/") else "other"
     d.metrics.shards_served_bytes.labels(kind=kind).inc(max(0, stop - start))
-    return web.FileResponse(d.store.path(rel), chunk_size=1 << 18)
+    return web.FileResponse(d.store.path(rel), chunk_size=1 << 20)
 
 
 async def shard(request: web.Request, call: Call) -> web.StreamResponse:
     layer, expert = request.match_info["layer"], request.match_info["expert"]
     if not (_INT.fullmatch(layer) and _INT.fullmatch(expert)):
         raise WireError("layer and expert must be decimal integers")
-    return _serve_file(request, Manifest.expert_path(int(layer), int(expert)))
+    return await _serve_file(request, Manifest.expert_path(int(layer), int(expert)))
 
 
 async def dense(request: web.Request, call: Call) -> web.StreamResponse:
-    return _serve_file(request, DENSE_NAME)
+    return await _serve_file(request, DENSE_NAME)
 
 
 async def side_file(request: web.Request, call: Call) -> web.StreamResponse:
     name = request.match_info["name"]
     if name == DENSE_NAME or "/" in name or name.startswith("."):
         raise WireError("only top-level side files of the manifest are served here")
-    return _serve_file(request, name)
+    return await _serve_file(request, name)
 
 
 async def manifest(request: web.Request, call: Call) -> Reply:

@@ -1,15 +1,22 @@
 """The daemon's placement function: members' capacities and activation snapshots -> which node
 holds which experts, computed by an `edgemoe.placement` strategy. Deterministic for the same
 inputs (members sorted by id), so any acceptor can recompute a proposal.
+
+`PlacementSolver` computes it on a worker thread, so the event loop (membership probes,
+gossip, expert RPC) keeps running while a placement takes a second or more on a busy CPU.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+from collections.abc import Callable, Hashable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
+from edgemoe.cluster.consensus import PlacementPending
 from edgemoe.stats.snapshot import ActivationSnapshot
 
 Assignment = dict[str, set[tuple[int, int]]]
@@ -112,3 +119,84 @@ def place(
             (int(l), int(e)): names[int(result.route[i, l, e])] for l, e in zip(ls, es, strict=True)
         }
     return assignment, routes
+
+
+InputsT = TypeVar("InputsT")
+ResultT = TypeVar("ResultT")
+
+
+class Solving(PlacementPending):
+    """The placement of these inputs is being computed; `ready` completes when it is."""
+
+    def __init__(self, ready: asyncio.Future[Any]) -> None:
+        super().__init__("placement is being computed")
+        self.ready = ready
+
+
+class PlacementSolver(Generic[InputsT, ResultT]):
+    """`compute` run on one worker thread, its last `memo` outcomes remembered by `key`.
+
+    The core asks synchronously (`lookup`, on the event loop): a remembered outcome is
+    returned (or its exception raised again); otherwise its computation starts, once, and
+    `Solving` tells the caller to ask again (`on_ready` is called on the loop when it is done).
+    `solve` awaits the outcome. The same `compute` runs whichever thread asks, so the result
+    is as deterministic as `compute`."""
+
+    def __init__(
+        self,
+        compute: Callable[[InputsT], ResultT],
+        key: Callable[[InputsT], Hashable],
+        *,
+        memo: int = 8,
+        on_ready: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.compute = compute
+        self.key = key
+        self.memo = memo
+        self.on_ready = on_ready
+        self._done: dict[Hashable, tuple[ResultT | None, BaseException | None]] = {}  # oldest first
+        self._running: dict[Hashable, asyncio.Future[Any]] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="placement")
+        self.computed = 0
+
+    def lookup(self, inputs: InputsT) -> ResultT:
+        k = self.key(inputs)
+        if k in self._done:
+            value, exc = self._done[k]
+            if exc is not None:
+                raise exc
+            return value  # type: ignore[return-value]
+        raise Solving(self._start(k, inputs))
+
+    async def solve(self, inputs: InputsT) -> ResultT:
+        k = self.key(inputs)
+        if k not in self._done:
+            await asyncio.shield(self._start(k, inputs))
+        return self.lookup(inputs)
+
+    def _start(self, k: Hashable, inputs: InputsT) -> asyncio.Future[Any]:
+        fut = self._running.get(k)
+        if fut is None:
+            loop = asyncio.get_running_loop()
+            fut = self._running[k] = loop.run_in_executor(self._pool, self._outcome, inputs)
+            fut.add_done_callback(lambda f: self._finish(k, f))
+        return fut
+
+    def _outcome(self, inputs: InputsT) -> tuple[ResultT | None, BaseException | None]:
+        try:
+            return self.compute(inputs), None
+        except Exception as exc:  # raised again to whoever looks it up
+            return None, exc
+
+    def _finish(self, k: Hashable, fut: asyncio.Future[Any]) -> None:
+        self._running.pop(k, None)
+        if fut.cancelled():
+            return
+        self._done[k] = fut.result()
+        self.computed += 1
+        while len(self._done) > self.memo:
+            del self._done[next(iter(self._done))]
+        self.on_ready()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

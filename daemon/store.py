@@ -4,10 +4,16 @@ The store's root is a shard directory (the layout of `edgemoe shard`): the node'
 ``--model-dir`` when it has one, else ``STATE_DIR/model`` filled from peers. A fetch writes
 into ``.partial/`` and resumes from what is there with an HTTP Range request; only a file whose
 size and sha256 match the manifest is renamed into place, so a corrupt or cut transfer is
-never loaded.
+never loaded. A whole-file fetch hashes the bytes as they arrive (a resumed one hashes the part
+already on disk first), writes and hashes them 4 MiB at a time on a worker thread, and
+renames it into place: nothing is read back. Its one fsync follows on a syncer thread, off the
+transfer's path; the directory is not synced. A file torn or a rename lost in a crash only
+means the file is fetched again: the store trusts nothing across restarts without hashing it,
+and holding an expert means holding it in memory, not on disk.
 
 A verified file is remembered with its size, mtime and inode; a file whose stat differs from
-that (rewritten, truncated, extended, replaced) is hashed again before it is served or used.
+that (rewritten, truncated, extended, replaced) is hashed again before it is served or used,
+off the event loop (`verified`).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +35,9 @@ from edgemoe.model.shard import DENSE_NAME
 
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
+# received chunks (often 64 KiB) are written and hashed on a worker thread, this many bytes at
+# a time: the event loop only receives, and several files in flight use several cores
+_WRITE_BATCH = 4 << 20
 # A file fetched from several peers at once is cut into segments of at least this many bytes.
 _MIN_SEGMENT = 1 << 16
 _PARTIAL = ".partial"
@@ -47,6 +57,8 @@ class ShardStore:
         # rel -> (size, mtime_ns, inode) of the file when its sha256 last matched
         self._verified: dict[str, tuple[int, int, int]] = {}
         self._failed: dict[str, tuple[int, int, int]] = {}  # same, of a file that did not match
+        # pending fsyncs finish before the interpreter exits (concurrent.futures joins it)
+        self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsync")
         if (root / MANIFEST_NAME).is_file():
             self.manifest = Manifest.load(root)
 
@@ -87,6 +99,30 @@ class ShardStore:
             return False
         self._verified[rel] = stamp
         return True
+
+    def known_good(self, rel: str) -> bool:
+        """True when the file verified before and its stat has not changed since: one stat,
+        never a hash (safe on the event loop)."""
+        stamp = self._verified.get(rel)
+        if stamp is None:
+            return False
+        try:
+            st = (self.root / rel).stat()
+        except OSError:
+            return False
+        return stamp == (st.st_size, st.st_mtime_ns, st.st_ino)
+
+    async def verified(self, rel: str) -> bool:
+        """`has` for the event loop: a changed or new file is hashed on a worker thread (an
+        absent one costs a stat here)."""
+        if self.known_good(rel):
+            return True
+        if rel not in (self.manifest.files if self.manifest else ()):
+            return False
+        if not (self.root / rel).exists():
+            self._verified.pop(rel, None)
+            return False
+        return await asyncio.to_thread(self.has, rel)
 
     def damaged(self, rels: list[str]) -> list[str]:
         """Those of `rels` (files that verified before) that no longer do: cheap while
@@ -136,7 +172,7 @@ class ShardStore:
 
     def install_from(self, rel: str, parts: Sequence[Path]) -> None:
         """Verify the concatenation of `parts`; move it into place (temp + fsync + rename)."""
-        info, target = self.info(rel), self.root / rel
+        info = self.info(rel)
         # one part is verified and renamed in place; several are concatenated into a new file
         source = self.root / _PARTIAL / f"{rel.replace('/', '__')}.assembled"
         if len(parts) == 1:
@@ -157,29 +193,62 @@ class ShardStore:
             for p in {source, *parts}:
                 p.unlink(missing_ok=True)
             raise CorruptShard(f"{rel}: size {size} or sha256 differs from the manifest")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(source, target)
-        _fsync_dir(target.parent)
+        self._rename(rel, source)
         for p in parts:
             p.unlink(missing_ok=True)
+
+    def install_hashed(self, rel: str, part: Path, size: int, sha256: str) -> None:
+        """Install a part whose bytes were hashed while they arrived: compared with the
+        manifest and renamed into place (nothing read back); its one fsync runs after, on
+        the syncer thread, off the fetch's path (the bytes are served from the page cache
+        meanwhile, and a file torn by a crash before it fails the hash every start does)."""
+        info = self.info(rel)
+        if size != info["bytes"] or sha256 != info["sha256"]:
+            part.unlink(missing_ok=True)
+            raise CorruptShard(f"{rel}: size {size} or sha256 differs from the manifest")
+        self._rename(rel, part)
+        self._syncer.submit(_fsync, self.root / rel)
+
+    def _rename(self, rel: str, source: Path) -> None:
+        target = self.root / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, target)
         st = target.stat()
         self._verified[rel] = (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
+    _hash_into(digest, path)
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:  # replaced or removed since: nothing of ours to sync
+        return
     try:
         os.fsync(fd)
+    except OSError as exc:
+        log.warning("%s: fsync failed (%s); a restart hashes it again", path, exc)
     finally:
         os.close(fd)
+
+
+def _write(fh: Any, chunks: list[bytes], digest: Any) -> None:
+    for chunk in chunks:
+        view = memoryview(chunk)
+        while view:  # a raw file may write less than asked
+            view = view[fh.write(view) :]
+        if digest is not None:
+            digest.update(chunk)
+
+
+def _hash_into(digest: Any, path: Path) -> None:
+    with path.open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
 
 
 def url_path(rel: str) -> str:
@@ -213,7 +282,7 @@ class ShardFetcher:
             raise PeerError(f"{rel}: no peer to fetch it from")
         lock = self._locks.setdefault(rel, asyncio.Lock())
         async with lock:
-            if await asyncio.to_thread(self.store.has, rel):
+            if await self.store.verified(rel):
                 return
             last: Exception | None = None
             for attempt in range(self.attempts):
@@ -241,40 +310,60 @@ class ShardFetcher:
             if stale not in parts:
                 stale.unlink(missing_ok=True)
 
+        digests: list[Any] = [None] * n
+
         async def segment(i: int) -> None:
             errors: list[str] = []
             for k in range(len(sources)):
                 peer = sources[(i + k) % len(sources)]
                 try:
-                    await self._fetch_range(peer, rel, parts[i], *bounds[i])
+                    digests[i] = await self._fetch_range(peer, rel, parts[i], *bounds[i],
+                                                         whole=n == 1)  # fmt: skip
                     return
                 except PeerError as exc:
                     errors.append(str(exc))
             raise PeerError("; ".join(errors))
 
         await asyncio.gather(*(segment(i) for i in range(n)))
-        await asyncio.to_thread(self.store.install_from, rel, parts)
+        if digests[0] is not None:  # one segment: hashed as it arrived, nothing read back
+            # a compare and a rename: no thread hop (its fsync runs on the syncer)
+            self.store.install_hashed(rel, parts[0], size, digests[0].hexdigest())
+        else:
+            await asyncio.to_thread(self.store.install_from, rel, parts)
 
-    async def _fetch_range(self, peer: PeerClient, rel: str, part: Path, lo: int, hi: int) -> None:
+    async def _fetch_range(self, peer: PeerClient, rel: str, part: Path, lo: int, hi: int, *,
+                           whole: bool = False) -> Any:  # fmt: skip
+        """Bytes lo..hi-1 of `rel` into `part`, resuming what it holds. With `whole` (the part
+        is the whole file) returns the sha256 of the part, fed as the bytes arrived (those
+        already on disk first); else None."""
         have = part.stat().st_size if part.exists() else 0
         if have > hi - lo:
             part.unlink()
             have = 0
+        digest = hashlib.sha256() if whole else None
+        if digest is not None and have:
+            await asyncio.to_thread(_hash_into, digest, part)
         if have == hi - lo:
-            return
+            return digest
         async with peer.stream(url_path(rel), start=lo + have, end=hi - 1) as resp:
             if resp.status == 200 and lo + have != 0:
                 raise PeerError(f"{peer.url}: ignored the Range request")
-            with part.open("ab") as fh:
+            with part.open("ab", buffering=0) as fh:
+                held: list[bytes] = []  # received, not yet written
                 try:
                     async for chunk in resp.content.iter_chunked(_CHUNK):
-                        fh.write(chunk)
+                        held.append(chunk)
                         self.on_bytes(len(chunk))
+                        if sum(map(len, held)) >= _WRITE_BATCH:
+                            await asyncio.to_thread(_write, fh, held, digest)
+                            held = []
                 except Exception as exc:
-                    fh.flush()
+                    await asyncio.to_thread(_write, fh, held, digest)  # kept for the resume
                     raise PeerError(f"{peer.url}: transfer of {rel} cut: {exc!r}") from None
-                # no fsync here: install_from syncs before the rename, and a part torn by a
+                await asyncio.to_thread(_write, fh, held, digest)
+                # no fsync here: the install syncs before the rename, and a part torn by a
                 # crash fails the sha256 check and is fetched again
         got = part.stat().st_size
         if got != hi - lo:
             raise PeerError(f"{peer.url}: {rel} ended after {got} of {hi - lo} bytes")
+        return digest

@@ -48,6 +48,20 @@ class PlacementInputs:
 PlacementFn = Callable[[PlacementInputs], Mapping[str, Iterable[Shard]]]
 
 
+class PlacementPending(Exception):
+    """Raised by a placement function computing elsewhere (a worker, off the event loop):
+    ask again later. A proposal trigger stays armed; an acceptor's driver computes a value's
+    placement before it hands the Accept over (`placement_inputs`)."""
+
+
+def placement_inputs(
+    epoch: int, members: Iterable[tuple[str, int]], snapshots: Iterable[Snapshot]
+) -> PlacementInputs:
+    """The placement function's inputs for a value with these members and snapshots."""
+    mem = tuple(sorted((str(n), int(c)) for n, c in members))
+    return PlacementInputs(epoch, mem, tuple(sorted(snapshots, key=lambda s: s.origin)))
+
+
 def stats_digest(snapshots: Iterable[Snapshot]) -> str:
     return digest(tuple((s.origin, s.version) for s in snapshots))
 
@@ -98,9 +112,9 @@ def build_proposal(
     reason: str,
     forced: bool = False,
 ) -> Proposal:
-    mem = tuple(sorted((str(n), int(c)) for n, c in members))
-    snaps = tuple(sorted(snapshots, key=lambda s: s.origin))
-    assignment = normalize((n for n, _ in mem), placement(PlacementInputs(epoch, mem, snaps)))
+    inputs = placement_inputs(epoch, members, snapshots)
+    mem, snaps = inputs.members, inputs.snapshots
+    assignment = normalize((n for n, _ in mem), placement(inputs))
     return Proposal(
         epoch=epoch,
         members=mem,
@@ -323,7 +337,10 @@ class Consensus:
         self._note_round(m.epoch, m.ballot)
         if not self._acceptor_gate(m.epoch, m.forced_members, m.sender, out):
             return
-        why = check_proposal(m.value, self.current, self.placement)
+        try:
+            why = check_proposal(m.value, self.current, self.placement)
+        except PlacementPending:  # not computed here yet: unanswered, the proposer retries
+            return
         if why is None and bool(m.forced_members) != m.value.forced:
             why = "forced flag does not match the acceptor set"
         if why is None and m.forced_members and m.value.member_ids() != m.forced_members:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from edgemoe.cluster.config import ClusterConfig
-from edgemoe.cluster.consensus import Consensus, PlacementFn, build_proposal
+from edgemoe.cluster.consensus import Consensus, PlacementFn, PlacementPending, build_proposal
 from edgemoe.cluster.effects import Decided
 from edgemoe.cluster.membership import ALIVE, SUSPECT, Membership
 from edgemoe.cluster.messages import (
@@ -47,6 +47,7 @@ from edgemoe.cluster.storage import Storage
 # -> how far they moved apart (compared with `ClusterConfig.drift_threshold`)
 DriftFn = Callable[[Mapping[str, Any], Mapping[str, Any]], float]
 STATS, HOLDINGS = "stats", "holdings"
+PLACEMENT_POLL_S = 0.05  # a proposal waiting for its placement (computed elsewhere) retries
 _CONSENSUS = (Prepare, Promise, Accept, Accepted, Nack, Learn, CatchUp)
 
 
@@ -90,6 +91,10 @@ class Node:
         self._next_push_pull = float("inf")
         self._next_catchup = 0.0
         self._trigger_at: float | None = None
+        # epoch, members and snapshots of a proposal whose placement is being computed
+        # elsewhere: its retries for that epoch use them, so statistics published meanwhile do
+        # not restart the computation
+        self._held: tuple[int, list[tuple[str, int]], list[Snapshot]] | None = None
         self._trigger_reason = ""
         self._trigger_key: tuple[int, int, int] | None = None
         self._trigger_why: str | None = None
@@ -410,8 +415,12 @@ class Node:
             self._trigger_reason = reason
             return
         if now >= self._trigger_at:
+            try:
+                self._propose(now, reason, out, None, False)
+            except PlacementPending:  # computing off the event loop: ask again shortly
+                self._trigger_at = now + PLACEMENT_POLL_S
+                return
             self._trigger_at = None
-            self._propose(now, reason, out, None, False)
 
     def _propose(
         self, now: float, reason: str, out: Outbox, members: list[str] | None, forced: bool
@@ -425,14 +434,21 @@ class Node:
         snaps = [
             Snapshot(o, v, p) for o, (v, p) in sorted(self.stats_snapshots().items()) if o in ids
         ]
-        value = build_proposal(
-            self.epoch + 1,
-            chosen,
-            snaps,
-            self.consensus.placement,
-            self.consensus.current,
-            self.node_id,
-            reason,
-            forced,
-        )
+        if self._held is not None and self._held[:2] == (self.epoch + 1, chosen):
+            snaps = self._held[2]
+        try:
+            value = build_proposal(
+                self.epoch + 1,
+                chosen,
+                snaps,
+                self.consensus.placement,
+                self.consensus.current,
+                self.node_id,
+                reason,
+                forced,
+            )
+        except PlacementPending:
+            self._held = (self.epoch + 1, chosen, snaps)
+            raise
+        self._held = None
         self.consensus.propose(now, value, out, [n for n, _ in value.members] if forced else ())

@@ -1,0 +1,80 @@
+"""The placement is computed off the event loop: a timer on the loop keeps ticking on time while
+a slow placement (EPLB at DeepSeek-V3's shape, about a second) runs on the solver's worker, and
+the answer is the one the placement function gives when called directly."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from edgemoe.cluster.consensus import PlacementPending
+from edgemoe.daemon.placement_fn import ModelShape, PlacementSolver, Solving, place
+from edgemoe.stats.snapshot import ActivationSnapshot
+
+SHAPE = ModelShape(num_layers=58, num_experts=256, top_k=8, expert_bytes=1000, hidden_size=7168)
+TICK_S = 0.02
+
+
+def _inputs(seed: int) -> tuple[dict[str, int], dict[str, ActivationSnapshot]]:
+    rng = np.random.default_rng(seed)
+    names = [f"{i:016x}" for i in range(4)]
+    caps = {n: 1000 * (SHAPE.num_layers * SHAPE.num_experts * 3 // 8) for n in names}
+    snaps = {}
+    for n in names:
+        sets = np.stack([rng.choice(SHAPE.num_experts, SHAPE.top_k, replace=False)
+                         for _ in range(500)])  # fmt: skip
+        counts = rng.gamma(0.5, size=(SHAPE.num_layers, SHAPE.num_experts))
+        snaps[n] = ActivationSnapshot(n, 1, counts, rng.integers(0, SHAPE.num_layers, 500), sets,
+                                      1.0)  # fmt: skip
+    return caps, snaps
+
+
+def _eplb(seed: int) -> object:
+    caps, snaps = _inputs(seed)
+    return place("eplb", SHAPE, caps, snaps)
+
+
+async def test_a_timer_keeps_ticking_while_a_slow_placement_runs() -> None:
+    ready = asyncio.Event()
+    solver: PlacementSolver[int, object] = PlacementSolver(_eplb, lambda seed: seed,
+                                                           on_ready=ready.set)  # fmt: skip
+    late: list[float] = []
+    try:
+        with pytest.raises(Solving) as pending:
+            solver.lookup(7)
+        started = time.monotonic()
+        while not ready.is_set():  # the membership timer's loop, in miniature
+            due = time.monotonic() + TICK_S
+            await asyncio.sleep(TICK_S)
+            late.append(time.monotonic() - due)
+        took = time.monotonic() - started
+        assert pending.value.ready.done()
+        assert took > 0.3, f"the placement took only {took:.2f} s: too fast to show anything"
+        worst = max(late)
+        assert worst < min(0.3, took / 2), f"a tick came {worst:.3f} s late ({took:.2f} s run)"
+        assert len(late) >= took / TICK_S / 3  # ticked all along, not once at the end
+        assert solver.lookup(7) == _eplb(7)  # the same deterministic answer as a direct call
+        assert solver.computed == 1  # asked twice, computed once
+    finally:
+        solver.close()
+
+
+def _fails(seed: int) -> object:
+    raise ValueError(f"no placement for {seed}")
+
+
+async def test_a_failed_placement_is_raised_again_to_each_caller() -> None:
+    solver: PlacementSolver[int, object] = PlacementSolver(_fails, lambda seed: seed)
+    try:
+        with pytest.raises(PlacementPending):  # the core's type: it keeps its trigger armed
+            solver.lookup(3)
+        with pytest.raises(ValueError, match="no placement for 3"):
+            await solver.solve(3)
+        with pytest.raises(ValueError, match="no placement for 3"):
+            solver.lookup(3)  # remembered: not computed again
+        assert solver.computed == 1
+    finally:
+        solver.close()
