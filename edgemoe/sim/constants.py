@@ -25,13 +25,19 @@ class SimConstants:
     router, shared experts) + ``expert_fixed_s`` per distinct (layer, expert) + ``expert_row_s``
     per (token, expert) row + ``message_s`` per message received. The fixed parts are the
     weights read once per batch: what batching concurrent decode steps saves.
+
+    A remote call also costs its caller ``caller_message_s`` of compute (encoding, signing and
+    sealing the request, then checking, opening and decoding its answer), charged when the
+    answer is back: the testbed's daemons spend about as much per call made as per call
+    served (a fit of their CPU seconds: 0.9-1.2 ms made, 1.3-1.4 ms served).
     """
 
     dense_fixed_s: float = 5.5e-2
     dense_token_s: float = 2.1e-2
     expert_fixed_s: float = 1.05e-2
     expert_row_s: float = 2.7e-3
-    message_s: float = 5.4e-4
+    message_s: float = 2.7e-4  # half of calibrate's 0.54 ms signed round trip: holder's side
+    caller_message_s: float = 2.7e-4  # and the caller's
     batching: bool = True  # a server runs everything waiting in its queue as one batch
     prompt_fraction: float = 0.5  # share of a request's tokens that form its prompt
     source: str = "defaults"  # where the figures came from (a calibration file, a flag)

@@ -13,6 +13,8 @@ Rules (each has a hand-computed test in tests/sim/):
 - Batching (`SimConstants.batching`, on by default as a batching daemon does): when a server
   becomes free it runs everything waiting as one batch, paying each layer's and each
   expert's fixed cost once (`SimConstants` documents the cost model); off: one item at a time.
+- Calls cost both ends: the holder pays `message_s` per message it receives, the caller
+  `caller_message_s` per call once its answer is back, each in its compute queue.
 - Network: a message crosses the sender's NIC egress, the pair link and the receiver's NIC
   ingress, each a FIFO resource with its own rate shared by all flows through it (cut-through:
   the slowest stage sets the pace), then half the round trip. FIFO is in send order.
@@ -127,9 +129,11 @@ def poisson_requests(streams: list[list[np.ndarray]], rate_per_s: np.ndarray,
     return out
 
 
-# A work item in a compute queue: (layer, dense tokens, experts, rows, messages, done, arg).
-# `experts` are the expert ids of `layer` it runs; `done` says what its completion triggers.
-_DENSE, _LOCAL, _REMOTE = 0, 1, 2
+# A work item in a compute queue: (layer, dense tokens, experts, rows, message seconds, done,
+# arg). `experts` are the expert ids of `layer` it runs; `done` says what its completion
+# triggers: the origin's dispatch, a local part done, a holder's answer sent, or (_ANSWER) the
+# caller's handling of an answer done.
+_DENSE, _LOCAL, _REMOTE, _ANSWER = 0, 1, 2, 3
 # events: (time, seq, kind, a, b)
 _EV_STEP, _EV_FREE, _EV_ARRIVE, _EV_RETURN, _EV_CHUNK = 0, 1, 2, 3, 4
 
@@ -167,7 +171,8 @@ class _Net:
 def _batch_cost(items: list[tuple], c: SimConstants) -> float:
     layers: set[int] = set()
     experts: set[tuple[int, int]] = set()
-    tokens = rows = msgs = 0
+    tokens = rows = 0
+    msg_s = 0.0
     for layer, tok, ids, r, m, _, _ in items:
         if tok:
             layers.add(layer)
@@ -175,9 +180,9 @@ def _batch_cost(items: list[tuple], c: SimConstants) -> float:
         if ids:
             experts.update((layer, e) for e in ids)
             rows += r
-        msgs += m
+        msg_s += m
     return (len(layers) * c.dense_fixed_s + tokens * c.dense_token_s
-            + len(experts) * c.expert_fixed_s + rows * c.expert_row_s + msgs * c.message_s)
+            + len(experts) * c.expert_fixed_s + rows * c.expert_row_s + msg_s)
 
 
 def _group(ids: list[list[int]], dest: list[list[int]], s: int
@@ -294,15 +299,16 @@ def simulate(cluster: Cluster, placement: Placement, requests: list[Request], *,
                 out = tok[d] * msg
                 arrive = net.send(t, s, d, out)
                 counters["bytes"] += out
-                push(arrive, _EV_ARRIVE, d, (l, 0, tuple(experts), sum(experts.values()), 1,
-                                             _REMOTE, (i, tok[d] * msg)))
+                push(arrive, _EV_ARRIVE, d, (l, 0, tuple(experts), sum(experts.values()),
+                                             c.message_s, _REMOTE, (i, tok[d] * msg)))
                 waits += 1
             else:
                 for e, rows in experts.items():  # one call per expert, carrying its tokens
                     out = rows * msg
                     arrive = net.send(t, s, d, out)
                     counters["bytes"] += out
-                    push(arrive, _EV_ARRIVE, d, (l, 0, (e,), rows, 1, _REMOTE, (i, out)))
+                    push(arrive, _EV_ARRIVE, d, (l, 0, (e,), rows, c.message_s, _REMOTE,
+                                                 (i, out)))
                     waits += 1
         pending[i] = waits
         if waits == 0:
@@ -349,7 +355,7 @@ def simulate(cluster: Cluster, placement: Placement, requests: list[Request], *,
                 what, arg = item[5], item[6]
                 if what == _DENSE:
                     dispatch(t, arg)
-                elif what == _LOCAL:
+                elif what in (_LOCAL, _ANSWER):
                     part_done(t, arg)
                 else:
                     i, back = arg
@@ -362,7 +368,10 @@ def simulate(cluster: Cluster, placement: Placement, requests: list[Request], *,
         elif kind == _EV_ARRIVE:
             enqueue(t, a, b)  # type: ignore[arg-type]
         elif kind == _EV_RETURN:
-            part_done(t, a)
+            if c.caller_message_s > 0:
+                enqueue(t, requests[a].server, (layer[a], 0, (), 0, c.caller_message_s, _ANSWER, a))
+            else:
+                part_done(t, a)
         else:  # migration: a change starts (a == -1) or a copy's chunk has landed
             if a == -1:
                 ch = b  # type: ignore[assignment]

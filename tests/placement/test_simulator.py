@@ -13,7 +13,8 @@ from edgemoe.sim.simulator import Cluster, Request, simulate
 CLUSTER = Cluster(np.ones(2), np.array([[0, 10e-3], [10e-3, 0]]), np.full((2, 2), 8e6),
                   hidden_size=500, activation_bytes=2)
 TIMING = SimConstants(dense_fixed_s=1e-3, dense_token_s=0.0, expert_fixed_s=2e-3,
-                      expert_row_s=0.0, message_s=0.5e-3, prompt_fraction=0.5, batching=False)
+                      expert_row_s=0.0, message_s=0.5e-3, prompt_fraction=0.5, batching=False,
+                      caller_message_s=0.0)
 
 
 def _placement(holders: np.ndarray) -> Placement:

@@ -22,9 +22,11 @@ def test_calibrate_writes_measured_constants_that_bench_placement_accepts(tmp_pa
     assert res.returncode == 0, res.stderr
     c = load(out)
     assert c.source.startswith("edgemoe bench calibrate")
-    # a forward pass and a loopback round trip take time; per-token parts may round to 0
-    assert c.dense_fixed_s > 0 and c.expert_fixed_s > 0 and c.message_s > 0
-    assert c.dense_token_s >= 0 and c.expert_row_s >= 0
+    # a forward pass, an expert and a loopback round trip take time; each is a fit of a fixed
+    # and a per-row part, and on a loaded box either part alone may come out as 0
+    assert c.dense_fixed_s + c.dense_token_s > 0 and c.expert_fixed_s + c.expert_row_s > 0
+    assert min(c.dense_fixed_s, c.dense_token_s, c.expert_fixed_s, c.expert_row_s) >= 0
+    assert c.message_s > 0 and c.caller_message_s == c.message_s  # the round trip, halved
     bad = tmp_path / "bad.json"
     bad.write_text('{"expert_s": 0.001}')
     res = _cli("bench", "placement", "--constants", str(bad))

@@ -15,7 +15,7 @@ from edgemoe.sim.simulator import Change, Cluster, Copy, Request, simulate
 
 # no fixed expert cost by default, so hand sums stay short
 C = SimConstants(dense_fixed_s=1e-3, dense_token_s=0.0, expert_fixed_s=2e-3, expert_row_s=0.0,
-                 message_s=0.5e-3, batching=False)
+                 message_s=0.5e-3, batching=False, caller_message_s=0.0)
 
 
 def _cluster(S: int, rtt_ms: float, link_bps: float = 8e6, nic_bps: float | None = None
@@ -54,7 +54,7 @@ def test_flows_into_one_server_share_its_nic_ingress() -> None:
     holders = np.array([[[True]], [[False]], [[False]]])
     reqs = [Request(1, 0.0, np.array([[[0]]])), Request(2, 0.0, np.array([[[0]]]))]
     c0 = SimConstants(dense_fixed_s=1e-3, dense_token_s=0.0, expert_fixed_s=0.0,
-                      expert_row_s=0.0, message_s=0.0, batching=False)
+                      expert_row_s=0.0, message_s=0.0, batching=False, caller_message_s=0.0)
     free = simulate(_cluster(3, 0.0), _placement(holders), reqs, constants=c0)
     shared = simulate(_cluster(3, 0.0, nic_bps=8e6), _placement(holders), reqs, constants=c0)
     # own links only: dense 0-1, sent 1-2, replies 2-3 on their own links
@@ -76,7 +76,7 @@ def test_batching_pays_a_layers_fixed_cost_once_for_waiting_decode_steps() -> No
     holders = np.array([[[True]]])
     reqs = [Request(0, 0.0, np.array([[[0]]])) for _ in range(3)]  # 1 token, prefill only
     c = SimConstants(dense_fixed_s=1e-3, dense_token_s=0.5e-3, expert_fixed_s=2e-3,
-                     expert_row_s=0.25e-3, message_s=0.0, batching=True)
+                     expert_row_s=0.25e-3, message_s=0.0, batching=True, caller_message_s=0.0)
     one = Cluster(np.ones(1), np.zeros((1, 1)), np.full((1, 1), 1e9), hidden_size=8)
     res = simulate(one, _placement(holders), reqs, constants=c)
     # r0 dense alone 0-1.5; then r1+r2 dense (1 + 2*0.5 = 2) with r0's expert (2 + 0.25):
@@ -93,7 +93,7 @@ def test_prefill_runs_the_prompt_as_one_step_then_one_decode_step_per_token() ->
     holders = np.array([[[True, False]], [[False, True]]])
     ids = np.array([[[1]], [[1]], [[1]], [[1]]])  # 4 tokens: prompt 2, decode 2, remote
     c = SimConstants(dense_fixed_s=1e-3, dense_token_s=1e-3, expert_fixed_s=2e-3,
-                     expert_row_s=1e-3, message_s=0.5e-3, batching=False)
+                     expert_row_s=1e-3, message_s=0.5e-3, batching=False, caller_message_s=0.0)
     res = simulate(_cluster(2, 10.0), _placement(holders), [Request(0, 0.0, ids)], constants=c)
     # prefill: dense 1 + 2*1 = 3; 2 hidden states 3-5, +5 = 10; 0.5 + 2 + 2*1 = 4.5 -> 14.5;
     # back 2 ms + 5 -> 21.5. Each decode step: dense 2, send 1 + 5, run 3.5, back 1 + 5 =
@@ -144,3 +144,18 @@ def test_the_simulator_imports_only_data_types_from_placement() -> None:
                     "edgemoe.placement"):
                 names = {a.name for a in node.names}
                 assert names <= allowed.get(node.module, set()), (path.name, node.module, names)
+
+
+def test_a_call_costs_its_caller_compute_when_the_answer_is_back() -> None:
+    holders = np.array([[[True, False]], [[False, True]]])
+    ids = np.array([[[1]], [[1]]])  # prompt 1 token, 1 decode step; expert 1 is on server 1
+    c = SimConstants(dense_fixed_s=1e-3, dense_token_s=0.0, expert_fixed_s=2e-3,
+                     expert_row_s=0.0, message_s=0.5e-3, caller_message_s=0.25e-3,
+                     batching=False)
+    res = simulate(_cluster(2, 10.0), _placement(holders), [Request(0, 0.0, ids)], constants=c)
+    # each step: dense 1; send 1 + 5 -> 7; holder 0.5 + 2 -> 9.5; back 1 + 5 -> 15.5;
+    # the caller opens the answer 0.25 -> 15.75. Two steps: 31.5 ms
+    assert res.latencies_s[0] == pytest.approx(31.5e-3)
+    free = simulate(_cluster(2, 10.0), _placement(holders), [Request(0, 0.0, ids)],
+                    constants=SimConstants(**{**c.to_dict(), "caller_message_s": 0.0}))
+    assert free.latencies_s[0] == pytest.approx(31.0e-3)
