@@ -30,6 +30,7 @@ from edgemoe.placement.layer_costs import LayerCosts, SampleIndex
 from edgemoe.placement.layers import Layers
 from edgemoe.placement.moves import Moves
 from edgemoe.placement.problem import Placement, Problem, make_placement
+from edgemoe.placement.spread import spread
 
 
 class LatencyAware(Moves):
@@ -82,7 +83,8 @@ class LatencyAware(Moves):
         batch; a caller that can afford it (the benchmark simulates the profiling window)
         injects a judge that sees those, and the baselines' placements compete with ours:
         on a fast network a layer concentrated on one holder makes it the bottleneck, and
-        spreading experts as `uniform` does is then the better answer.
+        spreading a token's experts over the servers by speed (`spread`) is then the better
+        answer.
         """
         from edgemoe.placement.dancemoe import DanceMoE
         from edgemoe.placement.eplb import Eplb
@@ -90,9 +92,10 @@ class LatencyAware(Moves):
 
         assert self.judge is not None
         t0 = time.perf_counter() - own.solve_s
-        names = [self.name, "balanced", "layers", "uniform", "eplb", "dancemoe"]
-        cands = [own, balanced(problem)] + [st.place(problem) for st in (Layers(), Uniform(),
-                                                                           Eplb(), DanceMoE())]
+        names = [self.name, "balanced", "spread", "spread-lean", "layers", "uniform", "eplb",
+                 "dancemoe"]
+        cands = [own, balanced(problem), spread(problem), spread(problem, spares=False)] + [
+            st.place(problem) for st in (Layers(), Uniform(), Eplb(), DanceMoE())]
         scores = self.judge(cands)
         k = int(np.argmin(scores))
         self.chosen = names[k]

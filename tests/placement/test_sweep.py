@@ -63,7 +63,7 @@ def test_an_injected_judge_picks_the_lowest_score_and_ties_keep_ours() -> None:
 
     strat = LatencyAware(judge=prefers_balanced)
     got = strat.place(p)
-    assert strat.chosen == "balanced" and seen == [6]
+    assert strat.chosen == "balanced" and seen == [8]
     assert (got.holders == balanced(p).holders).all() and got.strategy == "edgemoe"
     tie = LatencyAware(judge=lambda cands: [1.0] * len(cands))
     assert (tie.place(p).holders == own.holders).all() and tie.chosen == "edgemoe"
