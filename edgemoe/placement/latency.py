@@ -92,10 +92,18 @@ class LatencyAware(Moves):
 
         assert self.judge is not None
         t0 = time.perf_counter() - own.solve_s
-        names = [self.name, "balanced", "spread", "spread-lean", "layers", "uniform", "eplb",
-                 "dancemoe"]
-        cands = [own, balanced(problem), spread(problem), spread(problem, spares=False)] + [
-            st.place(problem) for st in (Layers(), Uniform(), Eplb(), DanceMoE())]
+        named = {self.name: own, "balanced": balanced(problem), "spread": spread(problem),
+                 "spread-lean": spread(problem, spares=False),
+                 "spread-lean-fast": spread(problem, spares=False, tilt=2.0),
+                 "spread-lean-memory": spread(problem, spares=False, tilt=None),
+                 **{st.name: st.place(problem) for st in (Layers(), Uniform(), Eplb(),
+                                                           DanceMoE())}}
+        names: list[str] = []
+        cands: list[Placement] = []
+        for n, pl in named.items():  # the same holdings twice need one simulation
+            if not any(np.array_equal(pl.holders, c.holders) for c in cands):
+                names.append(n)
+                cands.append(pl)
         scores = self.judge(cands)
         k = int(np.argmin(scores))
         self.chosen = names[k]

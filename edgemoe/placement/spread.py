@@ -6,10 +6,12 @@ its part of a token's experts in parallel, so the step takes about the largest p
 that holder's speed. `balanced` evens the expected work per server but may still put a token's
 co-activated experts on one holder; here each layer's experts are assigned (most used first,
 within quotas) to the server that least raises the sample's weighted largest part, computed on
-the co-activation sample itself. Quotas follow compute speed as far as memory allows
-(`speed_shares`): a slow server holding its memory's share of every layer slows each token
-that calls it. `spares` then fills each server's spare slots with its own most used experts
-(fewer calls), or leaves them empty (more work stays parallel on the holders).
+the co-activation sample itself. Quotas follow compute speed (to the power `tilt`) as far as
+memory allows (`speed_shares`): a slow server holding its memory's share of every layer slows
+each token that calls it, and under load a busy slow holder's queue is what a token waits for
+(`tilt` 2 leaves it less); `tilt` None splits by memory, as `uniform` does. `spares` then
+fills each server's spare slots with its own most used experts (fewer calls), or leaves them
+empty (more work stays parallel on the holders).
 """
 
 from __future__ import annotations
@@ -40,14 +42,15 @@ def speed_shares(speed: np.ndarray, slots: np.ndarray, total: int) -> np.ndarray
     return share / share.sum()
 
 
-def spread(problem: Problem, spares: bool = True) -> Placement:
+def spread(problem: Problem, spares: bool = True, tilt: float | None = 1.0) -> Placement:
     t0 = time.perf_counter()
     S, L, E, K = problem.num_servers, problem.num_layers, problem.num_experts, problem.top_k
     slots = problem.slots.astype(np.int64)
     inv = 1.0 / np.asarray(problem.compute_speed, dtype=np.float64)
     weights = problem.sample_weights()
-    share = speed_shares(np.asarray(problem.compute_speed, dtype=np.float64),
-                         slots.astype(np.float64), L * E)
+    speed = np.asarray(problem.compute_speed, dtype=np.float64)
+    share = (slots / slots.sum() if tilt is None
+             else speed_shares(speed ** tilt, slots.astype(np.float64), L * E))
     holders = np.zeros((S, L, E), dtype=bool)
     free = slots.copy()
     work = np.zeros(S)  # expected rows per server over all layers, for ties

