@@ -42,7 +42,7 @@ from edgemoe.stats.synthetic import synthetic_streams
 from edgemoe.stats.traces import Stream, default_trace_path, load_stream
 
 HEURISTICS = ("uniform", "layers", "eplb", "dancemoe", "edgemoe")
-JUDGE_SCREEN = 1.15  # the judge's first draw keeps candidates this close to the best
+JUDGE_SCREEN = 1.10  # the judge's first draw keeps candidates this close to the best
 DRIFT_THRESHOLD = 0.15  # the daemon's default (daemon.config.DEFAULT_DRIFT_THRESHOLD)
 Judge = Callable[[list[Placement]], list[float]]
 
