@@ -275,13 +275,15 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         repeat: Annotated[int, typer.Option(help="runs per figure (the best counts)")] = 5,
     ) -> None:
         """Measure the simulator's constants on this machine (model runtime, loopback RPC)."""
-        from edgemoe.bench.calibrate import Shape, calibrate
+        from dataclasses import replace
+
+        from edgemoe.bench.calibrate import LITE, calibrate
 
         if dtype not in ("float32", "bfloat16"):
             raise _fail(f"--dtype must be float32 or bfloat16, got {dtype!r}")
         if hidden <= 0 or expert_width <= 0 or repeat <= 0:
             raise _fail("--hidden, --expert-width and --repeat must be positive")
-        consts = calibrate(Shape(hidden=hidden, expert_width=expert_width, dtype=dtype),
+        consts = calibrate(replace(LITE, hidden_size=hidden, expert_width=expert_width), dtype,
                            repeat)
         for key, value in consts.to_dict().items():
             typer.echo(f"{key}: {value}")

@@ -22,23 +22,20 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
 
+from edgemoe.model.tiny import TinyShape, shaped_config_kwargs
 from edgemoe.sim.constants import SimConstants
 
-
-@dataclass(frozen=True)
-class Shape:
-    """The calibrated model's shape (defaults: DeepSeek-V2-Lite, as in the traces)."""
-
-    hidden: int = 2048
-    expert_width: int = 1408
-    shared_experts: int = 2
-    routed_experts: int = 8
-    top_k: int = 6
-    heads: int = 16
-    dtype: str = "float32"  # CPUs without bf16 matrix units run bf16 many times slower
+# The traces' model: DeepSeek-V2-Lite's routing shape and hidden size at its real expert width,
+# with few routed experts (one expert's cost does not depend on how many others exist) and two
+# MoE layers (costs are per layer).
+LITE = replace(TinyShape.deepseek_v2_lite(expert_width=1408), layers=2, experts=8)
+# DeepSeek-V2-Lite's attention (MLA), which the tiny family defaults shrink
+LITE_ATTENTION = {"num_attention_heads": 16, "num_key_value_heads": 16, "kv_lora_rank": 512,
+                  "q_lora_rank": None, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128,
+                  "v_head_dim": 128}
 
 
 def _best(fn: Callable[[], Any], repeat: int) -> float:
@@ -51,29 +48,26 @@ def _best(fn: Callable[[], Any], repeat: int) -> float:
     return best
 
 
-def measure_compute(shape: Shape = Shape(), repeat: int = 5, tokens: int = 32
-                    ) -> dict[str, float]:
-    """Dense and expert costs (seconds) of one MoE layer, fixed and per token/row."""
+def measure_compute(shape: TinyShape = LITE, dtype: str = "float32", repeat: int = 5,
+                    tokens: int = 32) -> dict[str, float]:
+    """Dense and expert costs (seconds) of one MoE layer, fixed and per token/row.
+    `dtype` float32 by default: CPUs without bf16 matrix units run bf16 many times slower."""
     import torch
     from transformers import AutoConfig
 
-    from edgemoe.model.families import build_model, experts_modules, tiny_config_kwargs
+    from edgemoe.model.families import build_model, experts_modules
 
-    kw = tiny_config_kwargs("deepseek_v2")
-    kw.update(hidden_size=shape.hidden, num_attention_heads=shape.heads,
-              num_key_value_heads=shape.heads, kv_lora_rank=512, q_lora_rank=None,
-              qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
-              moe_intermediate_size=shape.expert_width, n_shared_experts=shape.shared_experts,
-              n_routed_experts=shape.routed_experts, num_experts_per_tok=shape.top_k,
-              first_k_dense_replace=0, num_hidden_layers=2)
+    kw = {**shaped_config_kwargs("deepseek_v2", shape), **LITE_ATTENTION,
+          "first_k_dense_replace": 0, "num_hidden_layers": shape.layers}
     config = AutoConfig.for_model("deepseek_v2", **kw)
-    dtype = getattr(torch, shape.dtype)
+    routed = int(config.n_routed_experts)
+    torch_dtype = getattr(torch, dtype)
     torch.manual_seed(0)
     with torch.no_grad():
-        model = build_model(config, dtype=dtype).eval()
+        model = build_model(config, dtype=torch_dtype).eval()
         for p in model.parameters():
             p.normal_(0.0, 0.02)
-    mods = [m for _, m in experts_modules(model, shape.routed_experts)]
+    mods = [m for _, m in experts_modules(model, routed)]
     layers = len(mods)
     original = [m.forward for m in mods]
 
@@ -90,9 +84,9 @@ def measure_compute(shape: Shape = Shape(), repeat: int = 5, tokens: int = 32
     expert = mods[0]
 
     def call(rows: int) -> float:
-        h = torch.randn(rows, shape.hidden, dtype=dtype)
+        h = torch.randn(rows, config.hidden_size, dtype=torch_dtype)
         idx = torch.zeros(rows, 1, dtype=torch.long)  # every row to expert 0
-        w = torch.ones(rows, 1, dtype=dtype)
+        w = torch.ones(rows, 1, dtype=torch_dtype)
         with torch.no_grad():
             return _best(lambda: expert(h, idx, w), repeat)
 
@@ -157,9 +151,10 @@ def measure_message(hidden: int = 2048, calls: int = 200) -> float:
     return statistics.median(asyncio.run(_round_trips(hidden, calls)))
 
 
-def calibrate(shape: Shape = Shape(), repeat: int = 5) -> SimConstants:
-    compute = measure_compute(shape, repeat)
-    message = measure_message(shape.hidden)
+def calibrate(shape: TinyShape = LITE, dtype: str = "float32", repeat: int = 5
+              ) -> SimConstants:
+    compute = measure_compute(shape, dtype, repeat)
+    message = measure_message(shape.hidden_size or 2048)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     # the round trip's work is on both ends: half to the holder, half to the caller
     return SimConstants(**compute, message_s=message / 2, caller_message_s=message / 2,

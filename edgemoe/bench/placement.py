@@ -34,7 +34,6 @@ from edgemoe.sim.simulator import (
     Cluster,
     Copy,
     Request,
-    SimResult,
     poisson_requests,
     simulate,
 )
@@ -43,6 +42,7 @@ from edgemoe.stats.synthetic import synthetic_streams
 from edgemoe.stats.traces import Stream, default_trace_path, load_stream
 
 HEURISTICS = ("uniform", "layers", "eplb", "dancemoe", "edgemoe")
+JUDGE_SCREEN = 1.10  # the judge's first draw keeps candidates this close to the best
 DRIFT_THRESHOLD = 0.15  # the daemon's default (daemon.config.DEFAULT_DRIFT_THRESHOLD)
 Judge = Callable[[list[Placement]], list[float]]
 
@@ -69,7 +69,7 @@ class Scenario:
     max_tokens: int = 0  # per request, its first tokens (0: all)
     judge: bool = True  # edgemoe picks among its candidates on the simulated profile window
     judge_requests: int = 0  # profile requests per stream the judge replays (0: 2 x max)
-    judge_seeds: int = 2  # arrival draws the judge averages (its choice is less of a gamble)
+    judge_seeds: int = 3  # arrival draws the judge pools (its choice is less of a gamble)
     half_life_s: float = 300.0  # the recorder's: what the daemon's statistics decay with
     max_samples: int = 50_000  # co-activation sample rows per server
     drift: dict[int, str] = field(default_factory=dict)  # server -> stream it switches to
@@ -213,24 +213,38 @@ def make_cluster(sc: Scenario, problem: Problem) -> Cluster:
                    problem.hidden_size, nic_egress_bps=nic, nic_ingress_bps=nic)
 
 
-def _score(res: SimResult, best_mean: float, best_p99: float) -> float:
-    return max(res.mean_s / max(best_mean, 1e-12), res.p99_s / max(best_p99, 1e-12))
+def _scores(pooled: list[np.ndarray]) -> np.ndarray:
+    """Per candidate, the worse of its mean and p99 latency over the best candidate's."""
+    mean = np.array([x.mean() for x in pooled])
+    p99 = np.array([np.percentile(x, 99) for x in pooled])
+    return np.maximum(mean / max(mean.min(), 1e-12), p99 / max(p99.min(), 1e-12))
 
 
 def profile_judge(cluster: Cluster, draws: list[list[Request]], c: SimConstants,
-                  transport: str = "per-server") -> Judge:
-    """A judge for `LatencyAware`: simulate each candidate on the profiling window (one run
-    per arrival draw) and return scores, lower is better: per draw the worse of its mean and
-    p99 over the best candidate's, averaged over the draws."""
+                  transport: str = "per-server", screen: float = JUDGE_SCREEN) -> Judge:
+    """A judge for `LatencyAware`: simulate each candidate on the profiling window, one run
+    per arrival draw, and score it on all its draws' latencies pooled (a pooled p99 is far
+    steadier than a mean of few-request p99s): the worse of its mean and p99 over the best
+    candidate's, lower is better. After the first draw only candidates within `screen` of the
+    best stay in (the others score inf): the later draws are spent where the choice is close.
+    """
     def judge(candidates: list[Placement]) -> list[float]:
-        total = np.zeros(len(candidates))
-        for requests in draws:
-            res = [simulate(cluster, pl, requests, transport=transport, constants=c)
-                   for pl in candidates]
-            bm = min(r.mean_s for r in res)
-            bp = min(r.p99_s for r in res)
-            total += [_score(r, bm, bp) for r in res]
-        return (total / max(len(draws), 1)).tolist()
+        lat: list[list[np.ndarray]] = [[] for _ in candidates]
+        alive = list(range(len(candidates)))
+        scores = np.zeros(len(candidates))
+        for k, requests in enumerate(draws):
+            for i in alive:
+                res = simulate(cluster, candidates[i], requests, transport=transport,
+                               constants=c)
+                lat[i].append(res.latencies_s)
+            scores = _scores([np.concatenate(lat[i]) for i in alive])
+            if k == 0:
+                alive = [i for i, s in zip(alive, scores, strict=True) if s <= screen]
+                scores = scores[scores <= screen]
+        out = [float("inf")] * len(candidates)
+        for i, s in zip(alive, scores, strict=True):
+            out[i] = float(s)
+        return out
     return judge
 
 
@@ -250,7 +264,10 @@ def _place(name: str, sc: Scenario, problem: Problem, judge: Judge | None = None
     if name == "edgemoe" and judge is not None:
         assert isinstance(strat, LatencyAware)
         strat.judge = judge
-        return strat.judged(problem, pl), strat.chosen
+        if "candidate:edgemoe" not in solved:  # the judge's candidates, kept like the rest
+            solved.update({f"candidate:{n}": c for n, c in strat.candidates(problem, pl).items()})
+        cands = {k.split(":", 1)[1]: v for k, v in solved.items() if k.startswith("candidate:")}
+        return strat.judged(problem, pl, cands), strat.chosen
     return pl, name
 
 

@@ -188,6 +188,14 @@ def _batch_cost(items: list[tuple], c: SimConstants) -> float:
 def _group(ids: list[list[int]], dest: list[list[int]], s: int
            ) -> tuple[dict[int, dict[int, int]], dict[int, int], int, int]:
     """Per destination {expert: rows} and tokens; fully local tokens; all tokens."""
+    if len(ids) == 1:  # a decode step (most calls): one token
+        one: dict[int, dict[int, int]] = {}
+        for e, d in zip(ids[0], dest[0], strict=True):
+            if d in one:
+                one[d][e] = one[d].get(e, 0) + 1
+            else:
+                one[d] = {e: 1}
+        return one, dict.fromkeys(one, 1), int(len(one) == 1 and s in one), 1
     by: dict[int, dict[int, int]] = {}
     tok: dict[int, int] = {}
     fully = 0

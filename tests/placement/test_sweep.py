@@ -23,8 +23,9 @@ REDUCED = Grid(networks=((20.0, 20.0), (10000.0, 0.1)), memory=(1.2,), capacitie
 @pytest.mark.skipif(not TRACE.is_file(), reason=f"{TRACE} not present")
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 13 open: at 20 Mbit/s, 1:1:2, equal speeds, load 0.8 edgemoe picks the "
-    "balanced candidate on the profile window and is 1.057x uniform in mean on the test window",
+    reason="issue 13 open: with equal speeds edgemoe picks spread-lean (mean 0.98x / 0.97x "
+    "uniform at 20 Mbit/s / 10 Gbit/s) but its p99 is 1.018x / 1.017x uniform's on the test "
+    "window (the profile window ranked it first on p99 too)",
 )
 def test_edgemoe_is_never_worse_than_the_best_baseline_on_a_reduced_grid() -> None:
     for cell in REDUCED.cells():
@@ -63,7 +64,7 @@ def test_an_injected_judge_picks_the_lowest_score_and_ties_keep_ours() -> None:
 
     strat = LatencyAware(judge=prefers_balanced)
     got = strat.place(p)
-    assert strat.chosen == "balanced" and seen == [6]
+    assert strat.chosen == "balanced" and len(seen) == 1 and seen[0] >= 6
     assert (got.holders == balanced(p).holders).all() and got.strategy == "edgemoe"
     tie = LatencyAware(judge=lambda cands: [1.0] * len(cands))
     assert (tie.place(p).holders == own.holders).all() and tie.chosen == "edgemoe"
