@@ -34,23 +34,23 @@ FIXED_POINT_TOLERANCE_S = 1e-3
 
 def calibrate_for(shards: Path) -> SimConstants:
     """`bench calibrate` at the shape of the testbed's model (its hidden size, expert width,
-    shared experts, top-k, heads and dtype), on one thread as the daemons run."""
+    shared experts, top-k, attention and dtype), on one thread as the daemons run."""
     import torch
 
-    from edgemoe.bench.calibrate import Shape, calibrate
+    from edgemoe.bench.calibrate import LITE_ATTENTION, calibrate
     from edgemoe.model.manifest import Manifest
+    from edgemoe.model.tiny import TinyShape
 
     cfg = Manifest.load(shards).config
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return calibrate(Shape(
-            hidden=int(cfg["hidden_size"]), expert_width=int(cfg["moe_intermediate_size"]),
+        return calibrate(TinyShape(
+            layers=2, experts=8, top_k=int(cfg["num_experts_per_tok"]),
             shared_experts=int(cfg.get("n_shared_experts") or 0),
-            top_k=int(cfg["num_experts_per_tok"]),
-            heads=int(cfg["num_attention_heads"]),
-            dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
-        ), repeat=3)  # fmt: skip
+            hidden_size=int(cfg["hidden_size"]), expert_width=int(cfg["moe_intermediate_size"]),
+        ), str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"), repeat=3,
+            attention={k: cfg[k] for k in LITE_ATTENTION if k in cfg})  # fmt: skip
     finally:
         torch.set_num_threads(threads)
 

@@ -49,15 +49,17 @@ def _best(fn: Callable[[], Any], repeat: int) -> float:
 
 
 def measure_compute(shape: TinyShape = LITE, dtype: str = "float32", repeat: int = 5,
-                    tokens: int = 32) -> dict[str, float]:
+                    tokens: int = 32, attention: dict[str, Any] | None = None
+                    ) -> dict[str, float]:
     """Dense and expert costs (seconds) of one MoE layer, fixed and per token/row.
-    `dtype` float32 by default: CPUs without bf16 matrix units run bf16 many times slower."""
+    `dtype` float32 by default: CPUs without bf16 matrix units run bf16 many times slower.
+    `attention`: the model's attention keys (default DeepSeek-V2-Lite's, `LITE_ATTENTION`)."""
     import torch
     from transformers import AutoConfig
 
     from edgemoe.model.families import build_model, experts_modules
 
-    kw = {**shaped_config_kwargs("deepseek_v2", shape), **LITE_ATTENTION,
+    kw = {**shaped_config_kwargs("deepseek_v2", shape), **(attention or LITE_ATTENTION),
           "first_k_dense_replace": 0, "num_hidden_layers": shape.layers}
     config = AutoConfig.for_model("deepseek_v2", **kw)
     routed = int(config.n_routed_experts)
@@ -151,9 +153,9 @@ def measure_message(hidden: int = 2048, calls: int = 200) -> float:
     return statistics.median(asyncio.run(_round_trips(hidden, calls)))
 
 
-def calibrate(shape: TinyShape = LITE, dtype: str = "float32", repeat: int = 5
-              ) -> SimConstants:
-    compute = measure_compute(shape, dtype, repeat)
+def calibrate(shape: TinyShape = LITE, dtype: str = "float32", repeat: int = 5,
+              attention: dict[str, Any] | None = None) -> SimConstants:
+    compute = measure_compute(shape, dtype, repeat, attention=attention)
     message = measure_message(shape.hidden_size or 2048)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     # the round trip's work is on both ends: half to the holder, half to the caller
