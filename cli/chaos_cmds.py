@@ -39,7 +39,8 @@ def _step_of(violation: str, faults: list[dict[str, Any]]) -> str:
     if m is None or not faults:
         return "after the run"
     t = float(m.group(1))
-    before = [f for f in faults if f["start"] <= t]
+    before = sorted((f for f in faults if f["start"] <= t and f["kind"] != "boot"),
+                    key=lambda f: f["start"])
     return f"step {before[-1]['step']} ({before[-1]['kind']})" if before else "before step 0"
 
 

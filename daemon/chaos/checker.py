@@ -14,8 +14,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-# Nemesis kinds that take a node out of the cluster for their duration.
-NODE_DOWN = ("kill", "pause", "leave")
+# Nemesis kinds that take a node out of the cluster for their duration; "boot" is a
+# (re)started daemon's time until it says it is ready, recorded by the runner, not a fault.
+NODE_DOWN = ("kill", "pause", "leave", "boot")
 # A daemon's RSS at the end may be this many times its RSS after warm-up.
 RSS_GROWTH_MAX = 1.5
 # Threads and fds may grow by this factor plus this many before they count as leaked.
@@ -231,14 +232,20 @@ def check_resources(resources: Iterable[Resources]) -> list[str]:
 
 def heal_times(h: History) -> list[dict[str, Any]]:
     """Per heal and node: seconds from the heal to the node's first success after it (None
-    when none came before the run ended)."""
+    when none came before the run ended); `boot_s`: of those, the node's own restart until
+    ready, when the heal restarted it (python, torch and the model load)."""
     rows = []
     for f in h.faults:
+        if f.kind == "boot":
+            continue
         for node in range(h.nodes):
             ok = [r.end for r in h.requests if r.node == node and r.status == "ok"
                   and r.start >= f.end and r.end is not None]  # fmt: skip
+            boots = [b.end - b.start for b in h.faults if b.kind == "boot" and b.step == f.step
+                     and node in b.nodes]  # fmt: skip
             rows.append({"step": f.step, "kind": f.kind, "node": node,
-                         "seconds": min(ok) - f.end if ok else None})  # fmt: skip
+                         "seconds": min(ok) - f.end if ok else None,
+                         "boot_s": boots[0] if boots else None})  # fmt: skip
     return rows
 
 
@@ -250,7 +257,7 @@ def check(h: History) -> dict[str, Any]:
                 if with_majority(r.node, r.start, r.end if r.end is not None else h.end,
                                  h.faults, h.nodes)]  # fmt: skip
     heals = heal_times(h)
-    last = max((f.end for f in h.faults), default=None)
+    last = max((f.end for f in h.faults if f.kind != "boot"), default=None)
     live = {s.node for s in h.final}
     never = [] if last is None else [
         f"node {node} had no success after the last heal at {last:.1f}s"

@@ -316,7 +316,7 @@ class ChaosRun:
         self.say(f"[{start:6.1f}s] step {s.step}: {s.kind} nodes {list(s.nodes)} "
                  f"cuts {len(s.cuts)} for {s.hold:.1f}s")  # fmt: skip
         if s.kind == "join":
-            d.start(s.nodes[0])
+            self._start(s.nodes[0], s.step)
             self.clients.add(s.nodes[0])
             self.faults.append(Fault(s.step, s.kind, start, start, s.nodes))
             return
@@ -335,12 +335,29 @@ class ChaosRun:
             self._heal_cuts()
         elif s.kind in ("kill", "leave"):
             d.wait_exit(s.nodes[0])
-            d.start(s.nodes[0])
+            self._start(s.nodes[0], s.step)
         elif s.kind == "pause":
             d.signal(s.nodes[0], signal.SIGCONT)
         elif s.kind == "slow":
             self._slow(s.nodes[0], False)
         self.faults.append(Fault(s.step, s.kind, start, self.clock(), s.nodes, s.cuts))
+
+    def _start(self, node: int, step: int) -> None:
+        """(Re)start a daemon; its boot, until /healthz says ready, is recorded as a "boot"
+        interval (the node is not connected while it loads)."""
+        start = self.clock()
+        self.d.start(node)
+
+        def watch() -> None:
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while time.monotonic() < deadline and not self.monitor_stop.is_set():
+                with contextlib.suppress(Exception):
+                    if self.d.call(node, "GET", "/healthz", timeout=2.0).get("ready"):
+                        break
+                time.sleep(0.2)
+            self.faults.append(Fault(step, "boot", start, self.clock(), (node,)))
+
+        threading.Thread(target=watch, daemon=True, name=f"chaos-boot-{node}").start()
 
     # ---- observing -----------------------------------------------------------------------
     def _view(self, i: int) -> dict[str, Any] | None:
