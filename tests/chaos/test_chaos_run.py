@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from edgemoe.daemon.testbed import missing_requirements, testbed_namespaces
+from edgemoe.daemon import testbed
 
 # Seed 7 at 60 s on 3 nodes: bridge partition, isolated node, a join, kill -9, a slow link.
 SEED = 7
 
 
 def test_a_short_chaos_run_on_three_nodes_has_no_violations(tmp_path: Path) -> None:
-    missing = missing_requirements(need_delay=False)
+    missing = testbed.missing_requirements(need_delay=False)
     if missing:
         pytest.skip("chaos needs: " + "; ".join(missing))
     out = tmp_path / "chaos.json"
@@ -27,7 +27,7 @@ def test_a_short_chaos_run_on_three_nodes_has_no_violations(tmp_path: Path) -> N
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     prefix = re.search(r"chaos (emch-[0-9a-f]+-)\*", done.stdout)
     assert prefix is not None, done.stdout[-2000:] + done.stderr[-2000:]
-    assert testbed_namespaces(prefix.group(1)) == []
+    assert testbed.testbed_namespaces(prefix.group(1)) == []  # nothing left behind
     report = json.loads(out.read_text())
     assert report["violations"] == [], done.stdout[-3000:]
     assert done.returncode == 0
