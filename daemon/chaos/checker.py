@@ -22,6 +22,8 @@ RSS_GROWTH_MAX = 1.5
 # Threads and fds may grow by this factor plus this many before they count as leaked.
 LEAK_FACTOR = 1.5
 LEAK_SLACK = 16
+# Sockets: connections to peers and clients come and go with members (a join adds some).
+SOCKET_SLACK = 48
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,8 @@ class Exit:
 
 @dataclass(frozen=True)
 class Resources:
-    """A daemon's RSS (bytes), fds and threads after warm-up and at the end (same process)."""
+    """A daemon's RSS (bytes), fds, sockets and threads after warm-up and at the end (same
+    process)."""
 
     node: int
     warm: dict[str, int]
@@ -224,7 +227,8 @@ def check_resources(resources: Iterable[Resources]) -> list[str]:
             end = r.end.get(what)
             if end is None or warm <= 0:
                 continue
-            limit = warm * RSS_GROWTH_MAX if what == "rss" else warm * LEAK_FACTOR + LEAK_SLACK
+            slack = SOCKET_SLACK if what == "sockets" else LEAK_SLACK
+            limit = warm * RSS_GROWTH_MAX if what == "rss" else warm * LEAK_FACTOR + slack
             if end > limit:
                 out.append(f"node {r.node}: {what} grew from {warm} after warm-up to {end}")
     return out

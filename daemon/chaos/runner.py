@@ -102,14 +102,17 @@ def _http(url: str, token: str, method: str, body: Any, timeout: float) -> Any:
 
 
 def _proc_resources(pid: int) -> dict[str, int]:
+    """RSS bytes, threads, fds that are not sockets, and sockets (peer connections come and
+    go with members, so the checker allows them more room)."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
-        fds = len(os.listdir(f"/proc/{pid}/fd"))
+        links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
     except OSError:
         return {}
+    fds, sockets = len(links), sum(link.startswith("socket:") for link in links)
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-    return {"rss": int(fields["VmRSS"].split()[0]) * 1024,
-            "threads": int(fields["Threads"]), "fds": fds}  # fmt: skip
+    return {"rss": int(fields["VmRSS"].split()[0]) * 1024, "threads": int(fields["Threads"]),
+            "fds": fds - sockets, "sockets": sockets}  # fmt: skip
 
 
 @dataclass
@@ -430,14 +433,16 @@ class ChaosRun:
             raise TestbedError("timed out waiting for the first placement:\n" + d.log_tail(0))
         for i in nodes:  # warm-up: one request each, then the baseline
             self.clients_warm(i)
-        warm = {i: (d.procs[i].pid, _proc_resources(d.procs[i].pid)) for i in nodes}
         self.t0 = time.monotonic()  # the run's clock starts with the faults' schedule
         self.clients = _Clients(d, nodes)
         monitor = threading.Thread(target=self._monitor, daemon=True, name="chaos-monitor")
         monitor.start()
+        warm: dict[int, tuple[int, dict[str, int]]] = {}
         for step in schedule:
             while self.clock() < step.at:
                 time.sleep(0.1)
+            if not warm:  # warm-up: the clients' first seconds, before any fault
+                warm = {i: (d.procs[i].pid, _proc_resources(d.procs[i].pid)) for i in nodes}
             self.apply(step)
         last = max((f.end for f in self.faults), default=0.0)
         live = [i for i in d.procs if d.alive(i)]
