@@ -24,6 +24,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"heal to first success {'n/a' if worst is None else f'{worst:.1f}s'}; epochs decided "
         f"{report['epochs_decided']}; shards checked {report['shards_checked']}",
     ]
+    internal = report["internal_errors"]
+    if internal:
+        lines.append(f"{len(internal)} internal errors (HTTP 500), first: {internal[0]}")
     faults = report["history"]["faults"]
     for v in report["violations"]:
         lines.append(f"VIOLATION (seed {report['seed']}, {_step_of(v, faults)}): {v}")

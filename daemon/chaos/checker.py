@@ -279,6 +279,9 @@ def check(h: History) -> dict[str, Any]:
         "requests": len(h.requests),
         "succeeded": sum(r.status == "ok" for r in h.requests),
         "failed_clearly": sum(r.status == "error" for r in h.requests),
+        # of those, the daemon's own failures (HTTP 500): errors, but bugs to look at
+        "internal_errors": [f"node {r.node} at {r.start:.1f}s: {r.error}" for r in h.requests
+                            if r.status == "error" and r.error.startswith("HTTP 500")],
         "wrong": wrong,
         "hung": hung,
         "with_majority": len(majority),

@@ -106,6 +106,16 @@ def test_a_hung_request_counts_unless_its_own_daemon_was_frozen() -> None:
     assert check(h)["hung"] == 0
 
 
+def test_internal_errors_are_listed_apart_from_clear_ones() -> None:
+    h = _clean()
+    for t, err in ((26.0, "HTTP 503: still loading"), (27.0, "HTTP 500: internal error: x")):
+        h.requests.append(Request(node=1, prompt="hello", max_tokens=4, start=t, end=t + 0.1,
+                                  deadline_s=10, status="error", error=err))  # fmt: skip
+    report = check(h)
+    assert report["failed_clearly"] == 2 and report["violations"] == []
+    assert report["internal_errors"] == ["node 1 at 27.0s: HTTP 500: internal error: x"]
+
+
 def test_unasked_deaths_unconverged_ends_and_growth_are_violations() -> None:
     h = _clean()
     h.exits.append(Exit(node=2, t=12.0, code=1, asked=False))
