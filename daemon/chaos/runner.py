@@ -415,7 +415,10 @@ class ChaosRun:
             self.tb = tb
             self.say(f"chaos {spec.prefix}*: {s.nodes} nodes (+1 spare), seed {s.seed}, "
                      f"{len(schedule)} steps over {s.duration:g}s")  # fmt: skip
-            self.d = d = _Daemons(tb, s, shards, self.workdir, self.clock)
+            run_dir = self.workdir / f"run-seed{s.seed}"
+            shutil.rmtree(run_dir, ignore_errors=True)  # an earlier run's state dirs (placement
+            run_dir.mkdir(parents=True)  # log, holdings) must not leak into this one
+            self.d = d = _Daemons(tb, s, shards, run_dir, self.clock)
             try:
                 return self._run(schedule, reference, shards)
             finally:
