@@ -10,6 +10,7 @@ from __future__ import annotations
 import typer
 
 from edgemoe.cli import (
+    chaos_cmds,
     cluster_cmds,
     demo_cmds,
     doctor_cmds,
@@ -31,7 +32,7 @@ app.add_typer(bench, name="bench")
 
 for module in (
     model_cmds, placement_cmds, cluster_cmds, node_cmds, ops_cmds, demo_cmds, doctor_cmds,
-    testbed_cmds,
+    testbed_cmds, chaos_cmds,
 ):  # fmt: skip
     module.register(app, bench)
 

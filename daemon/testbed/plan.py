@@ -43,6 +43,9 @@ class TestbedSpec:
     delay_ms: Sequence[float] | float = 0.0
     pair_mbps: Sequence[Sequence[float | None]] | None = None
     run_id: str = field(default_factory=lambda: f"{os.getpid():x}{secrets.token_hex(2)}")
+    # Start of the namespace names: a harness with its own (chaos: "emch-") neither removes
+    # nor is removed by another's leftover cleanup.
+    family: str = PREFIX
 
     def __post_init__(self) -> None:
         if not 1 <= self.nodes <= MAX_NODES:
@@ -78,7 +81,7 @@ class TestbedSpec:
     @property
     def prefix(self) -> str:
         """Common start of this testbed's namespace names."""
-        return f"{PREFIX}{self.run_id}-"
+        return f"{self.family}{self.run_id}-"
 
     @property
     def bridge_ns(self) -> str:

@@ -1,0 +1,150 @@
+"""The chaos checker catches planted faults in recorded histories and real files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from edgemoe.daemon.chaos.checker import (
+    Exit,
+    Fault,
+    History,
+    Request,
+    Resources,
+    Snapshot,
+    check,
+    history_from_json,
+    with_majority,
+)
+from edgemoe.daemon.chaos.disks import shard_hashes
+
+REF = {"hello": [5, 6, 7, 8], "world": [9, 9, 1, 2]}
+IDS = ["a", "b", "c"]
+
+
+def _view(node: int, epoch: int, holders: dict[str, list[str]]) -> dict[str, Any]:
+    me = IDS[node]
+    return {"node_id": me, "model": {"num_layers": 1, "num_experts": 3},
+            "placement": {"epoch": epoch, "holders": holders},
+            "holdings": {me: sorted(k for k, hs in holders.items() if me in hs)}}  # fmt: skip
+
+
+PLACED = {"0/0": ["a"], "0/1": ["b"], "0/2": ["c"]}
+
+
+def _clean() -> History:
+    """Three nodes, one partition of node 2 healed at 20 s, every answer right."""
+    reqs = [Request(node=n, prompt=p, max_tokens=4, start=t, end=t + 1.0, deadline_s=10,
+                    status="ok", token_ids=tuple(REF[p]))
+            for n in range(3) for t in (1.0, 12.0, 25.0) for p in ("hello", "world")]  # fmt: skip
+    return History(
+        nodes=3, reference=REF, requests=reqs, end=30.0,
+        faults=[Fault(step=0, kind="partition", start=10.0, end=20.0, cuts=((0, 2), (1, 2)))],
+        snapshots=[Snapshot(t, n, _view(n, 1, PLACED)) for n in range(3) for t in (2.0, 15.0)],
+        final=[Snapshot(29.0, n, _view(n, 1, PLACED)) for n in range(3)],
+        exits=[Exit(node=1, t=5.0, code=-9, asked=True)],
+        resources=[Resources(node=0, warm={"rss": 100, "fds": 20}, end={"rss": 140, "fds": 22})],
+    )  # fmt: skip
+
+
+def test_a_clean_history_has_no_violations_and_counts_everything() -> None:
+    report = check(_clean())
+    assert report["violations"] == []
+    assert (report["requests"], report["succeeded"], report["wrong"], report["hung"]) == (
+        18, 18, 0, 0)
+    # node 2's request at 12 s ran inside the partition, the minority side
+    assert report["with_majority"] == 16 and report["availability_with_majority"] == 1.0
+    assert report["worst_heal_to_success_s"] == 6.0  # heal at 20 s, first success ends at 26 s
+    assert report["epochs_decided"] == 1
+
+
+def test_one_wrong_token_once_is_a_violation() -> None:
+    h = _clean()
+    r = h.requests[7]
+    h.requests[7] = Request(**{**r.__dict__, "token_ids": (*r.token_ids[:-1], 0)})
+    report = check(h)
+    assert report["wrong"] == 1
+    assert len(report["violations"]) == 1 and "wrong tokens" in report["violations"][0]
+
+
+def test_one_epoch_decided_twice_differently_is_a_violation() -> None:
+    """As when two nodes' state dirs are swapped: both report epoch 1, different holders."""
+    h = _clean()
+    swapped = {"0/0": ["b"], "0/1": ["a"], "0/2": ["c"]}
+    h.snapshots.append(Snapshot(16.0, 1, _view(1, 1, swapped)))
+    report = check(h)
+    assert [v for v in report["violations"] if "two placements for epoch 1" in v]
+
+
+def test_a_corrupted_shard_on_disk_is_a_violation(tmp_path: Path) -> None:
+    files = {}
+    for rel, data in (("dense.safetensors", b"dense" * 100), ("experts/L0/E1.safetensors",
+                                                             b"expert" * 50)):  # fmt: skip
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(data)
+        files[rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (tmp_path / "manifest.json").write_text(json.dumps({"files": files}))
+    h = _clean()
+    h.shards = shard_hashes(0, tmp_path)
+    assert check(h)["violations"] == []
+    raw = bytearray((tmp_path / "experts/L0/E1.safetensors").read_bytes())
+    raw[10] ^= 0xFF
+    (tmp_path / "experts/L0/E1.safetensors").write_bytes(bytes(raw))
+    h.shards = shard_hashes(0, tmp_path)
+    violations = check(h)["violations"]
+    assert len(violations) == 1 and "experts/L0/E1.safetensors on node 0" in violations[0]
+
+
+def test_a_hung_request_counts_unless_its_own_daemon_was_frozen() -> None:
+    h = _clean()
+    h.requests.append(Request(node=0, prompt="hello", max_tokens=4, start=26.0,
+                              deadline_s=2.0, status="timeout", end=29.0))  # fmt: skip
+    assert check(h)["hung"] == 1
+    h.faults.append(Fault(step=1, kind="pause", start=25.0, end=28.0, nodes=(0,)))
+    assert check(h)["hung"] == 0
+
+
+def test_internal_errors_are_listed_apart_from_clear_ones() -> None:
+    h = _clean()
+    for t, err in ((26.0, "HTTP 503: still loading"), (27.0, "HTTP 500: internal error: x")):
+        h.requests.append(Request(node=1, prompt="hello", max_tokens=4, start=t, end=t + 0.1,
+                                  deadline_s=10, status="error", error=err))  # fmt: skip
+    report = check(h)
+    assert report["failed_clearly"] == 2 and report["violations"] == []
+    assert report["internal_errors"] == ["node 1 at 27.0s: HTTP 500: internal error: x"]
+
+
+def test_unasked_deaths_unconverged_ends_and_growth_are_violations() -> None:
+    h = _clean()
+    h.exits.append(Exit(node=2, t=12.0, code=1, asked=False))
+    h.final = [Snapshot(29.0, 0, _view(0, 2, PLACED)), Snapshot(29.0, 1, _view(1, 1, PLACED))]
+    h.resources = [Resources(node=1, warm={"rss": 100, "threads": 10},
+                             end={"rss": 151, "threads": 40})]  # fmt: skip
+    text = "\n".join(check(h)["violations"])
+    assert "node 2 died unasked" in text
+    assert "not converged" in text and "have no live holder" in text  # node c is gone
+    assert "rss grew" in text and "threads grew" in text
+
+
+def test_majority_follows_cuts_and_downed_nodes() -> None:
+    bridge = [Fault(0, "partition", 0.0, 10.0, cuts=((0, 2), (0, 3), (1, 2), (1, 3)))]
+    # 5 nodes: {0,1} | {2,3}, node 4 the bridge that sees both sides
+    assert with_majority(4, 1.0, 2.0, bridge, 5)
+    assert with_majority(0, 1.0, 2.0, bridge, 5)  # 0, 1 and the bridge: 3 of 5
+    two_down = [Fault(0, "kill", 0.0, 10.0, nodes=(3,)), Fault(1, "pause", 5.0, 8.0, nodes=(4,))]
+    assert with_majority(0, 1.0, 4.0, two_down, 5)
+    assert with_majority(0, 1.0, 6.0, two_down, 5)  # 0, 1, 2 of 5
+    assert not with_majority(3, 1.0, 2.0, two_down, 5)
+
+
+def test_a_history_survives_its_json_round_trip() -> None:
+    h = _clean()
+    data = json.loads(json.dumps({
+        "nodes": h.nodes, "reference": h.reference, "end": h.end,
+        "requests": [r.__dict__ for r in h.requests], "faults": [f.__dict__ for f in h.faults],
+        "snapshots": [s.__dict__ for s in h.snapshots], "final": [s.__dict__ for s in h.final],
+        "shards": [], "exits": [e.__dict__ for e in h.exits],
+        "resources": [r.__dict__ for r in h.resources]}))  # fmt: skip
+    assert check(history_from_json(data)) == check(h)
