@@ -3,21 +3,12 @@ sha256 against the manifest's (a partial transfer's side files are not shards)."
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from edgemoe.daemon.chaos.checker import ShardHash
+from edgemoe.model.shard import sha256_file
 
-CHUNK = 1 << 20
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def shard_hashes(node: int, root: Path) -> list[ShardHash]:
@@ -27,5 +18,5 @@ def shard_hashes(node: int, root: Path) -> list[ShardHash]:
     if not manifest.is_file():
         return []
     files = json.loads(manifest.read_text())["files"]
-    return [ShardHash(node, rel, info["sha256"], sha256_of(root / rel))
+    return [ShardHash(node, rel, info["sha256"], sha256_file(root / rel))
             for rel, info in sorted(files.items()) if (root / rel).is_file()]  # fmt: skip
