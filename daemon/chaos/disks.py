@@ -10,7 +10,6 @@ from edgemoe.daemon.chaos.checker import ShardHash
 from edgemoe.model.shard import sha256_file
 
 
-
 def shard_hashes(node: int, root: Path) -> list[ShardHash]:
     """Every manifest file present under `root` (a daemon's store: its model dir or
     state_dir/model), hashed; [] when the node has no manifest yet."""
