@@ -31,7 +31,7 @@ from typing import Any
 
 from edgemoe.daemon.peers import PeerClient, PeerError
 from edgemoe.model.manifest import MANIFEST_NAME, Manifest
-from edgemoe.model.shard import DENSE_NAME
+from edgemoe.model.shard import DENSE_NAME, sha256_file
 
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
@@ -93,7 +93,7 @@ class ShardStore:
             log.warning("%s changed on disk since it was verified; checking it again", path)
         if self._failed.get(rel) == stamp or not path.is_file():
             return False
-        if st.st_size != info["bytes"] or _sha256(path) != info["sha256"]:
+        if st.st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
             log.warning("%s: size or sha256 differs from the manifest; will refetch", path)
             self._failed[rel] = stamp
             return False
@@ -215,12 +215,6 @@ class ShardStore:
         os.replace(source, target)
         st = target.stat()
         self._verified[rel] = (st.st_size, st.st_mtime_ns, st.st_ino)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    _hash_into(digest, path)
-    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:
