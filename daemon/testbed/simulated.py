@@ -61,13 +61,10 @@ def with_wire_cost(c: SimConstants, call_s: float, rtt_s: float) -> SimConstants
     signed msgpack echo, which leaves out the daemons' sealing, request signing and batching
     worker. The call's cost is split evenly between the holder (`message_s`) and the caller
     (`caller_message_s`), as the daemons' CPU seconds split it (fit: 1.3 ms served, 1.1 made)."""
-    import dataclasses
-
     wire = call_s - rtt_s - c.expert_fixed_s - c.expert_row_s
     if not wire > c.message_s + c.caller_message_s:  # nan or below the bare echo: keep
         return c
-    return dataclasses.replace(c, message_s=wire / 2, caller_message_s=wire / 2,
-                               source=f"{c.source}; per-call costs: testbed expert call")
+    return c.with_call_cost(wire, f"{c.source}; per-call costs: testbed expert call")
 
 
 def placement_of(view: dict[str, Any], node_ids: Sequence[str], layers: int,

@@ -158,6 +158,5 @@ def calibrate(shape: TinyShape = LITE, dtype: str = "float32", repeat: int = 5,
     compute = measure_compute(shape, dtype, repeat, attention=attention)
     message = measure_message(shape.hidden_size or 2048)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    # the round trip's work is on both ends: half to the holder, half to the caller
-    return SimConstants(**compute, message_s=message / 2, caller_message_s=message / 2,
-                        source=f"edgemoe bench calibrate {stamp} on {os.uname().nodename}")
+    return SimConstants(**compute).with_call_cost(
+        message, f"edgemoe bench calibrate {stamp} on {os.uname().nodename}")

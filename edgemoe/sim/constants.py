@@ -50,6 +50,12 @@ class SimConstants:
         if not 0.0 < self.prompt_fraction < 1.0:
             raise ValueError(f"prompt_fraction must be in (0, 1), got {self.prompt_fraction}")
 
+    def with_call_cost(self, seconds: float, source: str | None = None) -> SimConstants:
+        """These constants with one call's measured round-trip work split evenly between its
+        two ends (`message_s` at the holder, `caller_message_s` at the caller)."""
+        return replace(self, message_s=seconds / 2, caller_message_s=seconds / 2,
+                       source=self.source if source is None else source)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
