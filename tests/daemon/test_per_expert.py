@@ -17,13 +17,18 @@ from .conftest import MAX_NEW, PROMPTS, Cluster, Node, TinyModel, make_node, pla
 @pytest.fixture(scope="module")
 def mixed_transports(tiny: TinyModel, tmp_path_factory: pytest.TempPathFactory
                      ) -> Iterator[Cluster]:  # fmt: skip
-    """Node 'pe' (the shards, per-expert) and node 'ps' (fetches, per-server), 60% each."""
+    """Node 'pe' (the shards, per-expert) and node 'ps' (fetches, per-server), 60% each.
+
+    The `uniform` strategy places without the workload, so each node holds 60% of every
+    layer's experts whatever the prompts routed: a workload-aware placement made every
+    prompt's experts local to 'pe' in one CI run, and left this test nothing to count."""
     tmp = tmp_path_factory.mktemp("per-expert")
     cid = f"pe-{os.getpid()}"
     nodes = [
         make_node(tmp, "pe", shard_dir=tiny.shard_dir, cluster_id=cid, capacity="60%",
-                  extra=["--transport", "per-expert"]),
-        make_node(tmp, "ps", shard_dir=None, cluster_id=cid, capacity="60%"),
+                  extra=["--transport", "per-expert", "--strategy", "uniform"]),
+        make_node(tmp, "ps", shard_dir=None, cluster_id=cid, capacity="60%",
+                  extra=["--strategy", "uniform"]),
     ]  # fmt: skip
     for node in nodes:
         node.start()
