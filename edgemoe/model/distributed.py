@@ -54,15 +54,19 @@ class DistributedExperts(nn.Module):
         if self.recorder is not None:
             self.recorder.record(self.layer, ids.detach().cpu().numpy())
         groups: dict[int, tuple[ExpertExecutor, list[int]]] = {}
-        for expert in torch.unique(ids).tolist():
+        for expert in _experts_in(ids):
             executor = self.directory.executor_for(self.layer, expert)
             groups.setdefault(id(executor), (executor, []))[1].append(expert)
+        if len(groups) == 1:  # one executor takes every row: no split, no sum
+            ((executor, _),) = groups.values()
+            if getattr(executor, "is_local", False):
+                part = executor.forward(self.layer, hidden_states, ids, top_k_weights)
+            else:
+                part = executor.submit(self.layer, hidden_states, ids, top_k_weights).result()
+            return part.to(device=hidden_states.device, dtype=hidden_states.dtype)
 
         calls = []
         for executor, experts in groups.values():
-            if len(groups) == 1:
-                calls.append((executor, None, ids, top_k_weights, hidden_states))
-                continue
             mine = torch.isin(ids, torch.tensor(experts, device=ids.device))
             # Only the rows with a slot for this executor travel (fewer bytes to remote peers).
             rows = torch.nonzero(mine.any(dim=1), as_tuple=True)[0]
@@ -79,12 +83,20 @@ class DistributedExperts(nn.Module):
                 pending.append((rows, executor.submit(self.layer, hidden, masked, weights)))
         out = torch.zeros_like(hidden_states)
         for rows, future in pending:
-            part = future.result().to(device=out.device, dtype=out.dtype)
-            if rows is None:
-                out += part
-            else:
-                out.index_add_(0, rows, part)
+            out.index_add_(0, rows, future.result().to(device=out.device, dtype=out.dtype))
         return out
+
+
+# Up to this many (token, slot) ids, the distinct experts are found in Python: a decode step's
+# few ids cost microseconds there, torch.unique's dispatch costs more than its work.
+_SMALL_IDS = 256
+
+
+def _experts_in(ids: torch.Tensor) -> list[int]:
+    """The distinct expert ids of `ids`, ascending."""
+    if ids.numel() <= _SMALL_IDS:
+        return sorted(set(ids.reshape(-1).tolist()))
+    return [int(e) for e in torch.unique(ids).tolist()]
 
 
 def _done(value: torch.Tensor) -> Future[torch.Tensor]:

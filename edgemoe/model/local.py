@@ -26,6 +26,9 @@ from edgemoe.model.manifest import Manifest
 from edgemoe.model.quantized import EXPERT_DTYPES, NativeExperts, dequantize_expert
 from edgemoe.model.shard import file_problem
 
+# Up to this many ids, a layer's expert ids are mapped to module rows in Python: a decode step's
+# few ids cost microseconds there, several small tensor ops cost tens of microseconds.
+_SMALL_IDS = 256
 _COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -59,6 +62,7 @@ class _LayerCache:
     def __init__(self, experts: list[int], module: nn.Module, device: torch.device) -> None:
         self.experts = experts
         self.module = module
+        self.index = {e: i for i, e in enumerate(experts)}  # global id -> row of the module
         self.lookup = torch.full((max(experts) + 1,), -1, dtype=torch.long, device=device)
         self.lookup[torch.tensor(experts, device=device)] = torch.arange(
             len(experts), device=device
@@ -222,11 +226,25 @@ class LocalExperts:
     def _forward(
         self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
+        cached = self._layer(layer)
+        whole = self._whole_rows(cached, expert_ids)
+        if whole is not None:
+            # every slot is a held expert (a node holding all it was routed, an RPC of whole
+            # rows): the family's module takes the top-k as the library calls it, without the
+            # flatten/index_add_ round (~0.2 ms of a 0.8 ms layer at one token, hidden 512)
+            assert cached is not None
+            if self.expert_dtype is None:
+                with torch.no_grad():
+                    return cached.module(hidden, whole, weights)
+            with torch.no_grad():
+                result = cached.module(
+                    hidden.to(self.expert_dtype), whole, weights.to(self.expert_dtype)
+                )
+            return result.to(hidden.dtype)
         out = torch.zeros_like(hidden)
         rows, slots = torch.nonzero(expert_ids >= 0, as_tuple=True)
         if rows.numel() == 0:
             return out
-        cached = self._layer(layer)
         ids = expert_ids[rows, slots]
         local = cached.lookup[ids.clamp(max=cached.lookup.numel() - 1)] if cached else None
         if cached is None or bool((ids >= cached.lookup.numel()).any()) or bool((local < 0).any()):
@@ -239,6 +257,19 @@ class LocalExperts:
             result = cached.module(rows_in, local[:, None], row_weights[:, None])
         out.index_add_(0, rows, result.to(out.dtype))
         return out
+
+    @staticmethod
+    def _whole_rows(cached: _LayerCache | None, ids: torch.Tensor) -> torch.Tensor | None:
+        """`ids` as rows of the layer's module when every slot names a held expert, else None
+        (masked slots or experts not held: the row-by-row path sorts them out)."""
+        if cached is None or ids.numel() == 0:
+            return None
+        if ids.numel() <= _SMALL_IDS:  # a decode step's few ids: Python beats tensor ops
+            local = [cached.index.get(i, -1) for i in ids.reshape(-1).tolist()]
+            return None if -1 in local else torch.tensor(local, device=ids.device).view(ids.shape)
+        n = cached.lookup.numel()
+        local = cached.lookup[ids.clamp(0, n - 1)]
+        return local if bool(((ids >= 0) & (ids < n) & (local >= 0)).all()) else None
 
     def submit(
         self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
