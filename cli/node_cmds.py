@@ -179,6 +179,9 @@ def _bench_command(bench: typer.Typer) -> None:
         scale: Annotated[int, typer.Option(help="Width multiplier of the tiny model")] = 8,
         prompts: Annotated[int, typer.Option(help="Prompts for the tokens/s comparison")] = 4,
         max_tokens: Annotated[int, typer.Option(help="Tokens per prompt")] = 24,
+        token_rounds: Annotated[
+            int, typer.Option(help="Interleaved rounds of the daemon vs transformers per-token")
+        ] = 3,
         json_out: Annotated[Path | None, typer.Option("--json", help="Write figures here")] = None,
     ) -> None:
         """Expert RPC vs bare aiohttp echo; shard streaming vs plain HTTP copy; 3 nodes vs 1."""
@@ -190,7 +193,7 @@ def _bench_command(bench: typer.Typer) -> None:
         with tempfile.TemporaryDirectory(prefix="edgemoe-bench-") as tmp:
             figures = run_rpc_bench(
                 workdir or Path(tmp), arch=arch, rows=rows, calls=calls, scale=scale,
-                prompts=prompts, max_tokens=max_tokens, echo=typer.echo,
+                prompts=prompts, max_tokens=max_tokens, echo=typer.echo, token_rounds=token_rounds,
             )  # fmt: skip
         if json_out is not None:
             json_out.write_text(json.dumps(figures, indent=1))

@@ -5,11 +5,13 @@ The store's root is a shard directory (the layout of `edgemoe shard`): the node'
 into ``.partial/`` and resumes from what is there with an HTTP Range request; only a file whose
 size and sha256 match the manifest is renamed into place, so a corrupt or cut transfer is
 never loaded. A whole-file fetch hashes the bytes as they arrive (a resumed one hashes the part
-already on disk first), writes and hashes them 4 MiB at a time on a worker thread, and
-renames it into place: nothing is read back. Its one fsync follows on a syncer thread, off the
-transfer's path; the directory is not synced. A file torn or a rename lost in a crash only
-means the file is fetched again: the store trusts nothing across restarts without hashing it,
-and holding an expert means holding it in memory, not on disk.
+already on disk first), writes and hashes them 1 MiB at a time on a worker thread while the
+loop receives the next MiB (a small file's last bytes on the loop), and renames it into place:
+nothing is read back. A file fetched in segments from several peers is hashed once whole (its
+segments are read back, in order) before the rename. Either way its one fsync follows on a
+syncer thread, off the transfer's path; the directory is not synced. A file torn or a rename
+lost in a crash only means the file is fetched again: the store trusts nothing across restarts
+without hashing it, and holding an expert means holding it in memory, not on disk.
 
 A verified file is remembered with its size, mtime and inode; a file whose stat differs from
 that (rewritten, truncated, extended, replaced) is hashed again before it is served or used,
@@ -36,8 +38,11 @@ from edgemoe.model.shard import DENSE_NAME, sha256_file
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
 # received chunks (often 64 KiB) are written and hashed on a worker thread, this many bytes at
-# a time: the event loop only receives, and several files in flight use several cores
-_WRITE_BATCH = 4 << 20
+# a time while the loop receives the next ones: the event loop only receives, and several files
+# in flight use several cores
+_WRITE_BATCH = 1 << 20
+# the last bytes of a file, when no batch is in the worker, are written on the loop up to this
+_INLINE_WRITE = 256 << 10
 # A file fetched from several peers at once is cut into segments of at least this many bytes.
 _MIN_SEGMENT = 1 << 16
 _PARTIAL = ".partial"
@@ -171,7 +176,8 @@ class ShardStore:
         return self.root / _PARTIAL / f"{rel.replace('/', '__')}.{segment}"
 
     def install_from(self, rel: str, parts: Sequence[Path]) -> None:
-        """Verify the concatenation of `parts`; move it into place (temp + fsync + rename)."""
+        """Verify the concatenation of `parts`; move it into place (renamed, then synced on the
+        syncer thread like `install_hashed`)."""
         info = self.info(rel)
         # one part is verified and renamed in place; several are concatenated into a new file
         source = self.root / _PARTIAL / f"{rel.replace('/', '__')}.assembled"
@@ -187,13 +193,12 @@ class ShardStore:
                         size += len(chunk)
                         if len(parts) > 1:
                             out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
         if size != info["bytes"] or digest.hexdigest() != info["sha256"]:
             for p in {source, *parts}:
                 p.unlink(missing_ok=True)
             raise CorruptShard(f"{rel}: size {size} or sha256 differs from the manifest")
         self._rename(rel, source)
+        self._syncer.submit(_fsync, self.root / rel)
         for p in parts:
             p.unlink(missing_ok=True)
 
@@ -208,6 +213,10 @@ class ShardStore:
             raise CorruptShard(f"{rel}: size {size} or sha256 differs from the manifest")
         self._rename(rel, part)
         self._syncer.submit(_fsync, self.root / rel)
+
+    def sync_pending(self) -> None:
+        """Block until the fsyncs queued so far are done (the syncer runs them in order)."""
+        self._syncer.submit(lambda: None).result()
 
     def _rename(self, rel: str, source: Path) -> None:
         target = self.root / rel
@@ -237,6 +246,44 @@ def _write(fh: Any, chunks: list[bytes], digest: Any) -> None:
             view = view[fh.write(view) :]
         if digest is not None:
             digest.update(chunk)
+
+
+class _Writer:
+    """Writes (and hashes) a file's received bytes on a worker thread, `_WRITE_BATCH` at a
+    time, while the event loop goes on receiving: one batch is in the worker at a time, so
+    the bytes reach the file and the digest in order."""
+
+    def __init__(self, fh: Any, digest: Any) -> None:
+        self.fh = fh
+        self.digest = digest
+        self.held: list[bytes] = []  # received, not yet handed to the worker
+        self.size = 0
+        self.pending: asyncio.Future[None] | None = None
+
+    async def add(self, chunk: bytes) -> None:
+        self.held.append(chunk)
+        self.size += len(chunk)
+        if self.size >= _WRITE_BATCH:
+            await self._hand_off()
+
+    async def _hand_off(self) -> None:
+        if self.pending is not None:
+            await self.pending
+        loop = asyncio.get_running_loop()
+        self.pending = loop.run_in_executor(None, _write, self.fh, self.held, self.digest)
+        self.held, self.size = [], 0
+
+    async def finish(self) -> None:
+        """Every byte received so far written and hashed; a small file's few bytes here on
+        the loop (a thread hop and its wake-up cost more than they do)."""
+        if self.held and self.pending is None and self.size <= _INLINE_WRITE:
+            _write(self.fh, self.held, self.digest)
+            self.held, self.size = [], 0
+        elif self.held:
+            await self._hand_off()
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            await pending
 
 
 def _hash_into(digest: Any, path: Path) -> None:
@@ -343,19 +390,16 @@ class ShardFetcher:
             if resp.status == 200 and lo + have != 0:
                 raise PeerError(f"{peer.url}: ignored the Range request")
             with part.open("ab", buffering=0) as fh:
-                held: list[bytes] = []  # received, not yet written
+                writer = _Writer(fh, digest)
                 try:
                     async for chunk in resp.content.iter_chunked(_CHUNK):
-                        held.append(chunk)
                         self.on_bytes(len(chunk))
-                        if sum(map(len, held)) >= _WRITE_BATCH:
-                            await asyncio.to_thread(_write, fh, held, digest)
-                            held = []
+                        await writer.add(chunk)
                 except Exception as exc:
-                    await asyncio.to_thread(_write, fh, held, digest)  # kept for the resume
+                    await writer.finish()  # kept for the resume
                     raise PeerError(f"{peer.url}: transfer of {rel} cut: {exc!r}") from None
-                await asyncio.to_thread(_write, fh, held, digest)
-                # no fsync here: the install syncs before the rename, and a part torn by a
+                await writer.finish()
+                # no fsync here: the install syncs after the rename, and a part torn by a
                 # crash fails the sha256 check and is fetched again
         got = part.stat().st_size
         if got != hi - lo:
