@@ -137,8 +137,9 @@ ECHO_SERVER = textwrap.dedent(
 
 
 def _compute_fn(shard_dir: Path, body: dict[str, Any]) -> Callable[[], None]:
-    """The same expert computation in-process, on one thread as the daemons run: the part of
-    the RPC that is not transport (timed interleaved with the calls)."""
+    """The same expert computation in-process: the part of the RPC that is not transport
+    (timed interleaved with the calls, on one thread as the daemons run: `_rpc_figures`
+    sets it outside the timed part)."""
     from edgemoe.model.local import LocalExperts
 
     local = LocalExperts(shard_dir).load_all()
@@ -147,13 +148,8 @@ def _compute_fn(shard_dir: Path, body: dict[str, Any]) -> Callable[[], None]:
                              name=k) for k in ("hidden", "expert_ids", "weights")]  # fmt: skip
 
     def compute() -> None:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # as the daemons run (OMP_NUM_THREADS=1)
-        try:
-            with torch.inference_mode():
-                local.forward(body["layer"], *args)
-        finally:
-            torch.set_num_threads(threads)
+        with torch.inference_mode():
+            local.forward(body["layer"], *args)
 
     return compute
 
@@ -180,6 +176,8 @@ async def _rpc_figures(
     # the same RPC with bodies not sealed: only here, to show what the AEAD costs
     unsealed = PeerClient(url, BENCH_NODE_ID, secret.encode(), seal=False)
     plain = aiohttp.ClientSession()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the daemons run (OMP_NUM_THREADS=1)
     try:
         await client.hello()
         await unsealed.hello()
@@ -231,6 +229,7 @@ async def _rpc_figures(
         out["throughput_ratio"] = out["echo_calls_per_s"] / out["rpc_calls_per_s"]
         return out
     finally:
+        torch.set_num_threads(threads)
         await client.close()
         await unsealed.close()
         await plain.close()
