@@ -271,10 +271,12 @@ async def _expert_rtts(url: str, secret: str, view: dict[str, Any], expert: str,
 
 
 def box_busy_s() -> float:
-    """CPU seconds this whole machine has been busy (all cores; /proc/stat, less idle and
-    iowait): with the testbed's own processes' CPU, what the other load on the box took."""
+    """CPU seconds this whole machine has been busy (all cores; /proc/stat user, nice,
+    system, irq and softirq; not idle, iowait or a hypervisor's steal): with the testbed's
+    own processes' CPU, what the other load on the box took."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 def _own_cpu_s() -> float:

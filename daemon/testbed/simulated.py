@@ -37,7 +37,12 @@ MIN_CORES = 0.25  # a floor for the cores left to the testbed (other load measur
 
 def calibrate_for(shards: Path) -> SimConstants:
     """`bench calibrate` at the shape of the testbed's model (its hidden size, expert width,
-    shared experts, top-k, attention and dtype), on one thread as the daemons run."""
+    shared experts, top-k, attention and dtype), on one thread as the daemons run, timed in
+    that thread's CPU seconds: the work alone, which a loaded box does not inflate (wall
+    time under load measured dense costs 10-20x the quiet figure); the simulator's shared
+    cores, given the load measured beside each strategy, price the contention."""
+    import time
+
     import torch
 
     from edgemoe.bench.calibrate import LITE_ATTENTION, calibrate
@@ -53,7 +58,8 @@ def calibrate_for(shards: Path) -> SimConstants:
             shared_experts=int(cfg.get("n_shared_experts") or 0),
             hidden_size=int(cfg["hidden_size"]), expert_width=int(cfg["moe_intermediate_size"]),
         ), str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"), repeat=3,
-            attention={k: cfg[k] for k in LITE_ATTENTION if k in cfg})  # fmt: skip
+            attention={k: cfg[k] for k in LITE_ATTENTION if k in cfg},
+            clock=time.thread_time)  # fmt: skip
     finally:
         torch.set_num_threads(threads)
 
@@ -152,7 +158,7 @@ class Predicted:
 def simulated_latency(
     placement: Any, requests: list[list[np.ndarray]], *, constants: SimConstants,
     bandwidth_mbps: float | None, delay_ms: float, hidden_size: int, activation_bytes: int,
-    transport: str, prompt_tokens: int, cores: float | None = None,
+    transport: str, prompt_tokens: int, cores: float | None = None, others: float = 0.0,
 ) -> Predicted:
     """What edgemoe.sim predicts for closed-loop clients (one per node). `cores`: the CPU
     the testbed's processes had (the machine's cores less what other load took): the
@@ -167,7 +173,7 @@ def simulated_latency(
     cluster = Cluster(
         compute_speed=np.ones(S), rtt_s=rtt, bandwidth_bps=np.full((S, S), np.inf),
         hidden_size=hidden_size, activation_bytes=activation_bytes, nic_egress_bps=nic,
-        nic_ingress_bps=nic, shared_cores=cores,
+        nic_ingress_bps=nic, shared_cores=cores, other_threads=others,
     )  # fmt: skip
     length = len(requests[0][0])
     c = dataclasses.replace(constants, prompt_fraction=min(prompt_tokens / length, 0.999))

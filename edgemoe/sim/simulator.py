@@ -29,8 +29,10 @@ Transports:
 - ``per-server`` (ours): one message per destination server per step, carrying each token's
   hidden state once; the holder runs all of that token's experts it holds and returns one
   weighted sum per token.
-- ``per-expert`` (the paper's system): one call per (token, expert) in decode, one per expert
-  carrying its tokens in prefill; each call is its own message, paying `message_s`.
+- ``per-expert`` (the paper's system): one call per (token, expert), in prefill as in decode
+  (as the daemon's per-expert transport makes them: a 44-token prompt is hundreds of calls);
+  each call is its own message, paying `message_s` at the holder and `caller_message_s` at
+  the caller.
 
 Constants come in as `SimConstants`; from `edgemoe.placement` only the `Placement` data type is
 used (a test checks the imports).
@@ -66,6 +68,10 @@ class Cluster:
     # machine with that many cores (a namespace testbed): while more servers are busy than
     # there are cores, each runs at speed * cores / busy (processor sharing); fewer, at speed.
     shared_cores: float | None = None
+    # with shared cores: other processes' threads always ready to run on the same machine
+    # (its other load); each takes a share like a busy server: rate speed * min(1, cores /
+    # (busy + other_threads))
+    other_threads: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -241,6 +247,7 @@ def simulate(cluster: Cluster, placement: Placement, requests: list[Request], *,
     running: list[list[tuple] | None] = [None] * S
     work = [0.0] * S
     cores = cluster.shared_cores
+    others = cluster.other_threads
     if cores is not None and not cores > 0:
         raise ValueError(f"shared_cores must be > 0, got {cores}")
     # shared cores: per busy server its work left, when that was counted, its rate, and the
@@ -252,7 +259,7 @@ def simulate(cluster: Cluster, placement: Placement, requests: list[Request], *,
     busy: set[int] = set()
 
     def rerate(t: float) -> None:
-        share = min(1.0, cores / len(busy)) if busy else 1.0  # type: ignore[operator]
+        share = min(1.0, cores / (len(busy) + others)) if busy else 1.0  # type: ignore[operator]
         for srv in busy:
             left[srv] = max(left[srv] - (t - since[srv]) * rate[srv], 0.0)
             since[srv] = t
@@ -354,13 +361,13 @@ def simulate(cluster: Cluster, placement: Placement, requests: list[Request], *,
                                              c.message_s, _REMOTE, (i, tok[d] * msg)))
                 waits += 1
             else:
-                for e, rows in experts.items():  # one call per expert, carrying its tokens
-                    out = rows * msg
-                    arrive = net.send(t, s, d, out)
-                    counters["bytes"] += out
-                    push(arrive, _EV_ARRIVE, d, (l, 0, (e,), rows, c.message_s, _REMOTE,
-                                                 (i, out)))
-                    waits += 1
+                for e, rows in experts.items():  # one call per (token, expert), prefill too
+                    for _ in range(rows):
+                        arrive = net.send(t, s, d, msg)
+                        counters["bytes"] += msg
+                        push(arrive, _EV_ARRIVE, d, (l, 0, (e,), 1, c.message_s, _REMOTE,
+                                                     (i, msg)))
+                        waits += 1
         pending[i] = waits
         if waits == 0:
             layer_done(t, i)
