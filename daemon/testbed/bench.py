@@ -127,6 +127,7 @@ class StrategyResult:
     # which the simulator's shared cores leave out
     box_busy_cores: float = float("nan")
     other_cores: float = float("nan")
+    simulated_cores: float = float("nan")  # the cores the simulated servers shared
     tokens: int = 0
     seconds: float = 0.0
     epoch: int = 0
@@ -613,8 +614,9 @@ def run_testbed_bench(setting: BenchSetting, workdir: Path,
         f"{1000 * constants.message_s:.2f} ms per call served ({constants.source})")
     results: dict[str, Any] = {}
     for strategy, (result, placed, node_ids) in measured.items():
+        result.simulated_cores = _testbed_cores(result)
         predicted = _simulate(setting, strategy, shards, placed, node_ids, constants,
-                              _testbed_cores(result))
+                              result.simulated_cores)
         result.simulated_request_latency_mean_s = predicted.request_mean_s
         result.simulated_first_token_mean_s = predicted.first_token_mean_s
         result.simulated_decode_step_mean_s = predicted.decode_step_mean_s
