@@ -158,7 +158,7 @@ class Predicted:
 def simulated_latency(
     placement: Any, requests: list[list[np.ndarray]], *, constants: SimConstants,
     bandwidth_mbps: float | None, delay_ms: float, hidden_size: int, activation_bytes: int,
-    transport: str, prompt_tokens: int, cores: float | None = None, others: float = 0.0,
+    transport: str, prompt_tokens: int, cores: float | None = None,
 ) -> Predicted:
     """What edgemoe.sim predicts for closed-loop clients (one per node). `cores`: the CPU
     the testbed's processes had (the machine's cores less what other load took): the
@@ -173,7 +173,7 @@ def simulated_latency(
     cluster = Cluster(
         compute_speed=np.ones(S), rtt_s=rtt, bandwidth_bps=np.full((S, S), np.inf),
         hidden_size=hidden_size, activation_bytes=activation_bytes, nic_egress_bps=nic,
-        nic_ingress_bps=nic, shared_cores=cores, other_threads=others,
+        nic_ingress_bps=nic, shared_cores=cores,
     )  # fmt: skip
     length = len(requests[0][0])
     c = dataclasses.replace(constants, prompt_fraction=min(prompt_tokens / length, 0.999))

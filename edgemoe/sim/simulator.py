@@ -68,10 +68,6 @@ class Cluster:
     # machine with that many cores (a namespace testbed): while more servers are busy than
     # there are cores, each runs at speed * cores / busy (processor sharing); fewer, at speed.
     shared_cores: float | None = None
-    # with shared cores: other processes' threads always ready to run on the same machine
-    # (its other load); each takes a share like a busy server: rate speed * min(1, cores /
-    # (busy + other_threads))
-    other_threads: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -247,7 +243,6 @@ def simulate(cluster: Cluster, placement: Placement, requests: list[Request], *,
     running: list[list[tuple] | None] = [None] * S
     work = [0.0] * S
     cores = cluster.shared_cores
-    others = cluster.other_threads
     if cores is not None and not cores > 0:
         raise ValueError(f"shared_cores must be > 0, got {cores}")
     # shared cores: per busy server its work left, when that was counted, its rate, and the
@@ -259,7 +254,7 @@ def simulate(cluster: Cluster, placement: Placement, requests: list[Request], *,
     busy: set[int] = set()
 
     def rerate(t: float) -> None:
-        share = min(1.0, cores / (len(busy) + others)) if busy else 1.0  # type: ignore[operator]
+        share = min(1.0, cores / len(busy)) if busy else 1.0  # type: ignore[operator]
         for srv in busy:
             left[srv] = max(left[srv] - (t - since[srv]) * rate[srv], 0.0)
             since[srv] = t
