@@ -78,10 +78,24 @@ def node_lines(report: dict[str, Any]) -> list[str]:
     """Where each strategy's work went: per node, over the measured window."""
     return [
         f"{name} node {i}: {n['tokens_per_s']:.2f} tokens/s, decode p50 "
-        f"{1000 * n['decode_latency_p50_s']:.0f} ms, CPU {n['cpu_s']:.1f} s, holds "
+        f"{1000 * n['decode_latency_p50_s']:.0f} ms, CPU {n['cpu_s']:.1f} s (delay helper "
+        f"{n.get('helper_cpu_s', 0.0):.1f} s), holds "
         f"{n['held']:.0f} experts, made {n['calls']:.0f} calls, served {n['served_calls']:.0f} "
         f"calls / {n['served_rows']:.0f} rows for peers"
         for name, r in report["strategies"].items() for i, n in enumerate(r.get("nodes") or [])
+    ]
+
+
+def breakdown_lines(report: dict[str, Any]) -> list[str]:
+    """Per strategy, a request's parts measured and simulated: time to the first token (the
+    prefill) and the mean decode step; and the other load on the box while it was measured."""
+    return [
+        f"{name}: first token {1000 * r['first_token_mean_s']:.0f} ms (sim "
+        f"{1000 * r['simulated_first_token_mean_s']:.0f}), decode step "
+        f"{1000 * r['decode_step_mean_s']:.1f} ms "
+        f"(sim {1000 * r['simulated_decode_step_mean_s']:.1f})"
+        f"; box busy {r['box_busy_cores']:.2f} cores, other load {r['other_cores']:.2f}"
+        for name, r in report["strategies"].items()
     ]
 
 
@@ -185,7 +199,8 @@ def bench_testbed(
             shutil.rmtree(work, ignore_errors=True)
     report["ratios"] = {"edgemoe_over": strategy_ratios(report)}
     out.print(results_table(report))
-    for line in node_lines(report) + ratio_lines(report["ratios"]["edgemoe_over"]):
+    lines = node_lines(report) + breakdown_lines(report)
+    for line in lines + ratio_lines(report["ratios"]["edgemoe_over"]):
         out.print(line)
     for name, r in report["strategies"].items():
         if r.get("failures"):

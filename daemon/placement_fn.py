@@ -22,6 +22,15 @@ from edgemoe.stats.snapshot import ActivationSnapshot
 Assignment = dict[str, set[tuple[int, int]]]
 LAN_RTT_S = 2e-4
 LAN_BANDWIDTH_BPS = 1e9
+# What one more peer call costs a holder: the daemons' CPU per expert call served (signed,
+# sealed msgpack over aiohttp, then the answer back). Fitted from the namespace testbed's
+# per-node CPU seconds and call counts on the 2-core development box: 1.3-1.7 ms served,
+# 0.9-1.9 ms made; a bare signed msgpack echo (`bench calibrate`) is 0.2-0.5 ms a round
+# trip. The Problem's own default (0.1 ms) priced a layer split over two peers at almost
+# nothing, and on the testbed's recorded snapshots edgemoe then chose placements making
+# 2.96-3.16 calls per decode token against layers' 2.67; at >= 0.5 ms it makes 2.64-2.65.
+# The same on every node (acceptors recompute proposals), so a constant, not a measurement.
+CALL_OVERHEAD_S = 1e-3
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,7 @@ def build_problem(
         top_k=K,
         expert_bytes=shape.expert_bytes,
         hidden_size=shape.hidden_size,
+        call_overhead_s=CALL_OVERHEAD_S,
         counts=counts,
         sample_server=np.concatenate(servers) if servers else np.zeros(0, dtype=np.int64),
         sample_layer=np.concatenate(layers) if layers else np.zeros(0, dtype=np.int64),

@@ -116,6 +116,18 @@ class StrategyResult:
     local_share: float
     simulated_request_latency_mean_s: float = float("nan")
     measured_over_simulated: float = float("nan")  # request latency, measured / simulated
+    # a request's parts: to its first token (the prefill), then each decode step; measured
+    # and as the simulator predicts them
+    first_token_mean_s: float = float("nan")
+    decode_step_mean_s: float = float("nan")
+    simulated_first_token_mean_s: float = float("nan")
+    simulated_decode_step_mean_s: float = float("nan")
+    # the machine's CPU while measuring, in cores: all of it busy, and the part that was not
+    # the testbed's (daemons, delay helpers, the bench's clients): other load on the box,
+    # which the simulator's shared cores leave out
+    box_busy_cores: float = float("nan")
+    other_cores: float = float("nan")
+    simulated_cores: float = float("nan")  # the cores the simulated servers shared
     tokens: int = 0
     seconds: float = 0.0
     epoch: int = 0
@@ -257,6 +269,21 @@ async def _expert_rtts(url: str, secret: str, view: dict[str, Any], expert: str,
     finally:
         await client.close()
     return float(np.median(times))
+
+
+def box_busy_s() -> float:
+    """CPU seconds this whole machine has been busy (all cores; /proc/stat user, nice,
+    system, irq and softirq; not idle, iowait or a hypervisor's steal): with the testbed's
+    own processes' CPU, what the other load on the box took."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    """This process's CPU seconds (the bench's clients, all threads)."""
+    t = os.times()
+    return t.user + t.system
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -420,6 +447,8 @@ class _StrategyRun:
                 "served_calls": _metric_sum(metrics, "edgemoe_expert_rpc_served_total"),
                 "served_rows": _metric_sum(metrics, "edgemoe_expert_rpc_batch_rows_sum"),
                 "cpu_s": _cpu_seconds(self.procs[i].pid),
+                "helper_cpu_s": (_cpu_seconds(self.tb.delay_helpers[i].pid)
+                                 if i in self.tb.delay_helpers else 0.0),
                 "held": float(len((v.get("holdings") or {}).get(v.get("node_id", ""), []))),
             })  # fmt: skip
         return out
@@ -459,8 +488,10 @@ def measure_strategy(
         say(f"{strategy}: re-placed (epoch {epoch}); measuring {setting.requests} x "
             f"{setting.tokens} tokens per node")  # fmt: skip
         before = run.counters()
+        box, own = box_busy_s(), _own_cpu_s()
         failed_before = len(run.failures)
         per_node, wall = run.load(setting.requests)
+        box, own = box_busy_s() - box, _own_cpu_s() - own
         after = run.counters()
         failures = run.failures[failed_before:]
     finally:
@@ -474,8 +505,12 @@ def measure_strategy(
         "decode_latency_p50_s": _p(_decode_gaps([t for t, _ in node]), 50),
         **{k: a[k] - b[k] for k in a if k != "held"}, "held": a["held"],
     } for node, a, b in zip(per_node, after, before, strict=True)]  # fmt: skip
+    testbed_cpu = delta["cpu_s"] + delta["helper_cpu_s"] + own
     return StrategyResult(
         tokens_per_s=tokens / wall,
+        first_token_mean_s=float(np.mean([t[1] - t[0] for t in times if len(t) > 1])),
+        decode_step_mean_s=float(gaps.mean()) if gaps.size else float("nan"),
+        box_busy_cores=box / wall, other_cores=max(box - testbed_cpu, 0.0) / wall,
         decode_latency_p50_s=_p(gaps, 50), decode_latency_p99_s=_p(gaps, 99),
         request_latency_mean_s=float(np.mean([t[-1] - t[0] for t in times])),
         bytes_between_nodes_per_token=delta["bytes"] / max(tokens, 1),
@@ -504,8 +539,8 @@ def _prompt_tokens(shards: Path) -> int:
 
 
 def _simulate(setting: BenchSetting, strategy: str, shards: Path, placed: dict[str, Any],
-              node_ids: list[str], constants: Any) -> float:  # fmt: skip
-    """edgemoe.sim's mean request latency for this strategy's measured window."""
+              node_ids: list[str], constants: Any, cores: float) -> Any:  # fmt: skip
+    """edgemoe.sim's prediction (`simulated.Predicted`) of this strategy's measured window."""
     from edgemoe.daemon.testbed import simulated
     from edgemoe.model.manifest import Manifest
 
@@ -520,7 +555,12 @@ def _simulate(setting: BenchSetting, strategy: str, shards: Path, placed: dict[s
         placement, requests, constants=constants, bandwidth_mbps=setting.bandwidth_mbps,
         delay_ms=setting.delay_ms, hidden_size=int(manifest.config["hidden_size"]),
         activation_bytes=2 if setting.shape == "lite" else 4,
-        transport=split_strategy(strategy)[1], prompt_tokens=prompt)
+        transport=split_strategy(strategy)[1], prompt_tokens=prompt, cores=cores)
+
+
+def _testbed_cores(result: StrategyResult) -> float:
+    """The cores the testbed's processes had while `result` was measured."""
+    return float(os.cpu_count() or 1) - result.other_cores
 
 
 def run_testbed_bench(setting: BenchSetting, workdir: Path,
@@ -533,18 +573,18 @@ def run_testbed_bench(setting: BenchSetting, workdir: Path,
     for name in setting.streams:
         load_stream(setting.trace, name)  # a bad stream fails now, not in a daemon
     shards = build_model(workdir, setting.shape, say, setting.layers)
-    from edgemoe.daemon.testbed.simulated import calibrate_for, with_wire_cost
+    from edgemoe.daemon.testbed.simulated import calibrate_for, fit_call_costs, with_wire_cost
     from edgemoe.model.manifest import Manifest
 
     manifest = Manifest.load(shards)
     dtype = manifest.config.get("dtype") or manifest.config.get("torch_dtype") or "float32"
     say("bench calibrate: the simulator's constants at this model's shape, on one thread ...")
-    calibrated = constants = calibrate_for(shards)
-    say(", ".join(f"{k} {v:.3g}" for k, v in constants.to_dict().items()
+    calibrated = calibrate_for(shards)
+    say(", ".join(f"{k} {v:.3g}" for k, v in calibrated.to_dict().items()
                   if isinstance(v, float)))  # fmt: skip
     spec = TestbedSpec(nodes=setting.nodes, bandwidth_mbps=setting.bandwidth_mbps,
                        delay_ms=setting.delay_ms)  # fmt: skip
-    results: dict[str, Any] = {}
+    measured: dict[str, tuple[StrategyResult, dict[str, Any], list[str]]] = {}
     with Testbed(spec) as tb:
         link = {**measure_rtt(tb, 0, 1, count=20), **measure_rate(tb, 0, 1, seconds=0.5)}
         say(f"testbed {spec.prefix}*: {setting.nodes} namespaces; link 0->1 measured "
@@ -553,20 +593,36 @@ def run_testbed_bench(setting: BenchSetting, workdir: Path,
             run_dir = workdir / f"run-{strategy}"
             shutil.rmtree(run_dir, ignore_errors=True)  # a node's state from an earlier run
             run_dir.mkdir(parents=True)  # (placement log, holdings) must not leak into this one
-            result, placed, node_ids = measure_strategy(
+            measured[strategy] = measure_strategy(
                 tb, setting, strategy, shards, run_dir, DAEMON_PORT + k, say,
                 probe=None if k else (int(manifest.config["hidden_size"]), str(dtype)))
-            if k == 0:
-                constants = with_wire_cost(calibrated, result.expert_call_s,
-                                           link["rtt_median_s"])
-                say(f"expert call through the daemons: {1000 * result.expert_call_s:.2f} ms "
-                    f"round trip; simulator message_s {1000 * constants.message_s:.2f} ms "
-                    f"(calibrate's bare echo: {1000 * calibrated.message_s:.2f} ms)")
-            result.simulated_request_latency_mean_s = _simulate(
-                setting, strategy, shards, placed, node_ids, constants)
-            result.measured_over_simulated = (
-                result.request_latency_mean_s / result.simulated_request_latency_mean_s)
-            results[strategy] = asdict(result)
+    # The per-call costs: fitted to the daemons' and delay helpers' CPU seconds per node
+    # beyond what the simulator charges for compute; the probe's round trip where no fit is
+    # possible (too few strategies, a coefficient below zero).
+    probed = with_wire_cost(calibrated, measured[setting.strategies[0]][0].expert_call_s,
+                            link["rtt_median_s"])  # fmt: skip
+    free = dataclasses.replace(calibrated, message_s=0.0, caller_message_s=0.0)
+    rows = []
+    for strategy, (result, placed, node_ids) in measured.items():
+        work = _simulate(setting, strategy, shards, placed, node_ids, free,
+                         _testbed_cores(result)).work_s
+        for n, w in zip(result.nodes or [], work, strict=True):
+            n["simulated_compute_s"] = float(w)  # what the simulator charges it, calls aside
+            rows.append((n["cpu_s"] + n["helper_cpu_s"] - w, n["calls"], n["served_calls"]))
+    constants = fit_call_costs(probed, rows)
+    say(f"per-call costs: {1000 * constants.caller_message_s:.2f} ms per call made, "
+        f"{1000 * constants.message_s:.2f} ms per call served ({constants.source})")
+    results: dict[str, Any] = {}
+    for strategy, (result, placed, node_ids) in measured.items():
+        result.simulated_cores = _testbed_cores(result)
+        predicted = _simulate(setting, strategy, shards, placed, node_ids, constants,
+                              result.simulated_cores)
+        result.simulated_request_latency_mean_s = predicted.request_mean_s
+        result.simulated_first_token_mean_s = predicted.first_token_mean_s
+        result.simulated_decode_step_mean_s = predicted.decode_step_mean_s
+        result.measured_over_simulated = (
+            result.request_latency_mean_s / result.simulated_request_latency_mean_s)
+        results[strategy] = asdict(result)
     return {
         "setting": {**{k: v for k, v in asdict(setting).items() if k != "trace"},
                     "trace": str(setting.trace), "nodes": setting.nodes},

@@ -156,6 +156,7 @@ class Testbed:
     def __init__(self, spec: TestbedSpec) -> None:
         self.spec = spec
         self._procs: list[subprocess.Popen[Any]] = []
+        self.delay_helpers: dict[int, subprocess.Popen[Any]] = {}  # node -> its delay helper
         self._lock = threading.RLock()  # a signal handler may close while popen holds it
         self._closed = False
         self._previous: dict[int, Any] = {}
@@ -181,6 +182,7 @@ class Testbed:
         argv = [sys.executable, "-m", "edgemoe.daemon.testbed.delay",
                 "--delay-ms", str(self.spec.delay_of(node))]  # fmt: skip
         proc = self.popen(node, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.delay_helpers[node] = proc
         line = _read_line(proc.stdout, HELPER_READY_TIMEOUT_S)
         if line.strip() != "ready":
             err = proc.stderr.read() if proc.poll() is not None and proc.stderr else ""

@@ -19,8 +19,10 @@ batching worker) is measured on the testbed itself (`with_wire_cost`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +32,17 @@ from edgemoe.sim.constants import SimConstants
 
 FIXED_POINT_ROUNDS = 30
 FIXED_POINT_TOLERANCE_S = 1e-3
+MIN_CORES = 0.25  # a floor for the cores left to the testbed (other load measured very high)
 
 
 def calibrate_for(shards: Path) -> SimConstants:
     """`bench calibrate` at the shape of the testbed's model (its hidden size, expert width,
-    shared experts, top-k, attention and dtype), on one thread as the daemons run."""
+    shared experts, top-k, attention and dtype), on one thread as the daemons run, timed in
+    that thread's CPU seconds: the work alone, which a loaded box does not inflate (wall
+    time under load measured dense costs 10-20x the quiet figure); the simulator's shared
+    cores, given the load measured beside each strategy, price the contention."""
+    import time
+
     import torch
 
     from edgemoe.bench.calibrate import LITE_ATTENTION, calibrate
@@ -50,7 +58,8 @@ def calibrate_for(shards: Path) -> SimConstants:
             shared_experts=int(cfg.get("n_shared_experts") or 0),
             hidden_size=int(cfg["hidden_size"]), expert_width=int(cfg["moe_intermediate_size"]),
         ), str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"), repeat=3,
-            attention={k: cfg[k] for k in LITE_ATTENTION if k in cfg})  # fmt: skip
+            attention={k: cfg[k] for k in LITE_ATTENTION if k in cfg},
+            clock=time.thread_time)  # fmt: skip
     finally:
         torch.set_num_threads(threads)
 
@@ -65,6 +74,29 @@ def with_wire_cost(c: SimConstants, call_s: float, rtt_s: float) -> SimConstants
     if not wire > c.message_s + c.caller_message_s:  # nan or below the bare echo: keep
         return c
     return c.with_call_cost(wire, f"{c.source}; per-call costs: testbed expert call")
+
+
+def fit_call_costs(c: SimConstants, rows: Sequence[tuple[float, float, float]]
+                   ) -> SimConstants:  # fmt: skip
+    """`c` with `caller_message_s` and `message_s` fitted by least squares to the testbed's
+    own CPU: one row per node and strategy, (CPU seconds of its daemon and delay helper less
+    the compute the simulator charges it, calls it made, calls it served), with an intercept
+    for what follows neither (gossip, the generation loop). The daemons' CPU per call is the
+    measurement the simulator lacks: a probe call times one call on an idle cluster, not what
+    thousands cost under load. `c` unchanged when there are too few rows for three unknowns
+    or a cost comes out negative (say, calls and served calls the same on every row)."""
+    if len(rows) < 4:
+        return c
+    y = np.array([r[0] for r in rows], dtype=np.float64)
+    x = np.array([[1.0, r[1], r[2]] for r in rows], dtype=np.float64)
+    if np.linalg.matrix_rank(x) < 3:
+        return c
+    (_, made, served), *_ = np.linalg.lstsq(x, y, rcond=None)
+    if not (made >= 0 and served >= 0):
+        return c
+    return dataclasses.replace(
+        c, caller_message_s=float(made), message_s=float(served),
+        source=f"{c.source.split('; ')[0]}; per-call costs: fit of {len(rows)} node CPU rows")
 
 
 def placement_of(view: dict[str, Any], node_ids: Sequence[str], layers: int,
@@ -113,41 +145,53 @@ def replayed_requests(trace: Path, streams: Sequence[str], shards: Path, skip: i
     return out
 
 
+@dataclass(frozen=True)
+class Predicted:
+    """edgemoe.sim's figures for one strategy's measured window."""
+
+    request_mean_s: float
+    first_token_mean_s: float
+    decode_step_mean_s: float
+    work_s: np.ndarray  # per node, compute seconds charged (at speed 1.0)
+
+
 def simulated_latency(
     placement: Any, requests: list[list[np.ndarray]], *, constants: SimConstants,
     bandwidth_mbps: float | None, delay_ms: float, hidden_size: int, activation_bytes: int,
-    transport: str, prompt_tokens: int,
-) -> float:
-    """Mean request latency edgemoe.sim predicts for closed-loop clients (one per node)."""
-    import dataclasses
-
+    transport: str, prompt_tokens: int, cores: float | None = None,
+) -> Predicted:
+    """What edgemoe.sim predicts for closed-loop clients (one per node). `cores`: the CPU
+    the testbed's processes had (the machine's cores less what other load took): the
+    simulated servers share them (`Cluster.shared_cores`), as the namespaces' daemons do."""
     from edgemoe.sim.simulator import Cluster, Request, simulate
 
     S = len(requests)
     rtt = np.full((S, S), 2 * delay_ms / 1000.0)
     np.fill_diagonal(rtt, 0.0)
     nic = None if not bandwidth_mbps else np.full(S, bandwidth_mbps * 1e6)
+    cores = float(os.cpu_count() or 1) if cores is None else max(cores, MIN_CORES)
     cluster = Cluster(
-        compute_speed=np.full(S, min(1.0, (os.cpu_count() or 1) / S)), rtt_s=rtt,
-        bandwidth_bps=np.full((S, S), np.inf), hidden_size=hidden_size,
-        activation_bytes=activation_bytes, nic_egress_bps=nic, nic_ingress_bps=nic,
+        compute_speed=np.ones(S), rtt_s=rtt, bandwidth_bps=np.full((S, S), np.inf),
+        hidden_size=hidden_size, activation_bytes=activation_bytes, nic_egress_bps=nic,
+        nic_ingress_bps=nic, shared_cores=cores,
     )  # fmt: skip
     length = len(requests[0][0])
     c = dataclasses.replace(constants, prompt_fraction=min(prompt_tokens / length, 0.999))
     arrivals = [np.zeros(len(reqs)) for reqs in requests]
-    lat = np.zeros(0)
     for _ in range(FIXED_POINT_ROUNDS):
         reqs = [Request(i, float(arrivals[i][j]), ids)
                 for i, node in enumerate(requests) for j, ids in enumerate(node)]  # fmt: skip
-        lat = simulate(cluster, placement, reqs, transport=transport, constants=c).latencies_s
+        res = simulate(cluster, placement, reqs, transport=transport, constants=c)
         moved = 0.0
         k = 0
         for i, node in enumerate(requests):
-            ends = arrivals[i] + lat[k : k + len(node)]
+            ends = arrivals[i] + res.latencies_s[k : k + len(node)]
             nxt = np.concatenate([[0.0], ends[:-1]])
             moved = max(moved, float(np.abs(nxt - arrivals[i]).max()))
             arrivals[i] = nxt
             k += len(node)
         if moved < FIXED_POINT_TOLERANCE_S:
             break
-    return float(lat.mean())
+    steps = max(length - prompt_tokens, 1)
+    return Predicted(res.mean_s, float(res.first_token_s.mean()),
+                     float(((res.latencies_s - res.first_token_s) / steps).mean()), res.work_s)

@@ -38,22 +38,25 @@ LITE_ATTENTION = {"num_attention_heads": 16, "num_key_value_heads": 16, "kv_lora
                   "v_head_dim": 128}
 
 
-def _best(fn: Callable[[], Any], repeat: int) -> float:
+def _best(fn: Callable[[], Any], repeat: int,
+          clock: Callable[[], float] = time.perf_counter) -> float:  # fmt: skip
     fn()  # warm-up
     best = float("inf")
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, clock() - t0)
     return best
 
 
 def measure_compute(shape: TinyShape = LITE, dtype: str = "float32", repeat: int = 5,
-                    tokens: int = 32, attention: dict[str, Any] | None = None
-                    ) -> dict[str, float]:
+                    tokens: int = 32, attention: dict[str, Any] | None = None,
+                    clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Dense and expert costs (seconds) of one MoE layer, fixed and per token/row.
     `dtype` float32 by default: CPUs without bf16 matrix units run bf16 many times slower.
-    `attention`: the model's attention keys (default DeepSeek-V2-Lite's, `LITE_ATTENTION`)."""
+    `attention`: the model's attention keys (default DeepSeek-V2-Lite's, `LITE_ATTENTION`).
+    `clock`: wall time by default; `time.thread_time` (on one torch thread) gives the CPU
+    work alone, which other jobs on a loaded box do not inflate."""
     import torch
     from transformers import AutoConfig
 
@@ -76,7 +79,7 @@ def measure_compute(shape: TinyShape = LITE, dtype: str = "float32", repeat: int
     def run(n: int) -> float:
         ids = torch.randint(3, config.vocab_size, (1, n))
         with torch.no_grad():
-            return _best(lambda: model(ids, use_cache=False), repeat)
+            return _best(lambda: model(ids, use_cache=False), repeat, clock)
 
     for m in mods:  # routed experts off: what remains is the dense part (and embeddings)
         m.forward = lambda h, i, w: torch.zeros_like(h)  # type: ignore[method-assign]
@@ -90,7 +93,7 @@ def measure_compute(shape: TinyShape = LITE, dtype: str = "float32", repeat: int
         idx = torch.zeros(rows, 1, dtype=torch.long)  # every row to expert 0
         w = torch.ones(rows, 1, dtype=torch_dtype)
         with torch.no_grad():
-            return _best(lambda: expert(h, idx, w), repeat)
+            return _best(lambda: expert(h, idx, w), repeat, clock)
 
     e1, en = call(1), call(tokens)
     token = max(dn - d1, 0.0) / (tokens - 1) / layers
@@ -154,8 +157,9 @@ def measure_message(hidden: int = 2048, calls: int = 200) -> float:
 
 
 def calibrate(shape: TinyShape = LITE, dtype: str = "float32", repeat: int = 5,
-              attention: dict[str, Any] | None = None) -> SimConstants:
-    compute = measure_compute(shape, dtype, repeat, attention=attention)
+              attention: dict[str, Any] | None = None,
+              clock: Callable[[], float] = time.perf_counter) -> SimConstants:
+    compute = measure_compute(shape, dtype, repeat, attention=attention, clock=clock)
     message = measure_message(shape.hidden_size or 2048)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return SimConstants(**compute).with_call_cost(

@@ -10,6 +10,9 @@ Rules (each has a hand-computed test in tests/sim/):
 - Compute: every server has one queue that work joins when it *arrives* (a message when its
   last byte is in, the origin's own work when it becomes ready); nothing is booked ahead, so
   a holder fills the time a message spends on the wire with other work.
+- Shared cores (`Cluster.shared_cores`, off by default): servers that are processes on one
+  machine share its cores; a busy server's rate is its speed times min(1, cores / busy
+  servers), re-rated whenever a server starts or finishes a batch.
 - Batching (`SimConstants.batching`, on by default as a batching daemon does): when a server
   becomes free it runs everything waiting as one batch, paying each layer's and each
   expert's fixed cost once (`SimConstants` documents the cost model); off: one item at a time.
@@ -26,8 +29,10 @@ Transports:
 - ``per-server`` (ours): one message per destination server per step, carrying each token's
   hidden state once; the holder runs all of that token's experts it holds and returns one
   weighted sum per token.
-- ``per-expert`` (the paper's system): one call per (token, expert) in decode, one per expert
-  carrying its tokens in prefill; each call is its own message, paying `message_s`.
+- ``per-expert`` (the paper's system): one call per (token, expert), in prefill as in decode
+  (as the daemon's per-expert transport makes them: a 44-token prompt is hundreds of calls);
+  each call is its own message, paying `message_s` at the holder and `caller_message_s` at
+  the caller.
 
 Constants come in as `SimConstants`; from `edgemoe.placement` only the `Placement` data type is
 used (a test checks the imports).
@@ -59,6 +64,10 @@ class Cluster:
     activation_bytes: int = 2
     nic_egress_bps: np.ndarray | None = None  # [S]
     nic_ingress_bps: np.ndarray | None = None  # [S]
+    # None: every server has its own processor. A number: the servers are processes on one
+    # machine with that many cores (a namespace testbed): while more servers are busy than
+    # there are cores, each runs at speed * cores / busy (processor sharing); fewer, at speed.
+    shared_cores: float | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,12 @@ class SimResult:
     migration_bytes: int = 0
     per_server_latency_s: dict[int, float] = field(default_factory=dict)
     switched_at_s: float | None = None
+    # per request, arrival to the end of its prefill step (its first token): with the
+    # latency, splits a request into prefill and decode as a testbed measures it
+    first_token_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    # per server, the compute seconds it was charged (at speed 1.0): what a testbed's CPU
+    # seconds per node measure
+    work_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     @property
     def mean_s(self) -> float:
@@ -226,6 +241,28 @@ def simulate(cluster: Cluster, placement: Placement, requests: list[Request], *,
     net = _Net(cluster)
     queue: list[deque] = [deque() for _ in range(S)]
     running: list[list[tuple] | None] = [None] * S
+    work = [0.0] * S
+    cores = cluster.shared_cores
+    if cores is not None and not cores > 0:
+        raise ValueError(f"shared_cores must be > 0, got {cores}")
+    # shared cores: per busy server its work left, when that was counted, its rate, and the
+    # version of its pending _EV_FREE (an older one is stale after a re-rate)
+    left = [0.0] * S
+    since = [0.0] * S
+    rate = [0.0] * S
+    version_of = [0] * S
+    busy: set[int] = set()
+
+    def rerate(t: float) -> None:
+        share = min(1.0, cores / len(busy)) if busy else 1.0  # type: ignore[operator]
+        for srv in busy:
+            left[srv] = max(left[srv] - (t - since[srv]) * rate[srv], 0.0)
+            since[srv] = t
+            new = speed[srv] * share
+            if new != rate[srv]:
+                rate[srv] = new
+                version_of[srv] += 1
+                push(t + left[srv] / new, _EV_FREE, srv, version_of[srv])
     heap: list[tuple[float, int, int, int, object]] = []
     seq = 0
 
@@ -247,7 +284,14 @@ def simulate(cluster: Cluster, placement: Placement, requests: list[Request], *,
         else:
             batch = [q.popleft()]
         running[srv] = batch
-        push(t + _batch_cost(batch, c) / speed[srv], _EV_FREE, srv)
+        cost = _batch_cost(batch, c)
+        work[srv] += cost
+        if cores is None:
+            push(t + cost / speed[srv], _EV_FREE, srv, 0)
+            return
+        busy.add(srv)
+        left[srv], since[srv], rate[srv] = cost, t, 0.0
+        rerate(t)
 
     n = len(requests)
     prompts = [min(max(int(len(r.expert_ids) * c.prompt_fraction), 1), len(r.expert_ids))
@@ -258,6 +302,7 @@ def simulate(cluster: Cluster, placement: Placement, requests: list[Request], *,
     layer = [0] * n
     pending = [0] * n
     latency = np.zeros(n)
+    first_token = np.zeros(n)
     counters = {"bytes": 0, "local": 0, "total": 0, "migration": 0}
     active = placement
     plan_version = [0] * n
@@ -311,13 +356,13 @@ def simulate(cluster: Cluster, placement: Placement, requests: list[Request], *,
                                              c.message_s, _REMOTE, (i, tok[d] * msg)))
                 waits += 1
             else:
-                for e, rows in experts.items():  # one call per expert, carrying its tokens
-                    out = rows * msg
-                    arrive = net.send(t, s, d, out)
-                    counters["bytes"] += out
-                    push(arrive, _EV_ARRIVE, d, (l, 0, (e,), rows, c.message_s, _REMOTE,
-                                                 (i, out)))
-                    waits += 1
+                for e, rows in experts.items():  # one call per (token, expert), prefill too
+                    for _ in range(rows):
+                        arrive = net.send(t, s, d, msg)
+                        counters["bytes"] += msg
+                        push(arrive, _EV_ARRIVE, d, (l, 0, (e,), 1, c.message_s, _REMOTE,
+                                                     (i, msg)))
+                        waits += 1
         pending[i] = waits
         if waits == 0:
             layer_done(t, i)
@@ -327,7 +372,11 @@ def simulate(cluster: Cluster, placement: Placement, requests: list[Request], *,
         L = r.expert_ids.shape[1]
         if layer[i] + 1 < L:
             layer[i] += 1
-        elif block[i] < len(r.expert_ids) - prompts[i]:
+            dense(t, i)
+            return
+        if block[i] == 0:
+            first_token[i] = t - r.arrival_s
+        if block[i] < len(r.expert_ids) - prompts[i]:
             block[i] += 1
             layer[i] = 0
         else:
@@ -356,6 +405,11 @@ def simulate(cluster: Cluster, placement: Placement, requests: list[Request], *,
         if kind == _EV_STEP:
             dense(t, a)
         elif kind == _EV_FREE:
+            if cores is not None:
+                if b != version_of[a]:
+                    continue  # re-rated since: a later event ends this batch
+                busy.discard(a)
+                rate[a] = 0.0
             batch = running[a]
             assert batch is not None
             running[a] = []  # busy while its continuations run, so they batch together
@@ -373,6 +427,8 @@ def simulate(cluster: Cluster, placement: Placement, requests: list[Request], *,
             running[a] = None
             if queue[a]:
                 start(t, a)
+            elif cores is not None:
+                rerate(t)  # one fewer busy: the others speed up
         elif kind == _EV_ARRIVE:
             enqueue(t, a, b)  # type: ignore[arg-type]
         elif kind == _EV_RETURN:
@@ -404,4 +460,5 @@ def simulate(cluster: Cluster, placement: Placement, requests: list[Request], *,
     by_server = {s: float(latency[servers == s].mean()) for s in range(S)
                  if (servers == s).any()}
     return SimResult(latency, counters["bytes"] + counters["migration"], counters["local"],
-                     counters["total"], counters["migration"], by_server, switched_at)
+                     counters["total"], counters["migration"], by_server, switched_at,
+                     first_token, np.array(work))

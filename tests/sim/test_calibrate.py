@@ -31,3 +31,25 @@ def test_calibrate_writes_measured_constants_that_bench_placement_accepts(tmp_pa
     bad.write_text('{"expert_s": 0.001}')
     res = _cli("bench", "placement", "--constants", str(bad))
     assert res.returncode == 2 and "unknown constants" in res.stderr
+
+
+def test_calibrate_in_thread_cpu_seconds_measures_the_same_kinds_of_work() -> None:
+    # the testbed's calibration: one torch thread, timed by that thread's CPU clock
+    import time
+    from dataclasses import replace
+
+    import torch
+
+    from edgemoe.bench.calibrate import LITE, measure_compute
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        got = measure_compute(replace(LITE, hidden_size=256, expert_width=64), repeat=1,
+                              clock=time.thread_time)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(got) == {"dense_fixed_s", "dense_token_s", "expert_fixed_s", "expert_row_s"}
+    assert got["dense_fixed_s"] + got["dense_token_s"] > 0
+    assert got["expert_fixed_s"] + got["expert_row_s"] > 0
+    assert min(got.values()) >= 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -99,8 +100,11 @@ def test_prefill_runs_the_prompt_as_one_step_then_one_decode_step_per_token() ->
     # back 2 ms + 5 -> 21.5. Each decode step: dense 2, send 1 + 5, run 3.5, back 1 + 5 =
     # 17.5 -> 39 -> 56.5
     assert res.latencies_s[0] == pytest.approx(56.5e-3)
+    assert res.first_token_s[0] == pytest.approx(21.5e-3)  # the prefill's end
     assert res.bytes_between_servers == 2 * 2000 + 2 * 2 * 1000
     assert res.local_share == 0.0
+    # compute charged: server 0 dense 3 + 2 + 2; server 1 (holder) 4.5 + 3.5 + 3.5
+    assert res.work_s.tolist() == pytest.approx([7e-3, 11.5e-3])
 
 
 def test_migration_chunks_share_the_link_with_serving_and_switch_when_landed() -> None:
@@ -159,3 +163,52 @@ def test_a_call_costs_its_caller_compute_when_the_answer_is_back() -> None:
     free = simulate(_cluster(2, 10.0), _placement(holders), [Request(0, 0.0, ids)],
                     constants=SimConstants(**{**c.to_dict(), "caller_message_s": 0.0}))
     assert free.latencies_s[0] == pytest.approx(31.0e-3)
+
+
+def test_servers_on_shared_cores_split_them_while_more_are_busy_than_cores() -> None:
+    # two servers, each its own fully local request: dense 1 ms, expert 2 ms per step;
+    # server 0: prefill only (3 ms of work) from 0; server 1: prefill + 1 decode step
+    # (6 ms) from 1 ms
+    c = SimConstants(dense_fixed_s=1e-3, dense_token_s=0.0, expert_fixed_s=2e-3,
+                     expert_row_s=0.0, message_s=0.0, caller_message_s=0.0, batching=False)
+    holders = np.array([[[True]], [[True]]])
+    reqs = [Request(0, 0.0, np.array([[[0]]])), Request(1, 1e-3, np.array([[[0]], [[0]]]))]
+    own = simulate(_cluster(2, 0.0), _placement(holders), reqs, constants=c)
+    assert own.latencies_s.tolist() == pytest.approx([3e-3, 6e-3])  # a processor each
+    one = dataclasses.replace(_cluster(2, 0.0), shared_cores=1.0)
+    res = simulate(one, _placement(holders), reqs, constants=c)
+    # 0-1 server 0's dense alone; 1-3 both busy at half speed: server 1's dense ends at 3,
+    # server 0's expert has 1 of 2 ms left; 3-5 both at half: server 0 ends at 5 (latency 5),
+    # server 1's expert has 1 ms left, alone from 5: ends at 6; its decode step 6-7-9
+    # (latency 9 - 1 = 8)
+    assert res.latencies_s.tolist() == pytest.approx([5e-3, 8e-3])
+    assert res.work_s.tolist() == pytest.approx([3e-3, 6e-3])  # the same work, shared
+    two = dataclasses.replace(one, shared_cores=2.0)  # as many cores as servers: own speed
+    assert simulate(two, _placement(holders), reqs, constants=c).latencies_s.tolist() == \
+        pytest.approx([3e-3, 6e-3])
+    with pytest.raises(ValueError, match="shared_cores"):
+        simulate(dataclasses.replace(one, shared_cores=0.0), _placement(holders), reqs,
+                 constants=c)
+
+
+def test_per_expert_prefill_makes_one_call_per_token_and_expert() -> None:
+    # a 2-token prompt and one decode step, every token routed to expert 1 on server 1
+    holders = np.array([[[True, False]], [[False, True]]])
+    ids = np.array([[[1]], [[1]], [[1]]])
+    c = dataclasses.replace(C, prompt_fraction=0.7)  # int(3 * 0.7) = 2 prompt tokens
+    req = [Request(0, 0.0, ids)]
+    ours = simulate(_cluster(2, 10.0), _placement(holders), req, constants=c,
+                    transport="per-server")
+    paper = simulate(_cluster(2, 10.0), _placement(holders), req, constants=c,
+                     transport="per-expert")
+    # per-server prefill: one call of 2 hidden states: dense 1, sent 1-3, +5 = 8; 0.5 + 2
+    # -> 10.5; back 2 + 5 -> 17.5
+    assert ours.first_token_s[0] == pytest.approx(17.5e-3)
+    # per-expert prefill: two calls of one row: sent 1-2 and 2-3, land at 7 and 8; the
+    # holder runs 7-9.5 and 9.5-12 (0.5 message + 2 expert each); back 9.5-10.5 and 12-13,
+    # +5 -> 18
+    assert paper.first_token_s[0] == pytest.approx(18e-3)
+    assert ours.bytes_between_servers == paper.bytes_between_servers == 6000
+    # the holder: two messages and two expert runs in prefill, one of each in decode
+    assert paper.work_s[1] == pytest.approx(7.5e-3)
+    assert ours.work_s[1] == pytest.approx(5e-3)
