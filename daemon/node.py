@@ -119,6 +119,7 @@ class Daemon:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._peer_event = asyncio.Event()
         self._stopping = False
+        self._closed = False  # stopping, past the leave: peers get 503 until the port closes
         self._seed_tasks: list[asyncio.Task[Any]] = []
         self._ignored: set[str] = set()
         # Why the node does not serve yet ("" once it does); "failed: ..." ends the process
@@ -171,15 +172,19 @@ class Daemon:
             try:
                 await asyncio.wait_for(self.cluster.leave(), timeout=HANDOVER_TIMEOUT_S + 2.0)
             except (TimeoutError, PeerError) as exc:
-                log.warning("graceful leave incomplete: %s", exc)
+                log.warning("graceful leave incomplete: %s", exc or "timed out")
+        # Stop answering before the cluster state closes: a peer must meet a closed port
+        # (and fail over at once), never a node that answers from a closed database.
+        self._closed = True
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self.cluster is not None:
             await self.cluster.stop()
         if self.discovery is not None:
             await self.discovery.stop()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._runner is not None:
-            await self._runner.cleanup()
         for peer in self.peers.values():
             await peer.client.close()
         if self.expert_service is not None:
@@ -536,10 +541,12 @@ class Daemon:
 
     # ---- cluster ------------------------------------------------------------------------------
     async def on_gossip(self, sender: str, message: Any) -> Any:
-        if self.cluster is None:
-            from edgemoe.daemon.wire import WireError
+        from edgemoe.daemon.wire import WireError
 
+        if self.cluster is None:
             raise WireError("this node is still starting", 503)
+        if self._closed:
+            raise WireError("this node is leaving", 503)
         return await self.cluster.on_message(sender, message)
 
     def cluster_view(self) -> dict[str, Any]:
