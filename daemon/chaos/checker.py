@@ -272,6 +272,10 @@ def check(h: History) -> dict[str, Any]:
                   + check_convergence(h.final) + never + check_disks(h.shards)
                   + check_exits(h.exits) + check_resources(h.resources))  # fmt: skip
     measured = [row["seconds"] for row in heals if row["seconds"] is not None]
+    # the same, less the restarted node's own boot (python, torch, the model): what the
+    # cluster adds once the box is back (the goal is judged on `measured`, boot included)
+    after_boot = [row["seconds"] - (row["boot_s"] or 0.0) for row in heals
+                  if row["seconds"] is not None]  # fmt: skip
     succeeded = sum(r.status == "ok" for r in majority)
     epochs = {int((s.view.get("placement") or {}).get("epoch") or 0)
               for s in [*h.snapshots, *h.final]} - {0}  # fmt: skip
@@ -288,6 +292,8 @@ def check(h: History) -> dict[str, Any]:
         "availability_with_majority": succeeded / len(majority) if majority else None,
         "heal_to_success": heals,
         "worst_heal_to_success_s": max(measured) if measured else None,
+        "worst_heal_to_success_after_boot_s": max(after_boot) if after_boot else None,
+        "boots_s": sorted(round(f.end - f.start, 1) for f in h.faults if f.kind == "boot"),
         "epochs_decided": len(epochs),
         "shards_checked": len(h.shards),
         "violations": violations,
