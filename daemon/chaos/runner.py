@@ -142,6 +142,7 @@ class _Daemons:
         self.asked: set[int] = set()  # pids we ended on purpose
         self.exits: list[Exit] = []
         self.recorded: set[int] = set()  # pids whose exit is in `exits`
+        self.hung_stops: list[tuple[int, int, float]] = []  # (node, pid, t): stop never ended
         self.pools: list[NamespacePool] = [namespace_pool(tb.namespace(i), 4)
                                            for i in range(total)]  # fmt: skip
         survivors = (setting.nodes + 2) // 2  # the nodes left when a minority is down
@@ -175,7 +176,8 @@ class _Daemons:
 
     def start(self, i: int) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEMOE_")}
-        env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+        env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+                   PYTHONFAULTHANDLER="1")
         with (self.workdir / f"node{i}.log").open("ab") as log:
             argv = [sys.executable, "-m", "edgemoe.cli", "daemon", "--config",
                     str(self.workdir / f"node{i}.toml")]  # fmt: skip
@@ -190,11 +192,20 @@ class _Daemons:
             os.kill(p.pid, sig)
 
     def wait_exit(self, i: int, timeout: float = 30.0) -> None:
+        """Wait for a daemon asked to end; one that does not is made to dump every thread's
+        stack into its log (faulthandler, SIGABRT) to show where its stop hung, then killed."""
+        p = self.procs[i]
         try:
-            self.procs[i].wait(timeout)
+            p.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.procs[i].kill()
-            self.procs[i].wait(5)
+            self.asked.add(p.pid)
+            self.hung_stops.append((i, p.pid, self.clock()))
+            os.kill(p.pid, signal.SIGABRT)
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
         self.poll()
 
     def poll(self) -> None:
@@ -533,6 +544,7 @@ class ChaosRun:
         return {"seed": s.seed, "nodes": s.nodes, "duration": s.duration,
                 "schedule": [st.to_dict() for st in schedule], **report,
                 "sockets_at_end": sockets, "resource_samples": self.samples,
+                "stops_that_hung": d.hung_stops,
                 "history": _history_json(history)}  # fmt: skip
 
     def clients_warm(self, i: int) -> None:
