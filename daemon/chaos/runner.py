@@ -39,7 +39,14 @@ from edgemoe.daemon.chaos.checker import (
     check_convergence,
 )
 from edgemoe.daemon.chaos.disks import shard_hashes
-from edgemoe.daemon.chaos.schedule import LOSS, MIGRATION_WAIT_S, SLOW_MBPS, Step, make_schedule
+from edgemoe.daemon.chaos.schedule import (
+    GAP_S,
+    LOSS,
+    MIGRATION_WAIT_S,
+    SLOW_MBPS,
+    Step,
+    make_schedule,
+)
 from edgemoe.daemon.testbed.lifecycle import (
     Testbed,
     check_requirements,
@@ -513,7 +520,10 @@ class ChaosRun:
         monitor.start()
         warm: dict[int, tuple[int, dict[str, int]]] = {}
         for step in schedule:
-            while self.clock() < step.at:
+            # a heal that came late (a leave's slow exit) still gets the schedule's shortest
+            # quiet gap before the next fault: its heal-to-success time is its own
+            healed = max((f.end for f in self.faults if f.kind != "boot"), default=0.0)
+            while self.clock() < max(step.at, healed + GAP_S[0]):
                 time.sleep(0.1)
             if not warm:  # warm-up: the clients' first seconds, before any fault
                 warm = {i: (d.procs[i].pid, _proc_resources(d.procs[i].pid)) for i in nodes}
