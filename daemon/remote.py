@@ -93,6 +93,7 @@ class Router:
         self._make_remote = remote_executor or RemoteExecutor
         self._lock = threading.Lock()
         self._orphans = _OrphanExecutor(self)
+        self._here = _HeldHere(self)
 
     # ---- routing table (written from the event loop, read by model threads) -----------------
     def set_holdings(
@@ -143,7 +144,7 @@ class Router:
 
     def executor_for(self, layer: int, expert: int) -> ExpertExecutor:
         if self.local.holds(layer, expert):
-            return self.local
+            return self._here
         alive = self.holders(layer, expert)
         if alive:
             return self.remote(alive[0])
@@ -292,6 +293,36 @@ class RemoteExecutor:
     ) -> Future[torch.Tensor]:
         coro = self.router.compute(layer, hidden, expert_ids, weights, self.node_id)
         return asyncio.run_coroutine_threadsafe(coro, self.router.loop)
+
+
+class _HeldHere:
+    """The held experts, as routing hands them to the model thread: computed in its thread;
+    one dropped since it was routed here (a migration between the routing and the compute)
+    is computed the failover's way, loaded again and pinned, instead of failing the step."""
+
+    is_local = True
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def forward(
+        self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        try:
+            return self.router.local.forward(layer, hidden, expert_ids, weights)
+        except ModelError:  # not held any more
+            coro = self.router.compute(layer, hidden, expert_ids, weights, None)
+            return asyncio.run_coroutine_threadsafe(coro, self.router.loop).result()
+
+    def submit(
+        self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> Future[torch.Tensor]:
+        future: Future[torch.Tensor] = Future()
+        try:
+            future.set_result(self.forward(layer, hidden, expert_ids, weights))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
 
 
 class _OrphanExecutor:

@@ -169,7 +169,7 @@ class _Daemons:
                 cluster_id=self.cluster_id, state_dir=str(state),
                 model_dir=str(model) if model else None, host=tb.address(i), port=PORT,
                 interface=[tb.address(i)], capacity=self.capacity, device="cpu",
-                log_level="warning")  # fmt: skip
+                log_level="info")  # fmt: skip
             (workdir / f"node{i}.toml").write_text(
                 "".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items() if v is not None))
 

@@ -144,3 +144,33 @@ def test_an_expert_fetched_to_run_here_survives_a_concurrent_drop(tiny: TinyMode
     out = asyncio.run(run())
     assert sorted(dropped) == [(0, 0), (0, 1), (0, 2), (0, 3)]
     assert torch.allclose(out, full.forward(0, hidden, ids, weights), atol=1e-6)
+
+
+def test_an_expert_dropped_between_routing_and_compute_is_computed_anyway(
+    tiny: TinyModel,
+) -> None:
+    """The model thread asks the router for an expert's executor, a migration drops the
+    expert, then the model thread computes: the step must not fail with 'not held here'."""
+    manifest = Manifest.load(tiny.shard_dir)
+    local = LocalExperts(tiny.shard_dir)
+    local.load(1, 2)
+    full = LocalExperts(tiny.shard_dir).load_all()
+    torch.manual_seed(1)
+    hidden = torch.randn(3, manifest.hidden_size)
+    ids = torch.tensor([[2, -1], [2, -1], [-1, 2]])
+    weights = torch.rand(3, 2)
+
+    async def fetch_and_load(layer: int, expert: int) -> None:
+        await asyncio.to_thread(local.load, layer, expert)
+
+    async def run() -> torch.Tensor:
+        router = Router("me", local, _NoPeers(), asyncio.get_running_loop(), DaemonMetrics(),
+                        fetch_and_load)  # fmt: skip
+        executor = router.executor_for(1, 2)  # held here: computed in the model thread
+        local.drop(1, 2)  # the migration's drop lands in between
+        # the model thread is not the event loop's: it blocks on the failover's future
+        return await asyncio.to_thread(
+            lambda: executor.submit(1, hidden, ids, weights).result(timeout=60))
+
+    out = asyncio.run(run())
+    assert torch.allclose(out, full.forward(1, hidden, ids, weights), atol=1e-6)
