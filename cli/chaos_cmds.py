@@ -22,8 +22,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"{report['wrong']}, hung {report['hung']}",
         f"availability with a majority connected: "
         f"{'n/a' if avail is None else f'{avail:.1%}'} of {report['with_majority']}; worst "
-        f"heal to first success {_secs(worst)} ({_secs(after)} less the restarted node's "
-        f"boot; boots {report.get('boots_s', [])} s); epochs decided "
+        f"heal to first success {_secs(worst)} ({_secs(after)} less the node's own downtime "
+        f"after the heal; boots {report.get('boots_s', [])} s); epochs decided "
         f"{report['epochs_decided']}; shards checked {report['shards_checked']}",
     ]
     internal = report["internal_errors"]

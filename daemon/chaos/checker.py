@@ -237,8 +237,8 @@ def check_resources(resources: Iterable[Resources]) -> list[str]:
 def heal_times(h: History) -> list[dict[str, Any]]:
     """Per heal and node: seconds from the heal to the node's first success after it (None
     when none came before the run ended); `boot_s`: the node's own restart until ready, when
-    the heal restarted it (python, torch and the model load); `boot_left_s`: how much of a
-    boot of the node (this heal's or an earlier one) was still to come at the heal."""
+    the heal restarted it (python, torch and the model load); `boot_left_s`: how long the node
+    stayed down after the heal (a boot still under way, or another fault of the step)."""
     rows = []
     for f in h.faults:
         if f.kind == "boot":
@@ -248,8 +248,9 @@ def heal_times(h: History) -> list[dict[str, Any]]:
                   and r.start >= f.end and r.end is not None]  # fmt: skip
             boots = [b.end - b.start for b in h.faults if b.kind == "boot" and b.step == f.step
                      and node in b.nodes]  # fmt: skip
-            # the node's own boot still under way at this heal (its restart, or an earlier one)
-            left = [b.end - f.end for b in h.faults if b.kind == "boot" and node in b.nodes
+            # the node still down at this heal: booting (its restart, or an earlier one), or
+            # held by another fault of the same step (a pause healed after a slow link)
+            left = [b.end - f.end for b in h.faults if b.kind in NODE_DOWN and node in b.nodes
                     and b.start <= f.end < b.end]  # fmt: skip
             rows.append({"step": f.step, "kind": f.kind, "node": node,
                          "seconds": min(ok) - f.end if ok else None,
@@ -277,8 +278,9 @@ def check(h: History) -> dict[str, Any]:
                   + check_convergence(h.final) + never + check_disks(h.shards)
                   + check_exits(h.exits) + check_resources(h.resources))  # fmt: skip
     measured = [row["seconds"] for row in heals if row["seconds"] is not None]
-    # the same, less the restarted node's own boot (python, torch, the model): what the
-    # cluster adds once the box is back (the goal is judged on `measured`, boot included)
+    # the same, less the time the node itself stayed down after the heal (its boot: python,
+    # torch, the model; or another fault of the step): what the cluster adds once the box is
+    # back (the goal is judged on `measured`, boot included)
     after_boot = [row["seconds"] - row["boot_left_s"] for row in heals
                   if row["seconds"] is not None]  # fmt: skip
     succeeded = sum(r.status == "ok" for r in majority)

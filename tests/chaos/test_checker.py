@@ -74,6 +74,24 @@ def test_heal_time_counts_a_restarted_nodes_boot_and_is_also_given_without_it() 
     assert report["boots_s"] == [11.0]
 
 
+def test_a_heal_while_another_fault_still_holds_the_node_counts_that_apart() -> None:
+    """One step: node 1 paused until 24 s, node 0's link slowed until 20 s; node 1 answers at
+    25 s: 5 s after the slow link's heal, of which 4 s it was still frozen."""
+    h = _clean()
+    h.faults = [Fault(step=0, kind="slow", start=10.0, end=20.0, nodes=(0,)),
+                Fault(step=0, kind="pause", start=10.0, end=24.0, nodes=(1,))]  # fmt: skip
+    h.requests = [r for r in h.requests if r.start < 10]
+    for node in (0, 1, 2):
+        h.requests.append(Request(node=node, prompt="hello", max_tokens=4, start=24.5,
+                                  end=25.0, deadline_s=10, status="ok",
+                                  token_ids=tuple(REF["hello"])))  # fmt: skip
+    report = check(h)
+    assert report["worst_heal_to_success_s"] == 5.0
+    assert report["worst_heal_to_success_after_boot_s"] == 5.0  # node 0 after the slow link
+    slow_node1 = [r for r in report["heal_to_success"] if r["kind"] == "slow" and r["node"] == 1]
+    assert slow_node1[0]["seconds"] == 5.0 and slow_node1[0]["boot_left_s"] == 4.0
+
+
 def test_one_wrong_token_once_is_a_violation() -> None:
     h = _clean()
     r = h.requests[7]
