@@ -14,6 +14,7 @@ import typer
 def summary_lines(report: dict[str, Any]) -> list[str]:
     avail = report["availability_with_majority"]
     worst = report["worst_heal_to_success_s"]
+    after = report.get("worst_heal_to_success_after_boot_s")
     lines = [
         f"seed {report['seed']}: {report['nodes']} nodes, {report['duration']:g}s, "
         f"{len(report['schedule'])} steps; requests {report['requests']}, succeeded "
@@ -21,7 +22,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"{report['wrong']}, hung {report['hung']}",
         f"availability with a majority connected: "
         f"{'n/a' if avail is None else f'{avail:.1%}'} of {report['with_majority']}; worst "
-        f"heal to first success {'n/a' if worst is None else f'{worst:.1f}s'}; epochs decided "
+        f"heal to first success {_secs(worst)} ({_secs(after)} less the node's own downtime "
+        f"after the heal; boots {report.get('boots_s', [])} s); epochs decided "
         f"{report['epochs_decided']}; shards checked {report['shards_checked']}",
     ]
     internal = report["internal_errors"]
@@ -32,6 +34,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"VIOLATION (seed {report['seed']}, {_step_of(v, faults)}): {v}")
     lines.append(f"violations: {len(report['violations'])}")
     return lines
+
+
+def _secs(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}s"
 
 
 def _step_of(violation: str, faults: list[dict[str, Any]]) -> str:

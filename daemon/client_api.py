@@ -13,6 +13,10 @@ from loopback peers only, so a reverse proxy on another address cannot lend them
 A generation is admitted only while the node has a free slot (engine.MAX_ADMITTED; else 429 with
 Retry-After) and is cancelled when its client goes away, streamed or not: the connection is
 watched while the answer is computed, and the worker stops at its next token.
+
+No request hangs: a generation that makes no progress (no token) for `STALL_S` is cancelled
+and answered 504, and experts that no peer could compute (`remote.ExpertsUnavailable`, a
+`PeerError`) are a 503 with Retry-After: a peer's failure is never a 500.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -32,6 +37,8 @@ from aiohttp import web
 from edgemoe.daemon import diagnosis
 from edgemoe.daemon.engine import Busy, GenerationParams, GenerationResult
 from edgemoe.daemon.peer_api import DAEMON_KEY, error
+from edgemoe.daemon.peers import PeerError
+from edgemoe.daemon.remote import ExpertsUnavailable
 from edgemoe.daemon.startup import is_loopback
 
 if TYPE_CHECKING:
@@ -49,6 +56,13 @@ BODY_TIMEOUT_S = 30.0
 # How often a generation's connection is checked for a client that went away (seconds); a
 # cancelled generation still runs until the check and then its current token.
 DISCONNECT_POLL_S = 0.1
+# Seconds a generation may go without a new token (the first one included) before it is
+# cancelled and answered 504: every remote call is bounded (remote.CALL_BUDGET_S), so this
+# only ends a step that is stuck for a reason nobody bounded.
+STALL_S = 25.0
+# Failures of peers, not of this node: answered 503 with Retry-After.
+PEER_FAILURES = (ExpertsUnavailable, PeerError)
+UNAVAILABLE_RETRY_S = 1
 
 
 class BadRequest(Exception):
@@ -275,6 +289,11 @@ def _guard(handler=None, *, admin: bool = False):  # type: ignore[no-untyped-def
             return response
         except (web.HTTPException, ConnectionError):  # aiohttp's own answers; client gone
             raise
+        except PEER_FAILURES as exc:
+            status = 503
+            response = error(503, f"peers could not compute this request: {exc}")
+            response.headers["Retry-After"] = str(UNAVAILABLE_RETRY_S)
+            return response
         except Exception as exc:  # one failing request never takes the daemon down
             log.exception("%s failed", handler.__name__)
             return error(500, f"internal error: {type(exc).__name__}: {exc}")
@@ -357,7 +376,7 @@ async def _answer(
 ) -> web.StreamResponse:
     assert d.engine is not None
     if not stream:
-        result = await d.generate(ids, params, cancel)
+        result = await _generate(d, ids, params, cancel)
         if result.finish_reason == "cancelled":  # nobody is left to read an answer
             raise BadRequest("the client closed the connection", 499)
         choice: dict[str, Any] = {
@@ -407,7 +426,7 @@ async def _answer(
     tokens = d.stream(ids, params, done.append, cancel)
     try:
         async with contextlib.aclosing(tokens):  # closing it stops the generation
-            async for tok in tokens:
+            async for tok in _progressing(tokens, cancel):
                 produced.append(tok)
                 text = d.engine.decode(produced)
                 # hold back a trailing replacement char: it may be half of a multi-byte character
@@ -421,6 +440,13 @@ async def _answer(
         await send("", [], done[0].finish_reason if done else "length")
     except ConnectionError:  # the client went away: nothing left to tell it
         return resp
+    except BadRequest as exc:  # stalled: headers are out, the error goes into the stream
+        message = {"error": {"message": str(exc), "code": exc.status}}
+        await resp.write(f"data: {json.dumps(message)}\n\n".encode())
+    except PEER_FAILURES as exc:
+        message = {"error": {"message": f"peers could not compute this request: {exc}",
+                             "code": 503}}  # fmt: skip
+        await resp.write(f"data: {json.dumps(message)}\n\n".encode())
     except Exception as exc:  # headers are out: the failure goes into the stream
         log.exception("streamed generation failed")
         message = {"error": {"message": f"{type(exc).__name__}: {exc}", "code": 500}}
@@ -428,6 +454,34 @@ async def _answer(
     await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()
     return resp
+
+
+async def _progressing(tokens: AsyncIterator[int], cancel: threading.Event
+                       ) -> AsyncIterator[int]:  # fmt: skip
+    """`tokens`, each within STALL_S of the one before (the first of the start); else the
+    generation is cancelled and the request ends with a 504."""
+    while True:
+        try:
+            async with asyncio.timeout(STALL_S):
+                tok = await anext(tokens)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            cancel.set()
+            raise BadRequest(f"the generation made no progress for {STALL_S:g} s (peers "
+                             "unreachable or overloaded); retry", 504) from None  # fmt: skip
+        yield tok
+
+
+async def _generate(d: Daemon, ids: list[int], params: GenerationParams,
+                    cancel: threading.Event) -> GenerationResult:  # fmt: skip
+    """The whole answer, under the same progress deadline as a streamed one."""
+    done: list[GenerationResult] = []
+    tokens = d.stream(ids, params, done.append, cancel)
+    async with contextlib.aclosing(tokens):
+        async for _ in _progressing(tokens, cancel):
+            pass
+    return done[0]
 
 
 @_guard

@@ -71,6 +71,10 @@ HANDOVER_TIMEOUT_S = 10.0
 PENDING_RETRIES = 4  # an operator's epoch request waits at most this many placements
 FETCH_BACKOFF_S = 0.5
 FETCH_BACKOFF_MAX_S = 8.0
+# Seconds a received Accept/Promise waits for its value's placement before it is answered
+# unhandled (a placement takes 15-18 s of wall time on a loaded 2-core box; the proposer
+# resends every consensus_resend)
+SOLVE_WAIT_S = 0.5
 
 
 def _snapshot(payload: Any) -> ActivationSnapshot | None:
@@ -136,14 +140,18 @@ class ClusterDriver:
                 snaps[s.origin] = snap
         return place(self.strategy, self.shape, dict(inputs.members), snaps)
 
-    async def _solve_for(self, value: Any) -> None:
+    async def _solve_for(self, value: Any) -> bool:
         """Compute an incoming value's placement off the loop before the core checks it;
-        a malformed value is left to the core to refuse."""
+        False when it is not ready within SOLVE_WAIT_S (its computation goes on). A
+        malformed value is left to the core to refuse."""
         try:
             inputs = placement_inputs(value.epoch, value.members, value.snapshots)
-            await self.solver.solve(inputs)
+            await asyncio.wait_for(self.solver.solve(inputs), SOLVE_WAIT_S)
+        except TimeoutError:
+            return False
         except Exception:  # the core sees the same inputs and says why
-            return
+            return True
+        return True
 
     async def _request_epoch(self, members: list[str] | None, reason: str) -> None:
         """`core.request_epoch`, waiting (off the loop) for the placement it needs."""
@@ -289,10 +297,12 @@ class ClusterDriver:
         # an Accept's check recomputes its value's placement; so does a Promise's accepted
         # value, which this node proposes again and accepts itself
         value = msg.value if isinstance(msg, Accept) else getattr(msg, "accepted_value", None)
-        if isinstance(msg, Accept | Promise) and value is not None:
-            await self._solve_for(value)
-            if self._left:
-                return {"ok": False}
+        # not ready yet: answer now and let the sender's resend find it computed, rather than
+        # hold the request (every resend would hold one more, and past the peer's in-flight
+        # limit all its calls here, experts and shards, get 429)
+        if (isinstance(msg, Accept | Promise) and value is not None
+                and (not await self._solve_for(value) or self._left)):  # fmt: skip
+            return {"ok": False}
         self.d.metrics.gossip_messages.labels(direction="in").inc()
         try:
             out = self.core.handle(self.now(), msg)

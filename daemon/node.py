@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -47,6 +48,8 @@ VERIFY_PEER_MAX_S = 30.0
 # Seconds between checks of the shards this node holds against what verified (one stat per
 # file while nothing changed): a file damaged on disk is fetched again within about this long.
 SHARD_CHECK_S = 5.0
+# A peer whose call failed this recently is asked for files after the others.
+RECENT_FAILURE_S = 10.0
 
 
 @dataclass
@@ -119,8 +122,10 @@ class Daemon:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._peer_event = asyncio.Event()
         self._stopping = False
+        self._closed = False  # stopping, past the leave: peers get 503 until the port closes
         self._seed_tasks: list[asyncio.Task[Any]] = []
         self._ignored: set[str] = set()
+        self._failed_at: dict[str, float] = {}  # peer -> when a call to it last failed
         # Why the node does not serve yet ("" once it does); "failed: ..." ends the process
         # (`failed` is set; main exits with EXIT_CANNOT_START).
         self.phase = "starting"
@@ -171,15 +176,19 @@ class Daemon:
             try:
                 await asyncio.wait_for(self.cluster.leave(), timeout=HANDOVER_TIMEOUT_S + 2.0)
             except (TimeoutError, PeerError) as exc:
-                log.warning("graceful leave incomplete: %s", exc)
+                log.warning("graceful leave incomplete: %s", str(exc) or "timed out")
+        # Stop answering before the cluster state closes: a peer must meet a closed port
+        # (and fail over at once), never a node that answers from a closed database.
+        self._closed = True
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self.cluster is not None:
             await self.cluster.stop()
         if self.discovery is not None:
             await self.discovery.stop()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._runner is not None:
-            await self._runner.cleanup()
         for peer in self.peers.values():
             await peer.client.close()
         if self.expert_service is not None:
@@ -329,13 +338,17 @@ class Daemon:
         return self.cluster.is_alive(node_id) if self.cluster is not None else True
 
     def report_failure(self, node_id: str) -> None:
+        self._failed_at[node_id] = time.monotonic()
         if self.cluster is not None:
             self.cluster.suspect(node_id)
 
     def sources(self, exclude: str | None = None) -> list[PeerClient]:
-        """Peers to fetch files from: live ones first."""
+        """Peers to fetch files from: live ones first, and among them those whose calls did
+        not fail lately (a frozen or cut-off peer still counts as alive for a while)."""
+        recent = time.monotonic() - RECENT_FAILURE_S
         peers = [p for p in self.peers.values() if p.node_id != exclude and p.trusted]
-        peers.sort(key=lambda p: not self.is_alive(p.node_id))
+        peers.sort(key=lambda p: (not self.is_alive(p.node_id),
+                                  self._failed_at.get(p.node_id, -math.inf) > recent))
         return [p.client for p in peers]
 
     # ---- startup ------------------------------------------------------------------------------
@@ -536,10 +549,12 @@ class Daemon:
 
     # ---- cluster ------------------------------------------------------------------------------
     async def on_gossip(self, sender: str, message: Any) -> Any:
-        if self.cluster is None:
-            from edgemoe.daemon.wire import WireError
+        from edgemoe.daemon.wire import WireError
 
+        if self.cluster is None:
             raise WireError("this node is still starting", 503)
+        if self._closed:
+            raise WireError("this node is leaving", 503)
         return await self.cluster.on_message(sender, message)
 
     def cluster_view(self) -> dict[str, Any]:

@@ -4,6 +4,12 @@ Routing follows announced holdings (`Router.set_holdings`). A remote call runs o
 loop (`asyncio.run_coroutine_threadsafe`) and completes the future the model thread waits
 on. If the peer fails, the rows go to other live holders of their experts; an expert with no
 live holder is fetched from any peer that has its file and computed here.
+
+Failures are bounded: one attempt at a peer gets `attempt_timeout_s` (a frozen box accepts
+the connection and never answers), a peer that failed is passed over for `SHUN_S` while
+another holder exists (membership may take ~20 s to declare it dead), and a whole layer call,
+failovers and fetches included, ends within `call_budget_s` with `ExpertsUnavailable` (the
+client API's 503) rather than blocking the model thread.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Future
 from typing import Protocol
@@ -21,11 +28,25 @@ import torch
 from edgemoe.daemon.metrics import DaemonMetrics
 from edgemoe.daemon.peers import PeerClient, PeerError
 from edgemoe.daemon.rpc import tensor_from_wire, tensor_to_wire
+from edgemoe.daemon.store import CorruptShard
+from edgemoe.model.errors import ModelError
 from edgemoe.model.executor import ExpertExecutor
 from edgemoe.model.local import LocalExperts
 
 log = logging.getLogger(__name__)
 FORWARD_PATH = "/v1/experts/forward"
+# Seconds one layer call may take in all: attempts, failovers to other holders, fetching a
+# shard to compute it here. Past it the step fails with ExpertsUnavailable (a 503).
+CALL_BUDGET_S = 15.0
+# Seconds one attempt at one peer may take before its rows go elsewhere.
+ATTEMPT_TIMEOUT_S = 6.0
+# A peer whose call failed is passed over for this long when another holder is alive.
+SHUN_S = 10.0
+
+
+class ExpertsUnavailable(Exception):
+    """A layer's experts could not be computed in time: every holder failed or did not
+    answer, and their shards could not be fetched here. A peer's failure, not ours."""
 
 
 class PeerBook(Protocol):
@@ -52,6 +73,8 @@ class Router:
         *,
         call_timeout_s: float = 20.0,
         remote_executor: Callable[[Router, str], ExpertExecutor] | None = None,
+        call_budget_s: float = CALL_BUDGET_S,
+        attempt_timeout_s: float = ATTEMPT_TIMEOUT_S,
     ) -> None:
         self.node_id = node_id
         self.local = local
@@ -60,6 +83,9 @@ class Router:
         self.metrics = metrics
         self.fetch_and_load = fetch_and_load
         self.call_timeout_s = call_timeout_s
+        self.call_budget_s = call_budget_s
+        self.attempt_timeout_s = attempt_timeout_s
+        self._shunned: dict[str, float] = {}  # peer -> monotonic time its call failed until
         self._holdings: dict[tuple[int, int], tuple[str, ...]] = {}
         self._preferred: dict[tuple[int, int], str] = {}
         self._remotes: dict[str, ExpertExecutor] = {}
@@ -67,6 +93,7 @@ class Router:
         self._make_remote = remote_executor or RemoteExecutor
         self._lock = threading.Lock()
         self._orphans = _OrphanExecutor(self)
+        self._here = _HeldHere(self)
 
     # ---- routing table (written from the event loop, read by model threads) -----------------
     def set_holdings(
@@ -90,7 +117,23 @@ class Router:
         if first in alive:
             alive.remove(first)
             alive.insert(0, first)
-        return alive
+        return self._unshunned_first(alive)
+
+    def _unshunned_first(self, alive: list[str]) -> list[str]:
+        """Holders whose last call did not fail recently go first (order kept otherwise)."""
+        if not self._shunned:
+            return alive
+        now = time.monotonic()
+        for node, until in list(self._shunned.items()):
+            if until <= now:
+                self._shunned.pop(node, None)
+        return sorted(alive, key=lambda n: n in self._shunned)
+
+    def _failed(self, node_id: str, why: str) -> None:
+        log.warning("expert call to %s failed (%s); trying other holders", node_id, why)
+        self.metrics.remote_failures.labels(peer=node_id).inc()
+        self.peers.report_failure(node_id)
+        self._shunned[node_id] = time.monotonic() + SHUN_S
 
     def remote(self, node_id: str) -> ExpertExecutor:
         with self._lock:
@@ -101,7 +144,7 @@ class Router:
 
     def executor_for(self, layer: int, expert: int) -> ExpertExecutor:
         if self.local.holds(layer, expert):
-            return self.local
+            return self._here
         alive = self.holders(layer, expert)
         if alive:
             return self.remote(alive[0])
@@ -117,14 +160,32 @@ class Router:
         target: str | None,
         failed: frozenset[str] = frozenset(),
     ) -> torch.Tensor:
-        """Rows of `ids` (>= 0 slots) computed by `target`, or by whoever can after failures."""
+        """Rows of `ids` (>= 0 slots) computed by `target`, or by whoever can after failures;
+        within `call_budget_s` in all, else `ExpertsUnavailable`."""
+        try:
+            async with asyncio.timeout(self.call_budget_s):
+                return await self._compute(layer, hidden, ids, weights, target, failed)
+        except TimeoutError:
+            raise ExpertsUnavailable(
+                f"layer {layer}: no holder of its experts answered within "
+                f"{self.call_budget_s:g} s"
+            ) from None
+
+    async def _compute(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        ids: torch.Tensor,
+        weights: torch.Tensor,
+        target: str | None,
+        failed: frozenset[str],
+    ) -> torch.Tensor:
         if target is not None:
             try:
-                return await self._call(target, layer, hidden, ids, weights)
-            except PeerError as exc:
-                log.warning("expert call to %s failed (%s); trying other holders", target, exc)
-                self.metrics.remote_failures.labels(peer=target).inc()
-                self.peers.report_failure(target)
+                async with asyncio.timeout(self.attempt_timeout_s):
+                    return await self._call(target, layer, hidden, ids, weights)
+            except (PeerError, TimeoutError) as exc:
+                self._failed(target, str(exc) or f"no answer in {self.attempt_timeout_s:g} s")
                 failed = failed | {target}
         out = torch.zeros_like(hidden)
         groups: dict[str | None, list[int]] = {}
@@ -137,17 +198,15 @@ class Router:
         parts = []
         for who, experts in groups.items():
             masked = _mask(ids, experts)
-            if who == self.node_id:
-                parts.append(asyncio.to_thread(self.local.forward, layer, hidden, masked, weights))
-            elif who is None:
-                parts.append(self._fetch_then_local(layer, experts, hidden, masked, weights))
+            if who in (self.node_id, None):
+                parts.append(self._run_here(layer, experts, hidden, masked, weights))
             else:
-                parts.append(self.compute(layer, hidden, masked, weights, who, failed))
+                parts.append(self._compute(layer, hidden, masked, weights, who, failed))
         for part in await asyncio.gather(*parts):
             out += part
         return out
 
-    async def _fetch_then_local(
+    async def _run_here(
         self,
         layer: int,
         experts: list[int],
@@ -155,11 +214,21 @@ class Router:
         ids: torch.Tensor,
         weights: torch.Tensor,
     ) -> torch.Tensor:
-        for e in experts:
-            if not self.local.holds(layer, e):
+        """Compute `experts` here, fetching and loading those not held. They stay pinned
+        until computed: a migration dropping one meanwhile cannot fail the call."""
+        with self.local.pinned((layer, e) for e in experts):
+            for e in experts:
+                if self.local.holds(layer, e):
+                    continue
                 log.warning("no live holder of expert %d/%d: fetching it to run here", layer, e)
-                await self.fetch_and_load(layer, e)
-        return await asyncio.to_thread(self.local.forward, layer, hidden, ids, weights)
+                try:
+                    await self.fetch_and_load(layer, e)
+                except (PeerError, CorruptShard, ModelError, OSError) as exc:
+                    raise ExpertsUnavailable(
+                        f"layer {layer} expert {e}: no live holder, and its shard could not "
+                        f"be fetched here ({exc})"
+                    ) from None
+            return await asyncio.to_thread(self.local.forward, layer, hidden, ids, weights)
 
     async def _call(
         self,
@@ -224,6 +293,36 @@ class RemoteExecutor:
     ) -> Future[torch.Tensor]:
         coro = self.router.compute(layer, hidden, expert_ids, weights, self.node_id)
         return asyncio.run_coroutine_threadsafe(coro, self.router.loop)
+
+
+class _HeldHere:
+    """The held experts, as routing hands them to the model thread: computed in its thread;
+    one dropped since it was routed here (a migration between the routing and the compute)
+    is computed the failover's way, loaded again and pinned, instead of failing the step."""
+
+    is_local = True
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def forward(
+        self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        try:
+            return self.router.local.forward(layer, hidden, expert_ids, weights)
+        except ModelError:  # not held any more
+            coro = self.router.compute(layer, hidden, expert_ids, weights, None)
+            return asyncio.run_coroutine_threadsafe(coro, self.router.loop).result()
+
+    def submit(
+        self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> Future[torch.Tensor]:
+        future: Future[torch.Tensor] = Future()
+        try:
+            future.set_result(self.forward(layer, hidden, expert_ids, weights))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
 
 
 class _OrphanExecutor:

@@ -3,8 +3,10 @@ seeded nemesis of `schedule.py`, and `checker.py` over what was recorded.
 
 Reuses the namespace testbed (lifecycle, namespace threads): namespaces are named `emch-*`
 so a chaos run and a testbed run never remove each other's. Partitions are iptables DROP
-rules in the nodes' own namespaces, slow links a tbf qdisc on both ends of a node's link;
-every rule, qdisc and process goes with the namespaces on exit, errors and signals.
+rules in the nodes' own namespaces, lossy links iptables rules dropping a random share of a
+node's packets, slow links a tbf qdisc on both ends of a node's link; each rule is removed
+by its heal, and every rule, qdisc and process goes with the namespaces on exit, errors and
+signals.
 """
 
 from __future__ import annotations
@@ -37,7 +39,14 @@ from edgemoe.daemon.chaos.checker import (
     check_convergence,
 )
 from edgemoe.daemon.chaos.disks import shard_hashes
-from edgemoe.daemon.chaos.schedule import SLOW_MBPS, Step, make_schedule
+from edgemoe.daemon.chaos.schedule import (
+    GAP_S,
+    LOSS,
+    MIGRATION_WAIT_S,
+    SLOW_MBPS,
+    Step,
+    make_schedule,
+)
 from edgemoe.daemon.testbed.lifecycle import (
     Testbed,
     check_requirements,
@@ -59,6 +68,7 @@ START_TIMEOUT_S = 240.0
 SETTLE_TIMEOUT_S = 150.0  # after the last heal: one epoch, every expert held
 FINAL_SUCCESS_TIMEOUT_S = 60.0
 MAX_REQUESTS_PER_NODE = 5000
+SAMPLE_EVERY = 5  # a resource sample of every daemon each this many snapshot rounds
 
 
 def remove_leftovers() -> list[str]:
@@ -139,6 +149,7 @@ class _Daemons:
         self.asked: set[int] = set()  # pids we ended on purpose
         self.exits: list[Exit] = []
         self.recorded: set[int] = set()  # pids whose exit is in `exits`
+        self.hung_stops: list[tuple[int, int, float]] = []  # (node, pid, t): stop never ended
         self.pools: list[NamespacePool] = [namespace_pool(tb.namespace(i), 4)
                                            for i in range(total)]  # fmt: skip
         survivors = (setting.nodes + 2) // 2  # the nodes left when a minority is down
@@ -158,7 +169,7 @@ class _Daemons:
                 cluster_id=self.cluster_id, state_dir=str(state),
                 model_dir=str(model) if model else None, host=tb.address(i), port=PORT,
                 interface=[tb.address(i)], capacity=self.capacity, device="cpu",
-                log_level="warning")  # fmt: skip
+                log_level="info")  # fmt: skip
             (workdir / f"node{i}.toml").write_text(
                 "".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items() if v is not None))
 
@@ -172,7 +183,8 @@ class _Daemons:
 
     def start(self, i: int) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEMOE_")}
-        env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+        env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+                   PYTHONFAULTHANDLER="1")
         with (self.workdir / f"node{i}.log").open("ab") as log:
             argv = [sys.executable, "-m", "edgemoe.cli", "daemon", "--config",
                     str(self.workdir / f"node{i}.toml")]  # fmt: skip
@@ -187,11 +199,20 @@ class _Daemons:
             os.kill(p.pid, sig)
 
     def wait_exit(self, i: int, timeout: float = 30.0) -> None:
+        """Wait for a daemon asked to end; one that does not is made to dump every thread's
+        stack into its log (faulthandler, SIGABRT) to show where its stop hung, then killed."""
+        p = self.procs[i]
         try:
-            self.procs[i].wait(timeout)
+            p.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.procs[i].kill()
-            self.procs[i].wait(5)
+            self.asked.add(p.pid)
+            self.hung_stops.append((i, p.pid, self.clock()))
+            os.kill(p.pid, signal.SIGABRT)
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
         self.poll()
 
     def poll(self) -> None:
@@ -284,6 +305,7 @@ class ChaosRun:
         self.t0 = time.monotonic()
         self.snapshots: list[Snapshot] = []
         self.faults: list[Fault] = []
+        self.samples: list[dict[str, Any]] = []  # resources of each daemon over the run
         self.monitor_stop = threading.Event()
 
     def clock(self) -> float:
@@ -293,16 +315,19 @@ class ChaosRun:
     def _iptables(self, node: int, *args: str) -> None:
         run_command(self.tb.command(node, ["iptables", *args]))
 
-    def _cut(self, cuts: tuple[tuple[int, int], ...]) -> None:
-        for a, b in cuts:
+    def _rules(self, s: Step) -> list[tuple[int, tuple[str, ...]]]:
+        """(node, iptables rule) of a partition's cuts or a lossy link, both directions."""
+        if s.kind == "lossy":
+            drop = ("-m", "statistic", "--mode", "random", "--probability", f"{LOSS}", "-j",
+                    "DROP")  # fmt: skip
+            return [(s.nodes[0], ("INPUT", "-i", NODE_IF, *drop)),
+                    (s.nodes[0], ("OUTPUT", "-o", NODE_IF, *drop))]  # fmt: skip
+        rules = []
+        for a, b in s.cuts:
             for x, y in ((a, b), (b, a)):
-                self._iptables(x, "-A", "INPUT", "-s", self.tb.address(y), "-j", "DROP")
-                self._iptables(x, "-A", "OUTPUT", "-d", self.tb.address(y), "-j", "DROP")
-
-    def _heal_cuts(self) -> None:
-        for i in range(self.setting.nodes + 1):
-            self._iptables(i, "-F", "INPUT")
-            self._iptables(i, "-F", "OUTPUT")
+                rules.append((x, ("INPUT", "-s", self.tb.address(y), "-j", "DROP")))
+                rules.append((x, ("OUTPUT", "-d", self.tb.address(y), "-j", "DROP")))
+        return rules
 
     def _slow(self, node: int, on: bool) -> None:
         spec = self.tb.spec
@@ -313,18 +338,40 @@ class ChaosRun:
             else:
                 run_command(["tc", "-n", ns, "qdisc", "del", "dev", dev, "root"], check=False)
 
+    def _migrating(self) -> bool:
+        return any(int(((self._view(i) or {}).get("migration") or {}).get("pending", 0)) > 0
+                   for i in list(self.d.procs) if self.d.alive(i))  # fmt: skip
+
     def apply(self, s: Step) -> None:
-        d = self.d
-        start = self.clock()
-        self.say(f"[{start:6.1f}s] step {s.step}: {s.kind} nodes {list(s.nodes)} "
-                 f"cuts {len(s.cuts)} for {s.hold:.1f}s")  # fmt: skip
+        """Start every part of the step at once; heal each after its own hold."""
         if s.kind == "join":
+            start = self.clock()
+            self.say(f"[{start:6.1f}s] step {s.step}: join node {s.nodes[0]}")
             self._start(s.nodes[0], s.step)
             self.clients.add(s.nodes[0])
             self.faults.append(Fault(s.step, s.kind, start, start, s.nodes))
             return
-        if s.cuts:
-            self._cut(s.cuts)
+        if s.during == "migration":  # wait (bounded) for a migration to be under way
+            deadline = time.monotonic() + MIGRATION_WAIT_S
+            while time.monotonic() < deadline and not self._migrating():
+                time.sleep(0.2)
+        start = self.clock()
+        for part in s.parts():
+            self.say(f"[{start:6.1f}s] step {s.step}: {part.kind} nodes {list(part.nodes)} "
+                     f"cuts {len(part.cuts)} for {part.hold:.1f}s"
+                     f"{' during a migration' if s.during else ''}")  # fmt: skip
+            self._begin(part)
+        for part in sorted(s.parts(), key=lambda p: p.hold):
+            time.sleep(max(0.0, start + part.hold - self.clock()))
+            self._heal(part)
+            self.faults.append(Fault(s.step, part.kind, start, self.clock(), part.nodes,
+                                     part.cuts))  # fmt: skip
+
+    def _begin(self, s: Step) -> None:
+        d = self.d
+        if s.cuts or s.kind == "lossy":
+            for node, rule in self._rules(s):
+                self._iptables(node, "-A", *rule)
         elif s.kind == "kill":
             d.signal(s.nodes[0], signal.SIGKILL)
         elif s.kind == "pause":
@@ -333,9 +380,12 @@ class ChaosRun:
             d.signal(s.nodes[0], signal.SIGTERM)
         elif s.kind == "slow":
             self._slow(s.nodes[0], True)
-        time.sleep(s.hold)
-        if s.cuts:
-            self._heal_cuts()
+
+    def _heal(self, s: Step) -> None:
+        d = self.d
+        if s.cuts or s.kind == "lossy":
+            for node, rule in self._rules(s):
+                self._iptables(node, "-D", *rule)
         elif s.kind in ("kill", "leave"):
             d.wait_exit(s.nodes[0])
             self._start(s.nodes[0], s.step)
@@ -343,7 +393,6 @@ class ChaosRun:
             d.signal(s.nodes[0], signal.SIGCONT)
         elif s.kind == "slow":
             self._slow(s.nodes[0], False)
-        self.faults.append(Fault(s.step, s.kind, start, self.clock(), s.nodes, s.cuts))
 
     def _start(self, node: int, step: int) -> None:
         """(Re)start a daemon; its boot, until /healthz says ready, is recorded as a "boot"
@@ -370,11 +419,40 @@ class ChaosRun:
             return None
 
     def _monitor(self) -> None:
+        n = 0
         while not self.monitor_stop.wait(SNAPSHOT_EVERY_S):
             self.d.poll()
+            n += 1
             for i in list(self.d.procs):
                 if self.d.alive(i) and (v := self._view(i)) is not None:
                     self.snapshots.append(Snapshot(self.clock(), i, v))
+                if n % SAMPLE_EVERY == 0 and self.d.alive(i):
+                    self.samples.append({"t": round(self.clock(), 1), "node": i,
+                                         "pid": self.d.procs[i].pid,
+                                         **_proc_resources(self.d.procs[i].pid)})  # fmt: skip
+
+    def _socket_states(self) -> dict[int, dict[str, Any]]:
+        """Per live node, its TCP sockets by state and by the other end's role (a peer's
+        daemon port, a client of ours, or an outgoing call's local end): where growth went."""
+        out: dict[int, dict[str, Any]] = {}
+        for i in list(self.d.procs):
+            if not self.d.alive(i):
+                continue
+            done = run_command(self.tb.command(i, ["ss", "-tanH"]), check=False)
+            states: dict[str, int] = {}
+            peers: dict[str, int] = {}
+            for line in done.stdout.splitlines():
+                cols = line.split()
+                if len(cols) < 5:
+                    continue
+                states[cols[0]] = states.get(cols[0], 0) + 1
+                local, remote = cols[3], cols[4]
+                role = ("to a peer" if remote.endswith(f":{PORT}") else
+                        "from a peer or client" if local.endswith(f":{PORT}") else "other")
+                key = f"{cols[0]} {role}"
+                peers[key] = peers.get(key, 0) + 1
+            out[i] = {"states": states, "by_role": peers}
+        return out
 
     def _converged(self, nodes: list[int]) -> list[Snapshot] | None:
         views = {i: self._view(i) for i in nodes}
@@ -442,7 +520,10 @@ class ChaosRun:
         monitor.start()
         warm: dict[int, tuple[int, dict[str, int]]] = {}
         for step in schedule:
-            while self.clock() < step.at:
+            # a heal that came late (a leave's slow exit) still gets the schedule's shortest
+            # quiet gap before the next fault: its heal-to-success time is its own
+            healed = max((f.end for f in self.faults if f.kind != "boot"), default=0.0)
+            while self.clock() < max(step.at, healed + GAP_S[0]):
                 time.sleep(0.1)
             if not warm:  # warm-up: the clients' first seconds, before any fault
                 warm = {i: (d.procs[i].pid, _proc_resources(d.procs[i].pid)) for i in nodes}
@@ -461,6 +542,7 @@ class ChaosRun:
         d.poll()
         resources = [Resources(i, w, _proc_resources(pid)) for i, (pid, w) in warm.items()
                      if d.alive(i) and d.procs[i].pid == pid]  # fmt: skip
+        sockets = self._socket_states()
         end = self.clock()
         d.stop_all()
         shards_seen = [h for i in d.procs for h in shard_hashes(i, d.stores[i])]
@@ -471,6 +553,8 @@ class ChaosRun:
         report = check(history)
         return {"seed": s.seed, "nodes": s.nodes, "duration": s.duration,
                 "schedule": [st.to_dict() for st in schedule], **report,
+                "sockets_at_end": sockets, "resource_samples": self.samples,
+                "stops_that_hung": d.hung_stops,
                 "history": _history_json(history)}  # fmt: skip
 
     def clients_warm(self, i: int) -> None:

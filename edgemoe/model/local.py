@@ -12,8 +12,11 @@ the library's kernels does `expert_dtype="native"` keep them quantized (see `qua
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -105,6 +108,7 @@ class LocalExperts:
         self._weights: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self._cache: dict[int, _LayerCache] = {}
         self._lock = threading.RLock()
+        self._pins: Counter[tuple[int, int]] = Counter()
 
     def __hash__(self) -> int:
         return id(self)
@@ -167,10 +171,29 @@ class LocalExperts:
                 self.load(layer, expert)
         return self
 
-    def drop(self, layer: int, expert: int) -> None:
+    def drop(self, layer: int, expert: int) -> bool:
+        """Free an expert; False (kept) while a call has it pinned: whoever dropped it no
+        longer counts on it, and the daemon frees such strays later."""
         with self._lock:
+            if self._pins[(layer, expert)]:
+                return False
             self._weights.pop((layer, expert), None)
             self._cache.pop(layer, None)
+            return True
+
+    @contextlib.contextmanager
+    def pinned(self, keys: Iterable[tuple[int, int]]) -> Iterator[None]:
+        """While inside, `drop` leaves these experts held: a call that loaded an expert to
+        compute it here cannot lose it to a concurrent migration before it runs."""
+        keys = list(keys)
+        with self._lock:
+            self._pins.update(keys)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._pins.subtract(keys)
+                self._pins = +self._pins
 
     def holds(self, layer: int, expert: int) -> bool:
         with self._lock:

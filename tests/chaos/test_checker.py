@@ -60,6 +60,38 @@ def test_a_clean_history_has_no_violations_and_counts_everything() -> None:
     assert report["epochs_decided"] == 1
 
 
+def test_heal_time_counts_a_restarted_nodes_boot_and_is_also_given_without_it() -> None:
+    """A kill of node 1 healed (restarted) at 20 s; it boots until 31 s and answers at 32.5 s."""
+    h = _clean()
+    h.faults = [Fault(step=0, kind="kill", start=10.0, end=20.0, nodes=(1,)),
+                Fault(step=0, kind="boot", start=20.0, end=31.0, nodes=(1,))]  # fmt: skip
+    h.requests = [r for r in h.requests if r.node != 1 or r.start < 10]
+    h.requests.append(Request(node=1, prompt="hello", max_tokens=4, start=31.5, end=32.5,
+                              deadline_s=10, status="ok", token_ids=tuple(REF["hello"])))
+    report = check(h)
+    assert report["worst_heal_to_success_s"] == 12.5
+    assert report["worst_heal_to_success_after_boot_s"] == 6.0  # node 0 and 2: 25 + 1 - 20
+    assert report["boots_s"] == [11.0]
+
+
+def test_a_heal_while_another_fault_still_holds_the_node_counts_that_apart() -> None:
+    """One step: node 1 paused until 24 s, node 0's link slowed until 20 s; node 1 answers at
+    25 s: 5 s after the slow link's heal, of which 4 s it was still frozen."""
+    h = _clean()
+    h.faults = [Fault(step=0, kind="slow", start=10.0, end=20.0, nodes=(0,)),
+                Fault(step=0, kind="pause", start=10.0, end=24.0, nodes=(1,))]  # fmt: skip
+    h.requests = [r for r in h.requests if r.start < 10]
+    for node in (0, 1, 2):
+        h.requests.append(Request(node=node, prompt="hello", max_tokens=4, start=24.5,
+                                  end=25.0, deadline_s=10, status="ok",
+                                  token_ids=tuple(REF["hello"])))  # fmt: skip
+    report = check(h)
+    assert report["worst_heal_to_success_s"] == 5.0
+    assert report["worst_heal_to_success_after_boot_s"] == 5.0  # node 0 after the slow link
+    slow_node1 = [r for r in report["heal_to_success"] if r["kind"] == "slow" and r["node"] == 1]
+    assert slow_node1[0]["seconds"] == 5.0 and slow_node1[0]["boot_left_s"] == 4.0
+
+
 def test_one_wrong_token_once_is_a_violation() -> None:
     h = _clean()
     r = h.requests[7]
