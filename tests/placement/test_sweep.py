@@ -26,6 +26,7 @@ REDUCED = Grid(networks=((20.0, 20.0), (10000.0, 0.1)), memory=(1.2,), capacitie
 
 
 @pytest.mark.skipif(not TRACE.is_file(), reason=f"{TRACE} not present")
+@pytest.mark.timeout(900)  # ~70 s of CPU (12 runs); a shared 2-core box took 5 min wall
 def test_edgemoe_is_never_worse_than_the_best_baseline_on_a_reduced_grid() -> None:
     for cell in REDUCED.cells():
         row = run_cell(cell, REDUCED, SimConstants(), str(TRACE))
