@@ -157,8 +157,49 @@ def _constants(path: Path | None) -> Any:
         raise _fail(str(exc)) from None
 
 
+def _bounded_sweep(grid: Any, consts: Any, trace: str, minutes: float, progress: Any,
+                   json_out: Path | None) -> dict[str, Any]:
+    """The grid's settings in a seeded shuffled order (a partial run then samples every axis,
+    not the first network only), each with all its loads, until `minutes` have passed; the
+    document (`sweep`'s, with what was done) is rewritten after each setting."""
+    import time
+
+    import numpy as np
+
+    from edgemoe.bench.sweep import METRICS, label, run_cell
+
+    t0 = time.monotonic()
+    cells = grid.cells()
+    settings: dict[tuple, list[dict[str, Any]]] = {}
+    for cell in cells:
+        settings.setdefault(tuple(v for k, v in sorted(cell.items()) if k != "load"),
+                            []).append(cell)
+    order = np.random.default_rng(0).permutation(len(settings))
+    groups = list(settings.values())
+    rows: list[dict[str, Any]] = []
+    doc: dict[str, Any] = {}
+    for n, g in enumerate(order):
+        if time.monotonic() - t0 > minutes * 60:
+            break
+        solved: dict[int, dict[str, Any]] = {}
+        for cell in groups[int(g)]:
+            rows.append(run_cell(cell, grid, consts, trace, solved))
+            progress(len(rows), len(cells), rows[-1])
+        worst = {m: max(rows, key=lambda r, m=m: r["ratios"][m]["ratio"]) for m in METRICS}
+        doc = {"grid": dict(grid.__dict__), "constants": consts.to_dict(), "cells": rows,
+               "worst": {m: {"ratio": w["ratios"][m]["ratio"], "cell": label(w)}
+                         for m, w in worst.items()},
+               "done": {"cells": len(rows), "of": len(cells), "settings": n + 1,
+                        "elapsed_s": time.monotonic() - t0, "budget_min": minutes}}
+        if json_out:
+            json_out.write_text(json.dumps(doc, indent=2))
+    return doc
+
+
 def _run_sweep(quick: bool, consts: Any, trace: Path | None, json_out: Path | None,
-               plot: Path | None) -> None:
+               plot: Path | None, minutes: float = 0.0, budget_of: str = "") -> None:
+    from dataclasses import replace
+
     from rich.console import Console
 
     from edgemoe.bench.sweep import METRICS, QUICK, Grid, label, sweep
@@ -177,11 +218,22 @@ def _run_sweep(quick: bool, consts: Any, trace: Path | None, json_out: Path | No
             + f"; system {row.get('system_mean', float('nan')):.3f}"
             + f"; picked {','.join(sorted(set(row['chosen'])))}")
 
+    grid = QUICK if quick else Grid()
+    if budget_of == "quick":  # the full grid's axes at the quick grid's per-run budget
+        grid = replace(grid, max_requests=QUICK.max_requests, max_tokens=QUICK.max_tokens,
+                       max_samples=QUICK.max_samples)
     try:
-        doc = sweep(QUICK if quick else Grid(), consts, path, progress)
+        doc = (_bounded_sweep(grid, consts, path, minutes, progress, json_out) if minutes
+               else sweep(grid, consts, path, progress))
     except (TraceError, ValueError) as exc:
         raise _fail(str(exc)) from None
+    if not doc:
+        raise _fail("--minutes ran out before the first setting")
     _sweep_table(doc, console)
+    if "done" in doc:
+        d = doc["done"]
+        console.print(f"partial: {d['cells']} of {d['of']} cells ({d['settings']} settings) in "
+                      f"{d['elapsed_s']:.0f} s")
     if json_out:
         json_out.write_text(json.dumps(doc, indent=2))
     if plot:
@@ -321,11 +373,19 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         max_tokens: Annotated[int, typer.Option(help="per request, its first (0: all)")] = 0,
         judge: Annotated[bool, typer.Option(
             help="edgemoe picks among candidates on the simulated profile window")] = True,
+        minutes: Annotated[float, typer.Option(
+            help="--sweep: stop starting settings after this long (0: the whole grid); "
+            "settings then run in a seeded shuffled order")] = 0.0,
+        budget: Annotated[str, typer.Option(
+            help="--sweep per-run budget: grid (its own) or quick (the --quick grid's)")] = "grid",
     ) -> None:
         """Every strategy on one scenario and seed; ratios to eplb and dancemoe."""
         consts = _constants(constants)
         if sweep or quick:
-            _run_sweep(quick, consts, trace, json_out, plot)
+            if minutes < 0 or budget not in ("grid", "quick"):
+                raise _fail("--minutes must not be negative; --budget is grid or quick")
+            _run_sweep(quick, consts, trace, json_out, plot, minutes,
+                       "quick" if budget == "quick" else "")
             return
         from dataclasses import replace
 

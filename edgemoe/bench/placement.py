@@ -8,7 +8,8 @@ replayed through the simulator. Plain strategy names use our per-server transpor
 Load is a share of each server's saturating rate, defined from work no strategy can change:
 a request's dense and expert compute with every expert local and no batching
 (`request_work_s`), so 1.0 keeps a server's compute busy all the time even before any
-remote call. `edgemoe` may pick among candidate placements by simulating the profiling
+remote call. `edgemoe` may pick among candidate placements (its own, `balanced`, the
+`spread` variants and the baselines' own placements) by simulating draws of the profiling
 window (never the test window): the simulator reaches it as an injected judge
 (`profile_judge`), so edgemoe.placement never imports edgemoe.sim.
 """
@@ -42,7 +43,8 @@ from edgemoe.stats.synthetic import synthetic_streams
 from edgemoe.stats.traces import Stream, default_trace_path, load_stream
 
 HEURISTICS = ("uniform", "layers", "eplb", "dancemoe", "edgemoe")
-JUDGE_SCREEN = 1.10  # the judge's first draw keeps candidates this close to the best
+JUDGE_SCREEN = 1.10  # the judge's first draws keep candidates this close to the best
+JUDGE_SCREEN_DRAWS = 1  # draws every candidate runs before the screen
 DRIFT_THRESHOLD = 0.15  # the daemon's default (daemon.config.DEFAULT_DRIFT_THRESHOLD)
 Judge = Callable[[list[Placement]], list[float]]
 
@@ -68,8 +70,8 @@ class Scenario:
     max_requests: int = 0  # per stream and window (0: all); keeps sweeps affordable
     max_tokens: int = 0  # per request, its first tokens (0: all)
     judge: bool = True  # edgemoe picks among its candidates on the simulated profile window
-    judge_requests: int = 0  # profile requests per stream the judge replays (0: 2 x max)
-    judge_seeds: int = 3  # arrival draws the judge pools (its choice is less of a gamble)
+    judge_requests: int = 0  # requests per stream in each judge draw (0: the test window's)
+    judge_seeds: int = 4  # profile-window draws the judge averages over (fewer: more a gamble)
     half_life_s: float = 300.0  # the recorder's: what the daemon's statistics decay with
     max_samples: int = 50_000  # co-activation sample rows per server
     drift: dict[int, str] = field(default_factory=dict)  # server -> stream it switches to
@@ -213,34 +215,53 @@ def make_cluster(sc: Scenario, problem: Problem) -> Cluster:
                    problem.hidden_size, nic_egress_bps=nic, nic_ingress_bps=nic)
 
 
-def _scores(pooled: list[np.ndarray]) -> np.ndarray:
-    """Per candidate, the worse of its mean and p99 latency over the best candidate's."""
-    mean = np.array([x.mean() for x in pooled])
-    p99 = np.array([np.percentile(x, 99) for x in pooled])
-    return np.maximum(mean / max(mean.min(), 1e-12), p99 / max(p99.min(), 1e-12))
+def profile_draws(pool: list[list[np.ndarray]], sizes: list[int], rates: np.ndarray,
+                  seed: int, n: int) -> list[list[Request]]:
+    """`n` request sets shaped like the test window, from the profiling window only: per
+    server `sizes[s]` of its profiling requests picked at random (with replacement only where
+    the window is smaller), on fresh Poisson arrivals."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        picked = [[reqs[j] for j in rng.choice(len(reqs), size, replace=size > len(reqs))]
+                  for reqs, size in zip(pool, sizes, strict=True)]
+        out.append(poisson_requests(picked, rates, seed + 1 + k))
+    return out
+
+
+def draw_scores(mean: np.ndarray, p99: np.ndarray) -> np.ndarray:
+    """float [candidates]: per draw, the worse of a candidate's mean and p99 over the best
+    candidate's in that draw, averaged over the draws ([candidates, draws] in)."""
+    r = np.maximum(mean / np.maximum(mean.min(0), 1e-12), p99 / np.maximum(p99.min(0), 1e-12))
+    return r.mean(1)
 
 
 def profile_judge(cluster: Cluster, draws: list[list[Request]], c: SimConstants,
-                  transport: str = "per-server", screen: float = JUDGE_SCREEN) -> Judge:
-    """A judge for `LatencyAware`: simulate each candidate on the profiling window, one run
-    per arrival draw, and score it on all its draws' latencies pooled (a pooled p99 is far
-    steadier than a mean of few-request p99s): the worse of its mean and p99 over the best
-    candidate's, lower is better. After the first draw only candidates within `screen` of the
-    best stay in (the others score inf): the later draws are spent where the choice is close.
+                  transport: str = "per-server", screen: float = JUDGE_SCREEN,
+                  screen_draws: int = JUDGE_SCREEN_DRAWS) -> Judge:
+    """A judge for `LatencyAware`: simulate each candidate on every draw (`profile_draws`)
+    and score it by what a benchmark cell measures, its ratio to the best in the same draw
+    (the worse of mean and p99: a draw's p99 is its slowest requests, as in the test
+    window), averaged over the draws; lower is better. A pooled mean hides how often a
+    candidate loses a draw; this average counts each loss. After `screen_draws` draws only
+    candidates within `screen` of the best stay in (the others score inf): the later draws
+    are spent where the choice is close.
     """
     def judge(candidates: list[Placement]) -> list[float]:
-        lat: list[list[np.ndarray]] = [[] for _ in candidates]
+        stats: list[list[tuple[float, float]]] = [[] for _ in candidates]
         alive = list(range(len(candidates)))
         scores = np.zeros(len(candidates))
         for k, requests in enumerate(draws):
             for i in alive:
-                res = simulate(cluster, candidates[i], requests, transport=transport,
-                               constants=c)
-                lat[i].append(res.latencies_s)
-            scores = _scores([np.concatenate(lat[i]) for i in alive])
-            if k == 0:
-                alive = [i for i, s in zip(alive, scores, strict=True) if s <= screen]
-                scores = scores[scores <= screen]
+                lat = simulate(cluster, candidates[i], requests, transport=transport,
+                               constants=c).latencies_s
+                stats[i].append((float(lat.mean()), float(np.percentile(lat, 99))))
+            got = np.array([stats[i] for i in alive])  # [alive, draws so far, 2]
+            scores = draw_scores(got[:, :, 0], got[:, :, 1])
+            if k + 1 == screen_draws:
+                keep = scores <= screen
+                alive = [i for i, kept in zip(alive, keep, strict=True) if kept]
+                scores = scores[keep]
         out = [float("inf")] * len(candidates)
         for i, s in zip(alive, scores, strict=True):
             out[i] = float(s)
@@ -288,11 +309,11 @@ def run(sc: Scenario, constants: SimConstants | None = None,
     cluster = make_cluster(sc, problem)
     requests = poisson_requests(reqs, rates, sc.seed)
     judge = None
-    if sc.judge:
-        n = sc.judge_requests or 2 * sc.max_requests
-        seen = _requests(profile, replace(sc, max_requests=n))
-        judge = profile_judge(cluster, [poisson_requests(seen, rates, sc.seed + 1000 + k)
-                                        for k in range(max(sc.judge_seeds, 1))], c)
+    if sc.judge:  # draws shaped like the test window, from the whole profiling window
+        pool = _requests(profile, replace(sc, max_requests=0))
+        sizes = [sc.judge_requests or len(r) for r in reqs]
+        judge = profile_judge(cluster, profile_draws(pool, sizes, rates, sc.seed + 1000,
+                                                     max(sc.judge_seeds, 1)), c)
     replace_s, after, switch_s = None, None, None
     if drifted:  # the drifting server's new task follows its old one in its request list
         for s, st in drifted.items():

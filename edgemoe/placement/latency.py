@@ -111,9 +111,11 @@ class LatencyAware(Moves):
         from edgemoe.placement.eplb import Eplb
         from edgemoe.placement.uniform import Uniform
 
+        lean = spread(problem, spares=False)
+        equal = np.ptp(problem.compute_speed) == 0  # a tilt of equal speeds changes nothing
         return {self.name: own, "balanced": balanced(problem), "spread": spread(problem),
-                "spread-lean": spread(problem, spares=False),
-                "spread-lean-fast": spread(problem, spares=False, tilt=2.0),
+                "spread-lean": lean,
+                "spread-lean-fast": lean if equal else spread(problem, spares=False, tilt=2.0),
                 "spread-lean-memory": spread(problem, spares=False, tilt=None),
                 **{st.name: st.place(problem) for st in (Layers(), Uniform(), Eplb(),
                                                           DanceMoE())}}

@@ -93,3 +93,10 @@ def test_bench_placement_from_flags_writes_every_strategy_with_both_transports(
     assert all(best <= r["objective_s"] + 1e-12 for r in doc["strategies"].values())
     assert "/eplb lat" in res.stdout and "/dancemoe lat" in res.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_sweep_rejects_a_negative_budget_and_an_unknown_per_run_budget() -> None:
+    res = _cli("bench", "placement", "--sweep", "--minutes", "-1")
+    assert res.returncode == 2 and "--minutes must not be negative" in res.stderr
+    res = _cli("bench", "placement", "--sweep", "--minutes", "1", "--budget", "tiny")
+    assert res.returncode == 2 and "--budget is grid or quick" in res.stderr
