@@ -20,7 +20,7 @@ from edgemoe.placement.instances import random_problem
 HEURISTICS = ["uniform", "layers", "eplb", "dancemoe", "edgemoe"]
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 10_000), S=st.integers(1, 5), L=st.integers(1, 4),
        E=st.integers(2, 10), K=st.integers(1, 4), ratio=st.floats(1.0, 2.5),
        hetero=st.booleans())
