@@ -30,7 +30,7 @@ from edgemoe.daemon.peers import PeerClient, PeerError
 from edgemoe.daemon.rpc import tensor_from_wire, tensor_to_wire
 from edgemoe.daemon.store import CorruptShard
 from edgemoe.model.errors import ModelError
-from edgemoe.model.executor import ExpertExecutor
+from edgemoe.model.executor import ExpertExecutor, InThreadExecutor
 from edgemoe.model.local import LocalExperts
 
 log = logging.getLogger(__name__)
@@ -295,7 +295,7 @@ class RemoteExecutor:
         return asyncio.run_coroutine_threadsafe(coro, self.router.loop)
 
 
-class _HeldHere:
+class _HeldHere(InThreadExecutor):
     """The held experts, as routing hands them to the model thread: computed in its thread;
     one dropped since it was routed here (a migration between the routing and the compute)
     is computed the failover's way, loaded again and pinned, instead of failing the step."""
@@ -313,16 +313,6 @@ class _HeldHere:
         except ModelError:  # not held any more
             coro = self.router.compute(layer, hidden, expert_ids, weights, None)
             return asyncio.run_coroutine_threadsafe(coro, self.router.loop).result()
-
-    def submit(
-        self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
-    ) -> Future[torch.Tensor]:
-        future: Future[torch.Tensor] = Future()
-        try:
-            future.set_result(self.forward(layer, hidden, expert_ids, weights))
-        except Exception as exc:
-            future.set_exception(exc)
-        return future
 
 
 class _OrphanExecutor:

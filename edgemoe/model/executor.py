@@ -23,6 +23,26 @@ class ExpertExecutor(Protocol):
     ) -> Future[torch.Tensor]: ...
 
 
+class InThreadExecutor:
+    """An executor that computes in the caller's thread: `submit` is `forward` with its result
+    (or its error) in an already completed future."""
+
+    def forward(
+        self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def submit(
+        self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> Future[torch.Tensor]:
+        future: Future[torch.Tensor] = Future()
+        try:
+            future.set_result(self.forward(layer, hidden, expert_ids, weights))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
+
+
 class ExpertDirectory(Protocol):
     """Maps (layer, expert) to the executor that runs it; executors are grouped by identity."""
 

@@ -17,13 +17,13 @@ import copy
 import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from edgemoe.model.errors import ModelError
+from edgemoe.model.executor import InThreadExecutor
 from edgemoe.model.families import build_model, experts_modules
 from edgemoe.model.manifest import Manifest
 from edgemoe.model.quantized import EXPERT_DTYPES, NativeExperts, dequantize_expert
@@ -72,7 +72,7 @@ class _LayerCache:
         )
 
 
-class LocalExperts:
+class LocalExperts(InThreadExecutor):
     """Holds any subset of (layer, expert) in memory; thread-safe load/drop while serving."""
 
     is_local = True
@@ -293,13 +293,3 @@ class LocalExperts:
         n = cached.lookup.numel()
         local = cached.lookup[ids.clamp(0, n - 1)]
         return local if bool(((ids >= 0) & (ids < n) & (local >= 0)).all()) else None
-
-    def submit(
-        self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
-    ) -> Future[torch.Tensor]:
-        future: Future[torch.Tensor] = Future()
-        try:
-            future.set_result(self.forward(layer, hidden, expert_ids, weights))
-        except Exception as exc:
-            future.set_exception(exc)
-        return future
