@@ -224,7 +224,8 @@ class Cluster:
 
 def placed(cluster: Cluster) -> dict | None:
     """The common view once every node agrees on an epoch whose placement is in force: each
-    node announces exactly what it is assigned (new copies loaded, old ones dropped)."""
+    node announces exactly what it is assigned (new copies loaded, old ones dropped), and every
+    node has heard every announcement."""
     views = [n.cluster() for n in cluster.nodes]
     ids = {n.node_id for n in cluster.nodes}
     v = views[0]
@@ -238,7 +239,9 @@ def placed(cluster: Cluster) -> dict | None:
         and set(v["placement"]["holders"]) == held
         and len(held) == v["model"]["num_layers"] * v["model"]["num_experts"]
         and all(v["holdings"].get(i) for i in ids)
-        and all(set(v["holdings"].get(i, [])) == assigned[i] for i in ids)
+        # every node has heard every node's holdings: a node that has not routes the experts
+        # it does not hold to nobody, fetches them and computes them here
+        and all(set(w["holdings"].get(i, [])) == assigned[i] for w in views for i in ids)
         and all(w["migration"]["pending"] == 0 for w in views)
     ):
         return v
