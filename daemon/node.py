@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -48,8 +47,6 @@ VERIFY_PEER_MAX_S = 30.0
 # Seconds between checks of the shards this node holds against what verified (one stat per
 # file while nothing changed): a file damaged on disk is fetched again within about this long.
 SHARD_CHECK_S = 5.0
-# A peer whose call failed this recently is asked for files after the others.
-RECENT_FAILURE_S = 10.0
 
 
 @dataclass
@@ -125,7 +122,6 @@ class Daemon:
         self._closed = False  # stopping, past the leave: peers get 503 until the port closes
         self._seed_tasks: list[asyncio.Task[Any]] = []
         self._ignored: set[str] = set()
-        self._failed_at: dict[str, float] = {}  # peer -> when a call to it last failed
         # Why the node does not serve yet ("" once it does); "failed: ..." ends the process
         # (`failed` is set; main exits with EXIT_CANNOT_START).
         self.phase = "starting"
@@ -338,17 +334,16 @@ class Daemon:
         return self.cluster.is_alive(node_id) if self.cluster is not None else True
 
     def report_failure(self, node_id: str) -> None:
-        self._failed_at[node_id] = time.monotonic()
         if self.cluster is not None:
             self.cluster.suspect(node_id)
 
     def sources(self, exclude: str | None = None) -> list[PeerClient]:
         """Peers to fetch files from: live ones first, and among them those whose calls did
         not fail lately (a frozen or cut-off peer still counts as alive for a while)."""
-        recent = time.monotonic() - RECENT_FAILURE_S
+        router = self.router
         peers = [p for p in self.peers.values() if p.node_id != exclude and p.trusted]
         peers.sort(key=lambda p: (not self.is_alive(p.node_id),
-                                  self._failed_at.get(p.node_id, -math.inf) > recent))
+                                  router is not None and router.failed_lately(p.node_id)))
         return [p.client for p in peers]
 
     # ---- startup ------------------------------------------------------------------------------

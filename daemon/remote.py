@@ -129,6 +129,11 @@ class Router:
                 self._shunned.pop(node, None)
         return sorted(alive, key=lambda n: n in self._shunned)
 
+    def failed_lately(self, node_id: str) -> bool:
+        """A call to this peer failed within the last SHUN_S (the node's file fetches ask it
+        too: a frozen or cut-off peer still counts as alive for a while)."""
+        return self._shunned.get(node_id, 0.0) > time.monotonic()
+
     def _failed(self, node_id: str, why: str) -> None:
         log.warning("expert call to %s failed (%s); trying other holders", node_id, why)
         self.metrics.remote_failures.labels(peer=node_id).inc()
