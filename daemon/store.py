@@ -198,7 +198,6 @@ class ShardStore:
                 p.unlink(missing_ok=True)
             raise CorruptShard(f"{rel}: size {size} or sha256 differs from the manifest")
         self._rename(rel, source)
-        self._syncer.submit(_fsync, self.root / rel)
         for p in parts:
             p.unlink(missing_ok=True)
 
@@ -212,18 +211,19 @@ class ShardStore:
             part.unlink(missing_ok=True)
             raise CorruptShard(f"{rel}: size {size} or sha256 differs from the manifest")
         self._rename(rel, part)
-        self._syncer.submit(_fsync, self.root / rel)
 
     def sync_pending(self) -> None:
         """Block until the fsyncs queued so far are done (the syncer runs them in order)."""
         self._syncer.submit(lambda: None).result()
 
     def _rename(self, rel: str, source: Path) -> None:
+        """A verified file into place, remembered as verified; its fsync queued on the syncer."""
         target = self.root / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(source, target)
         st = target.stat()
         self._verified[rel] = (st.st_size, st.st_mtime_ns, st.st_ino)
+        self._syncer.submit(_fsync, target)
 
 
 def _fsync(path: Path) -> None:
