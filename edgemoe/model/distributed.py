@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgemoe.model.executor import ExpertDirectory, ExpertExecutor
+from edgemoe.model.executor import SMALL_IDS, ExpertDirectory, ExpertExecutor
 from edgemoe.model.routing import RoutingTrace
 
 
@@ -87,14 +87,9 @@ class DistributedExperts(nn.Module):
         return out
 
 
-# Up to this many (token, slot) ids, the distinct experts are found in Python: a decode step's
-# few ids cost microseconds there, torch.unique's dispatch costs more than its work.
-_SMALL_IDS = 256
-
-
 def _experts_in(ids: torch.Tensor) -> list[int]:
     """The distinct expert ids of `ids`, ascending."""
-    if ids.numel() <= _SMALL_IDS:
+    if ids.numel() <= SMALL_IDS:
         return sorted(set(ids.reshape(-1).tolist()))
     return [int(e) for e in torch.unique(ids).tolist()]
 

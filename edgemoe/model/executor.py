@@ -8,6 +8,10 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+# Up to this many (token, slot) ids, executors handle a layer's ids in Python: a decode step's
+# few ids cost microseconds there, where torch's small-tensor ops cost tens of microseconds.
+SMALL_IDS = 256
+
 
 @runtime_checkable
 class ExpertExecutor(Protocol):

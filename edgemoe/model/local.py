@@ -23,15 +23,12 @@ import torch
 from torch import nn
 
 from edgemoe.model.errors import ModelError
-from edgemoe.model.executor import InThreadExecutor
+from edgemoe.model.executor import SMALL_IDS, InThreadExecutor
 from edgemoe.model.families import build_model, experts_modules
 from edgemoe.model.manifest import Manifest
 from edgemoe.model.quantized import EXPERT_DTYPES, NativeExperts, dequantize_expert
 from edgemoe.model.shard import file_problem
 
-# Up to this many ids, a layer's expert ids are mapped to module rows in Python: a decode step's
-# few ids cost microseconds there, several small tensor ops cost tens of microseconds.
-_SMALL_IDS = 256
 _COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -287,7 +284,7 @@ class LocalExperts(InThreadExecutor):
         (masked slots or experts not held: the row-by-row path sorts them out)."""
         if cached is None or ids.numel() == 0:
             return None
-        if ids.numel() <= _SMALL_IDS:  # a decode step's few ids: Python beats tensor ops
+        if ids.numel() <= SMALL_IDS:  # a decode step's few ids: Python beats tensor ops
             local = [cached.index.get(i, -1) for i in ids.reshape(-1).tolist()]
             return None if -1 in local else torch.tensor(local, device=ids.device).view(ids.shape)
         n = cached.lookup.numel()
