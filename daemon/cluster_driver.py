@@ -259,7 +259,6 @@ class ClusterDriver:
             if self._left:
                 return
             self.apply(self.core.tick(self.now()))
-            self._refresh_routes()
 
     async def _publish_stats(self) -> None:
         assert self.d.recorder is not None
@@ -327,8 +326,10 @@ class ClusterDriver:
             self._spawn(self._send(dest, msg), "gossip send")
         for eff in out.effects:
             self._effect(eff)
-        if out.effects:
-            self._refresh_routes()
+        # every input, not only those with effects: a peer's holdings arrive as a message
+        # that changes the routing table and yields none, and requests must follow it at once
+        # (else they find no live holder, fetch the expert and compute it here)
+        self._refresh_routes()
 
     async def _send(self, dest: str, msg: Any) -> None:
         client = self.d.client(dest)
