@@ -153,14 +153,17 @@ class LatencyAware(Moves):
         self._work = float(self.sweep_work)
         for ev in starts:
             self._sweep(problem, ev)
-        starts.sort(key=lambda ev: ev.total)
+        # sweeps often bring several starts to the same holders, and a search of the same
+        # holders repeats the same trials: the budget goes to distinct ones (6 servers x 2 x 8:
+        # 5 of 7 local searches were one placement, 46% of the trials)
+        starts = _distinct(sorted(starts, key=lambda ev: ev.total))
         # small instances: a larger budget lets the local search converge on more starts
         # (on 12 small random instances the worst gap to the optimum fell from 5.5% to 4.0%)
         self._work = float(self.small_search_work if small else self.search_work)
         if small:
             for ev in starts:
                 self._pairs(problem, ev)
-            starts.sort(key=lambda ev: ev.total)
+            starts = _distinct(sorted(starts, key=lambda ev: ev.total))
         for ev in starts:
             self._local_search(problem, ev)
         if small and self._work > 0 and self.baseline_starts:  # polish the baselines' too
@@ -187,3 +190,12 @@ class LatencyAware(Moves):
         from edgemoe.placement.priced_migration import migrate
 
         return migrate(self, problem, current, horizon_s, bytes_weight)
+
+
+def _distinct(starts: list[LayerCosts]) -> list[LayerCosts]:
+    """The first of each set of starts with equal holders (the order is kept)."""
+    kept: list[LayerCosts] = []
+    for ev in starts:
+        if not any(np.array_equal(ev.holders, k.holders) for k in kept):
+            kept.append(ev)
+    return kept
