@@ -6,6 +6,14 @@ PY ?= python3
 VENV := .venv
 PIP := $(VENV)/bin/pip
 LATEST := .venv-latest
+# xdist workers: the suite mostly waits on daemons booting and deciding, so three workers
+# overlap those waits on two cores (tests/conftest.py keeps each file on one worker); the
+# tests that build network namespaces run after them, alone
+WORKERS ?= 3
+define run-tests
+$(1) -m pytest -q -n $(WORKERS) --dist loadgroup -m 'not namespaces'
+$(1) -m pytest -q -m namespaces
+endef
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -23,7 +31,7 @@ demo: install
 
 test: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest -q
+	$(call run-tests,$(VENV)/bin/python)
 
 # Fresh resolve in a throw-away venv (only the torch pin of constraints.in holds), frozen.
 constraints: pyproject.toml constraints.in
@@ -43,7 +51,7 @@ test-latest:
 	$(LATEST)/bin/pip install --quiet --upgrade -c constraints.in -e '.[test]'
 	$(LATEST)/bin/pip list 2>/dev/null | grep -iE '^(torch|transformers|aiohttp|zeroconf|numpy|scipy) '
 	$(LATEST)/bin/ruff check .
-	$(LATEST)/bin/python -m pytest -q
+	$(call run-tests,$(LATEST)/bin/python)
 
 # Fuzz every peer decoder and peer route of a real daemon with many more examples than `make test`.
 fuzz: install
