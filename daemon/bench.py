@@ -175,9 +175,8 @@ async def _rpc_figures(
     pids: tuple[int, int] | None = None,
 ) -> dict[str, float]:
     """Round trips of the RPC (sealed and not), the echo and the compute, interleaved; with
-    `pids` (daemon, echo server) also CPU per call on both sides, which a loaded box does not
-    move the way it moves wall times (a runnable but preempted process waits, it does not
-    spend)."""
+    `pids` (daemon, echo server) also CPU per call on both sides, which a loaded box stretches
+    far less than wall times (a runnable but preempted process waits, it does not spend)."""
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(rows, manifest.hidden_size, generator=g)
     ids = torch.stack([torch.randperm(manifest.num_experts, generator=g)[: manifest.top_k]
@@ -518,8 +517,8 @@ def run_rpc_bench(
                 f"expert RPC CPU per call: daemon {r['rpc_server_cpu_ms']:.2f} ms (sealed and "
                 f"not) + caller {r['rpc_caller_cpu_ms']:.2f} ms vs echo server "
                 f"{r['echo_server_cpu_ms']:.2f} + echo client {r['echo_client_cpu_ms']:.2f} + "
-                f"compute {r['compute_client_cpu_ms']:.2f} ms (x{r['cpu_ratio']:.2f}; CPU, "
-                "unlike wall time, is not stretched by the box's other load)"
+                f"compute {r['compute_client_cpu_ms']:.2f} ms (x{r['cpu_ratio']:.2f}; the box's "
+                "other load stretches CPU far less than wall time)"
             )
         figures["streaming"] = asyncio.run(
             _stream_figures(url, base + "/files", secret, shard_dir, workdir)
