@@ -103,6 +103,16 @@ def _daemon(
     return _Proc(args, workdir / f"{name}.log"), f"http://127.0.0.1:{port}"
 
 
+def _process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of process `pid` so far (all threads); None off Linux."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -162,7 +172,11 @@ async def _rpc_figures(
     shard_dir: Path,
     rows: int,
     calls: int,
+    pids: tuple[int, int] | None = None,
 ) -> dict[str, float]:
+    """Round trips of the RPC (sealed and not), the echo and the compute, interleaved; with
+    `pids` (daemon, echo server) also CPU per call on both sides, which a loaded box stretches
+    far less than wall times (a runnable but preempted process waits, it does not spend)."""
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(rows, manifest.hidden_size, generator=g)
     ids = torch.stack([torch.randperm(manifest.num_experts, generator=g)[: manifest.top_k]
@@ -203,14 +217,35 @@ async def _rpc_figures(
         compute = _compute_fn(shard_dir, body)
         compute()
         lat["compute"] = []
+        cpu: dict[str, float] = {name: 0.0 for name, _ in kinds}  # this thread's, per kind
+        cpu["compute"] = 0.0
+        before = [_process_cpu_s(pid) for pid in pids or ()]
         for _ in range(calls):  # interleaved, so a busy moment hits every kind alike
             for name, fn in kinds:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 await fn()
                 lat[name].append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
+                cpu[name] += time.thread_time() - c0
+            t0, c0 = time.perf_counter(), time.thread_time()
             compute()
             lat["compute"].append(time.perf_counter() - t0)
+            cpu["compute"] += time.thread_time() - c0
+        for name, seconds in cpu.items():
+            out[f"{name}_client_cpu_ms"] = seconds / calls * 1e3
+        after = [_process_cpu_s(pid) for pid in pids or ()]
+        spent = [
+            b - a for a, b in zip(before, after, strict=True) if a is not None and b is not None
+        ]
+        if len(spent) == 2:
+            # the daemon served both RPC kinds: its CPU per call is their mean
+            out["rpc_server_cpu_ms"] = spent[0] / (2 * calls) * 1e3
+            out["echo_server_cpu_ms"] = spent[1] / calls * 1e3
+            out["rpc_caller_cpu_ms"] = (
+                out["rpc_client_cpu_ms"] + out["rpc_unsealed_client_cpu_ms"]
+            ) / 2  # the same mean on the caller's side
+            out["cpu_ratio"] = (out["rpc_server_cpu_ms"] + out["rpc_caller_cpu_ms"]) / (
+                out["echo_server_cpu_ms"] + out["echo_client_cpu_ms"] + out["compute_client_cpu_ms"]
+            )
         for name, fn in kinds:
             out[f"{name}_rtt_ms_p50"] = statistics.median(lat[name]) * 1e3
             out[f"{name}_rtt_ms_mean"] = statistics.fmean(lat[name]) * 1e3
@@ -461,8 +496,9 @@ def run_rpc_bench(
         base = f"http://127.0.0.1:{echo_port}"
         _wait(lambda: urllib.request.urlopen(base + "/files/manifest.json").status == 200, 30,
               "the plain HTTP server")  # fmt: skip
+        pids = (solo.proc.pid, plain.proc.pid)
         figures["rpc"] = asyncio.run(
-            _rpc_figures(url, base + "/echo", secret, manifest, shard_dir, rows, calls)
+            _rpc_figures(url, base + "/echo", secret, manifest, shard_dir, rows, calls, pids)
         )
         r = figures["rpc"]
         echo(
@@ -476,6 +512,14 @@ def run_rpc_bench(
             f"expert RPC sealed (ChaCha20-Poly1305) vs not: p50 {r['rpc_rtt_ms_p50']:.2f} ms vs "
             f"{r['rpc_unsealed_rtt_ms_p50']:.2f} ms (x{r['seal_ratio']:.2f})"
         )
+        if "cpu_ratio" in r:
+            echo(
+                f"expert RPC CPU per call: daemon {r['rpc_server_cpu_ms']:.2f} ms (sealed and "
+                f"not) + caller {r['rpc_caller_cpu_ms']:.2f} ms vs echo server "
+                f"{r['echo_server_cpu_ms']:.2f} + echo client {r['echo_client_cpu_ms']:.2f} + "
+                f"compute {r['compute_client_cpu_ms']:.2f} ms (x{r['cpu_ratio']:.2f}; the box's "
+                "other load stretches CPU far less than wall time)"
+            )
         figures["streaming"] = asyncio.run(
             _stream_figures(url, base + "/files", secret, shard_dir, workdir)
         )
