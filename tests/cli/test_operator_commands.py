@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -239,14 +240,17 @@ def test_bad_config_is_exit_5_one_line(tmp_path: Path) -> None:
 
 @contextmanager
 def announced(fake: Any) -> Iterator[None]:
-    """The fake node announced by mDNS on 127.0.0.1 in cluster "lab"."""
+    """The fake node announced by mDNS on 127.0.0.1 in cluster "lab", under a name of its own:
+    every test process on the box shares 127.0.0.1's multicast group, and a name some other
+    responder still claims makes the registration fail (NonUniqueNameException, once in CI)."""
     from zeroconf import ServiceInfo, Zeroconf
 
+    name = f"node-a-{uuid.uuid4().hex[:8]}"
     zc = Zeroconf(interfaces=["127.0.0.1"])
     info = ServiceInfo(
-        "_edgemoe._tcp.local.", "node-a._edgemoe._tcp.local.",
+        "_edgemoe._tcp.local.", f"{name}._edgemoe._tcp.local.",
         addresses=[socket.inet_aton("127.0.0.1")], port=fake.server_address[1],
-        properties={"node_id": "node-a", "cluster_id": "lab"}, server="node-a.local.",
+        properties={"node_id": name, "cluster_id": "lab"}, server=f"{name}.local.",
     )  # fmt: skip
     zc.register_service(info)
     try:
