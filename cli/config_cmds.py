@@ -100,6 +100,9 @@ SCHEMA: tuple[Key, ...] = (
         "Held experts of a quantized model (MXFP4, FP8): native keeps them quantized where the\n"
         "device has the library's kernels (CUDA), else dequantizes to the model's dtype;\n"
         "bfloat16 or float32 dequantize to that. Capacity counts the bytes held in memory."),
+    Key("torch_threads", 0,
+        "torch's threads for the model; 0: OMP_NUM_THREADS where set, else one core fewer\n"
+        "than the machine's (at most 4), leaving the event loop a core for peers and clients."),
     Key("strategy", "edgemoe",
         "Placement strategy: uniform, layers, eplb, dancemoe, edgemoe or optimal."),
     Key("transport", None,

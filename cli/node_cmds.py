@@ -59,6 +59,9 @@ def _daemon_command(app: typer.Typer) -> None:
         ] = None,
         tls_key: Annotated[str | None, typer.Option(help="PEM key of tls_cert")] = None,
         device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N")] = None,
+        torch_threads: Annotated[
+            int | None, typer.Option(help="torch threads for the model (0: auto)")
+        ] = None,
         strategy: Annotated[str | None, typer.Option(help="Placement strategy")] = None,
         transport: Annotated[
             str | None, typer.Option(help="per-server (default) or per-expert (DanceMoE's calls)")
@@ -85,7 +88,8 @@ def _daemon_command(app: typer.Typer) -> None:
             cluster_id=cluster_id, secret=secret, interface=interface, seed_peer=seed_peer,
             api_token=api_token, admin_token=admin_token, secret_file=secret_file,
             api_token_file=api_token_file, admin_token_file=admin_token_file,
-            tls_cert=tls_cert, tls_key=tls_key, device=device, strategy=strategy,
+            tls_cert=tls_cert, tls_key=tls_key, device=device, torch_threads=torch_threads,
+            strategy=strategy,
             transport=transport, log_level=log_level,
             drift_threshold=drift_threshold, drift_min_interval=drift_min_interval,
             routing_trace=routing_trace, routing_stream=routing_stream,

@@ -141,6 +141,10 @@ class DaemonConfig:
     # where the library has kernels for the device (CUDA) and dequantizes them to the model's
     # compute dtype elsewhere; "bfloat16"/"float32" dequantize (or cast) to that dtype.
     expert_dtype: str = "native"
+    # torch's intra-op threads for the model; 0: OMP_NUM_THREADS where set, else one core
+    # fewer than the machine has (at most 4): the event loop serving peers' expert calls and
+    # the API needs a core of its own, and a tiny step split over every core waits on itself
+    torch_threads: int = 0
     strategy: str = "edgemoe"
     transport: str = "per-server"
     log_level: str = "info"
@@ -159,6 +163,16 @@ class DaemonConfig:
         if host in ("0.0.0.0", ""):
             host = self.interface[0] if self.interface else "127.0.0.1"
         return f"http://{host}:{self.port}"
+
+
+def torch_threads(config: DaemonConfig, env: Mapping[str, str] | None = None) -> int:
+    """The intra-op threads the model runs on (see DaemonConfig.torch_threads)."""
+    if config.torch_threads:
+        return config.torch_threads
+    env = os.environ if env is None else env
+    if env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
+        return int(env["OMP_NUM_THREADS"])
+    return max(1, min(4, len(os.sched_getaffinity(0)) - 1))
 
 
 def dirs_to_create(config: DaemonConfig) -> list[Path]:
@@ -187,6 +201,13 @@ def _coerce(key: str, value: Any) -> Any:
             return port
         if key == "capacity":
             return parse_capacity(value)
+        if key == "torch_threads":
+            if isinstance(value, bool):
+                raise ValueError
+            threads = int(value)
+            if not 0 <= threads <= 1024:
+                raise ConfigError(f"torch_threads: must be 0 (auto) to 1024, got {value!r}")
+            return threads
         if key == "drift_threshold":
             threshold = _float(value)
             if not 0 < threshold <= 1:

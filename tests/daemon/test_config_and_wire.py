@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from edgemoe.daemon.config import Capacity, ConfigError, load_config, parse_capacity
+from edgemoe.daemon.config import (
+    Capacity,
+    ConfigError,
+    load_config,
+    parse_capacity,
+    torch_threads,
+)
 from edgemoe.daemon.identity import load_or_create_node_id
 from edgemoe.daemon.wire import (
     BodyCheck,
@@ -57,6 +64,8 @@ def test_capacity_sizes_and_shares(text: object, resolved: int) -> None:
         ({"interface": ["no-such-if9"]}, "interface"),  # names resolve; this one is none
         ({"seed_peer": ["nohost"]}, "seed_peer"),
         ({"strategy": "random"}, "strategy"),
+        ({"torch_threads": -1}, "torch_threads"),
+        ({"torch_threads": "many"}, "torch_threads"),
         ({"secret": None}, "secret"),
     ],
 )
@@ -67,6 +76,16 @@ def test_bad_settings_name_the_key(tmp_path: Path, flags: dict, needle: str) -> 
         base.pop("secret")
     with pytest.raises(ConfigError, match=needle):
         load_config(None, base, env={})
+
+
+def test_torch_threads_leave_the_event_loop_a_core_unless_told(tmp_path: Path) -> None:
+    base = {"secret": SECRET, "state_dir": str(tmp_path)}
+    cores = len(os.sched_getaffinity(0))
+    auto = load_config(None, base, env={})
+    assert torch_threads(auto, env={}) == max(1, min(4, cores - 1))
+    assert torch_threads(auto, env={"OMP_NUM_THREADS": "3"}) == 3
+    told = load_config(None, base, env={"EDGEMOE_TORCH_THREADS": "6"})
+    assert told.torch_threads == 6 and torch_threads(told, env={"OMP_NUM_THREADS": "3"}) == 6
 
 
 def test_unknown_toml_key_is_refused(tmp_path: Path) -> None:
