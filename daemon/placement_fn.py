@@ -143,12 +143,30 @@ class Solving(PlacementPending):
         self.ready = ready
 
 
+# A queued computation nobody asked for within this long is dropped before it starts: the
+# core re-asks the placement its proposal waits on every 50 ms, and an acceptor awaits the one
+# it checks, so only inputs that changed since (statistics republished, a member gone) go
+# stale. Without it, each change queued one more 1-3 s solve ahead of the one still wanted.
+STALE_S = 2.0
+
+
+@dataclass
+class _Job(Generic[InputsT]):
+    inputs: InputsT
+    done: asyncio.Future[Any]  # True once computed; None when dropped before it ran
+    asked: float  # loop time of the latest lookup or solve
+    order: int  # when first asked: the newest wanted job runs first
+    waiters: int = 0  # solve() calls awaiting it (never dropped while awaited)
+
+
 class PlacementSolver(Generic[InputsT, ResultT]):
     """`compute` run on one worker thread, its last `memo` outcomes remembered by `key`.
 
     The core asks synchronously (`lookup`, on the event loop): a remembered outcome is
-    returned (or its exception raised again); otherwise its computation starts, once, and
-    `Solving` tells the caller to ask again (`on_ready` is called on the loop when it is done).
+    returned (or its exception raised again); otherwise its computation is queued, once, and
+    `Solving` tells the caller to ask again (`on_ready` is called on the loop when it is done;
+    the `ready` future also completes, with None, when the job was dropped as stale). Queued
+    jobs run newest first, and one not asked for within STALE_S is dropped unstarted.
     `solve` awaits the outcome. The same `compute` runs whichever thread asks, so the result
     is as deterministic as `compute`."""
 
@@ -159,15 +177,20 @@ class PlacementSolver(Generic[InputsT, ResultT]):
         *,
         memo: int = 8,
         on_ready: Callable[[], None] = lambda: None,
+        stale_s: float = STALE_S,
     ) -> None:
         self.compute = compute
         self.key = key
         self.memo = memo
         self.on_ready = on_ready
+        self.stale_s = stale_s
         self._done: dict[Hashable, tuple[ResultT | None, BaseException | None]] = {}  # oldest first
-        self._running: dict[Hashable, asyncio.Future[Any]] = {}
+        self._queued: dict[Hashable, _Job[InputsT]] = {}  # the running one included
+        self._running: Hashable | None = None
+        self._asked = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="placement")
         self.computed = 0
+        self.dropped = 0
 
     def lookup(self, inputs: InputsT) -> ResultT:
         k = self.key(inputs)
@@ -176,21 +199,46 @@ class PlacementSolver(Generic[InputsT, ResultT]):
             if exc is not None:
                 raise exc
             return value  # type: ignore[return-value]
-        raise Solving(self._start(k, inputs))
+        raise Solving(self._start(k, inputs).done)
 
     async def solve(self, inputs: InputsT) -> ResultT:
         k = self.key(inputs)
-        if k not in self._done:
-            await asyncio.shield(self._start(k, inputs))
+        while k not in self._done:
+            job = self._start(k, inputs)
+            job.waiters += 1
+            try:
+                await asyncio.shield(job.done)
+            finally:
+                job.waiters -= 1
         return self.lookup(inputs)
 
-    def _start(self, k: Hashable, inputs: InputsT) -> asyncio.Future[Any]:
-        fut = self._running.get(k)
-        if fut is None:
-            loop = asyncio.get_running_loop()
-            fut = self._running[k] = loop.run_in_executor(self._pool, self._outcome, inputs)
-            fut.add_done_callback(lambda f: self._finish(k, f))
-        return fut
+    def _start(self, k: Hashable, inputs: InputsT) -> _Job[InputsT]:
+        loop = asyncio.get_running_loop()
+        job = self._queued.get(k)
+        if job is None:
+            self._asked += 1
+            job = self._queued[k] = _Job(inputs, loop.create_future(), loop.time(), self._asked)
+        job.asked = loop.time()
+        self._next()
+        return job
+
+    def _next(self) -> None:
+        """Start the newest wanted job when the worker is free; drop the stale ones."""
+        if self._running is not None:
+            return
+        loop = asyncio.get_running_loop()
+        for k, job in list(self._queued.items()):
+            if job.waiters == 0 and loop.time() - job.asked > self.stale_s:
+                del self._queued[k]
+                self.dropped += 1
+                if not job.done.done():
+                    job.done.set_result(None)
+        if not self._queued:
+            return
+        k = max(self._queued, key=lambda q: self._queued[q].order)
+        self._running = k
+        fut = loop.run_in_executor(self._pool, self._outcome, self._queued[k].inputs)
+        fut.add_done_callback(lambda f: self._finish(k, f))
 
     def _outcome(self, inputs: InputsT) -> tuple[ResultT | None, BaseException | None]:
         try:
@@ -199,14 +247,18 @@ class PlacementSolver(Generic[InputsT, ResultT]):
             return None, exc
 
     def _finish(self, k: Hashable, fut: asyncio.Future[Any]) -> None:
-        self._running.pop(k, None)
+        self._running = None
+        job = self._queued.pop(k)
         if fut.cancelled():
+            job.done.cancel()
             return
         self._done[k] = fut.result()
         self.computed += 1
         while len(self._done) > self.memo:
             del self._done[next(iter(self._done))]
+        job.done.set_result(True)
         self.on_ready()
+        self._next()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

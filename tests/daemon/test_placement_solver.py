@@ -5,6 +5,7 @@ the answer is the one the placement function gives when called directly."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import numpy as np
@@ -76,5 +77,57 @@ async def test_a_failed_placement_is_raised_again_to_each_caller() -> None:
         with pytest.raises(ValueError, match="no placement for 3"):
             solver.lookup(3)  # remembered: not computed again
         assert solver.computed == 1
+    finally:
+        solver.close()
+
+
+class _Gated:
+    """A placement that waits for `release` when asked for "slow", recording what it ran."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.ran: list[str] = []
+
+    def __call__(self, name: str) -> str:
+        if name == "slow":
+            assert self.release.wait(10)
+        self.ran.append(name)
+        return name.upper()
+
+
+async def _queued_behind_slow(stale_s: float) -> tuple[PlacementSolver[str, str], _Gated]:
+    gated = _Gated()
+    solver: PlacementSolver[str, str] = PlacementSolver(gated, lambda n: n, stale_s=stale_s)
+    with pytest.raises(Solving):
+        solver.lookup("slow")  # now running on the worker
+    return solver, gated
+
+
+async def test_queued_placements_run_newest_first() -> None:
+    solver, gated = await _queued_behind_slow(stale_s=60.0)
+    try:
+        for name in ("old", "new"):
+            with pytest.raises(Solving):
+                solver.lookup(name)
+        gated.release.set()
+        assert await solver.solve("old") == "OLD"
+        assert gated.ran == ["slow", "new", "old"]  # inputs asked for last are the likeliest wanted
+    finally:
+        solver.close()
+
+
+async def test_a_queued_placement_nobody_asks_for_again_is_dropped_unstarted() -> None:
+    solver, gated = await _queued_behind_slow(stale_s=0.05)
+    try:
+        with pytest.raises(Solving) as stale:
+            solver.lookup("stale")  # e.g. statistics republished since: never asked again
+        await asyncio.sleep(0.2)
+        waited = asyncio.ensure_future(solver.solve("awaited"))  # an acceptor checking a value
+        await asyncio.sleep(0.2)  # asked once, then only awaited: longer ago than stale_s
+        gated.release.set()
+        assert await waited == "AWAITED"
+        assert await stale.value.ready is None  # its asker is told to ask again
+        assert gated.ran == ["slow", "awaited"] and solver.dropped == 1
+        assert await solver.solve("stale") == "STALE"  # asked again: computed after all
     finally:
         solver.close()
