@@ -144,8 +144,9 @@ class Standby:
 
     async def pass_once(self, ep: Epoch) -> None:
         """Fetch every standby shard of `ep` this node lacks, PARALLEL at a time."""
-        self.epoch = ep.epoch
         self.duty = self.mine(ep)
+        self.pending = set(self.duty)  # until checked: the view never says done too early
+        self.epoch = ep.epoch
         todo = [k for k in sorted(self.duty) if not await self.store.verified(
             Manifest.expert_path(*k))]  # fmt: skip
         self.pending = set(todo)

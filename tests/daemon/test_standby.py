@@ -165,3 +165,54 @@ def test_a_node_stands_by_only_for_others_experts_and_skips_dead_ranks() -> None
         if "d" in holders[k]:
             continue
         assert sum(k in after[m] for m in "abc") == COPIES
+
+
+class _OnePeer:
+    """One peer, alive (membership has not declared it dead), whose calls fail."""
+
+    def client(self, node_id: str) -> Any:
+        return None
+
+    def is_alive(self, node_id: str) -> bool:
+        return True
+
+    def report_failure(self, node_id: str) -> None:
+        return None
+
+
+def test_an_expert_whose_live_holders_all_failed_lately_is_computed_here(tiny: TinyModel) -> None:
+    """Its holder still counts as alive but failed a call within SHUN_S: the expert is
+    computed here from its shard rather than waiting on that holder again."""
+    import asyncio
+
+    import torch
+
+    from edgemoe.daemon.metrics import DaemonMetrics
+    from edgemoe.daemon.remote import Router
+    from edgemoe.model.local import LocalExperts
+    from edgemoe.model.manifest import Manifest
+
+    manifest = Manifest.load(tiny.shard_dir)
+    local = LocalExperts(tiny.shard_dir)
+    full = LocalExperts(tiny.shard_dir).load_all()
+    hidden = torch.randn(3, manifest.hidden_size, generator=torch.Generator().manual_seed(2))
+    ids = torch.tensor([[0, 1], [1, 2], [2, 0]])
+    weights = torch.rand(3, 2, generator=torch.Generator().manual_seed(3))
+    loaded: list[tuple[int, int]] = []
+
+    async def fetch_and_load(layer: int, expert: int) -> None:
+        loaded.append((layer, expert))
+        await asyncio.to_thread(local.load, layer, expert)
+
+    async def run() -> torch.Tensor:
+        router = Router("me", local, _OnePeer(), asyncio.get_running_loop(), DaemonMetrics(),
+                        fetch_and_load)  # fmt: skip
+        router.set_holdings({(0, e): ("peer",) for e in range(manifest.num_experts)})
+        assert router.pick(0, 1) == "peer"
+        router._failed("peer", "test")  # a call to it just failed
+        assert router.pick(0, 1) is None
+        return await router.compute(0, hidden, ids, weights, None)
+
+    out = asyncio.run(run())
+    assert sorted(loaded) == [(0, 0), (0, 1), (0, 2)]
+    assert torch.allclose(out, full.forward(0, hidden, ids, weights), atol=1e-6)
