@@ -368,6 +368,8 @@ class ClusterDriver:
         self.d.metrics.epoch.set(value.epoch)
         self.d.metrics.epochs_decided.inc()
         self.d.metrics.epochs_by_reason.labels(reason=value.reason).inc()
+        if self.d.standby is not None:  # standby copies follow the new placement
+            self.d.standby.decided()
         self._spawn(self._notify_decided(), "decision notice")
 
     async def _notify_decided(self) -> None:

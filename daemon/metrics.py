@@ -87,6 +87,11 @@ class DaemonMetrics:
         self.migration_bytes = Counter(
             "edgemoe_migration_bytes", "Shard bytes fetched from peers", registry=r
         )
+        self.standby_bytes = Counter(
+            "edgemoe_standby_bytes",
+            "Shard bytes fetched as standby copies (on disk only; also in migration_bytes)",
+            registry=r,
+        )
         self.shards_served_bytes = Counter(
             "edgemoe_shard_bytes_served",
             "Bytes of model files streamed to peers, per kind (dense, expert, other)",

@@ -30,6 +30,7 @@ from edgemoe.daemon.per_expert import remote_executor_factory
 from edgemoe.daemon.remote import LocalShareTap, Router
 from edgemoe.daemon.replay import replay_from_config
 from edgemoe.daemon.rpc import ExpertService
+from edgemoe.daemon.standby import Epoch, Standby, epoch_of, ranked
 from edgemoe.daemon.startup import StartupError, check_exposure, claim_dir
 from edgemoe.daemon.store import CorruptShard, ShardFetcher, ShardStore
 from edgemoe.daemon.supervisor import Supervisor
@@ -113,6 +114,8 @@ class Daemon:
         self.recorder: ActivationRecorder | None = None
         self.tap: LocalShareTap | None = None
         self.cluster: ClusterDriver | None = None
+        self.standby: Standby | None = None
+        self._epoch_cache: Epoch | None = None
         self.discovery: Discovery | None = None
         self.ready = asyncio.Event()
         self._runner: web.AppRunner | None = None
@@ -337,14 +340,38 @@ class Daemon:
         if self.cluster is not None:
             self.cluster.suspect(node_id)
 
-    def sources(self, exclude: str | None = None) -> list[PeerClient]:
+    def sources(self, exclude: str | None = None, likely: list[str] | None = None
+                ) -> list[PeerClient]:  # fmt: skip
         """Peers to fetch files from: live ones first, and among them those whose calls did
-        not fail lately (a frozen or cut-off peer still counts as alive for a while)."""
+        not fail lately (a frozen or cut-off peer still counts as alive for a while); within
+        each group, those of `likely` (peers likely to have the file) first, in its order."""
         router = self.router
+        rank = {n: i for i, n in reversed(list(enumerate(likely or [])))}
         peers = [p for p in self.peers.values() if p.node_id != exclude and p.trusted]
         peers.sort(key=lambda p: (not self.is_alive(p.node_id),
-                                  router is not None and router.failed_lately(p.node_id)))
+                                  router is not None and router.failed_lately(p.node_id),
+                                  rank.get(p.node_id, len(rank))))  # fmt: skip
         return [p.client for p in peers]
+
+    def epoch_in_force(self) -> Epoch | None:
+        """Members and placed holders of the decided epoch (None before the first)."""
+        cur = self.cluster.core.consensus.current if self.cluster is not None else None
+        if cur is None:
+            return None
+        if self._epoch_cache is None or self._epoch_cache.epoch != cur.epoch:
+            self._epoch_cache = epoch_of(cur)
+        return self._epoch_cache
+
+    def likely_sources(self, layer: int, expert: int) -> list[str]:
+        """Peers likely to have an expert's file, best first: its announced holders, its
+        placed holders, then the other members in standby rank (the first alive ones of
+        those keep standby copies; later ones may have one left from an earlier epoch)."""
+        out = self.router.holders(layer, expert) if self.router is not None else []
+        ep = self.epoch_in_force()
+        if ep is not None:
+            placed = ep.holders.get((layer, expert), frozenset())
+            out += sorted(placed) + ranked(ep.members, layer, expert, placed)
+        return out
 
     # ---- startup ------------------------------------------------------------------------------
     async def _bootstrap_or_fail(self) -> None:
@@ -430,6 +457,19 @@ class Daemon:
         self.ready.set()
         log.info("node %s ready: model %s", self.node_id, self.model_id)
         self._spawn(self._watch_shards, "shard watch", restart=True)
+        self._start_standby(manifest)
+
+    def _start_standby(self, manifest: Manifest) -> None:
+        """Keep standby copies on disk (`standby.py`), unless every expert's file is already
+        here (the seed's full model dir)."""
+        experts = [(l, e) for l in range(manifest.num_layers) for e in range(manifest.num_experts)]
+        if len(self.store.experts_on_disk()) == len(experts) and self.config.model_dir:
+            return
+        self.standby = Standby(
+            self.node_id, self.store, experts, self.epoch_in_force, self.is_alive,
+            self.fetch_expert, on_fetched=self.metrics.standby_bytes.inc,
+        )  # fmt: skip
+        self._spawn(self.standby.run, "standby copies", restart=True)
 
     async def _watch_shards(self) -> None:
         """Fetch again, from peers, any held shard or side file that changed on disk and no
@@ -495,10 +535,8 @@ class Daemon:
         rel = Manifest.expert_path(layer, expert)
         if await asyncio.to_thread(self.store.has, rel):
             return
-        sources = self.sources()
-        if prefer is not None and (client := self.client(prefer)) is not None:
-            sources = [client, *[s for s in sources if s is not client]]
-        await self.fetcher.fetch(rel, sources)
+        likely = self.likely_sources(layer, expert)
+        await self.fetcher.fetch(rel, self.sources(likely=[prefer, *likely] if prefer else likely))
 
     async def fetch_and_load(self, layer: int, expert: int, prefer: str | None = None) -> None:
         assert self.local is not None
@@ -588,6 +626,7 @@ class Daemon:
                 )
             ),
             "migration": {"pending": 0, "bytes_moved": 0},
+            "standby": self.standby.view() if self.standby is not None else None,
         }
         if self.cluster is not None:
             view.update(self.cluster.view())

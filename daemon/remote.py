@@ -3,7 +3,9 @@
 Routing follows announced holdings (`Router.set_holdings`). A remote call runs on the event
 loop (`asyncio.run_coroutine_threadsafe`) and completes the future the model thread waits
 on. If the peer fails, the rows go to other live holders of their experts; an expert with no
-live holder is fetched from any peer that has its file and computed here.
+live holder, or whose live holders all failed lately, is computed here from its shard: this
+node's own copy on disk when it has one (a standby copy, `standby.py`, or one left from an
+earlier epoch), else one fetched from any peer that has the file (standby nodes first).
 
 Failures are bounded: one attempt at a peer gets `attempt_timeout_s` (a frozen box accepts
 the connection and never answers), a peer that failed is passed over for `SHUN_S` while
@@ -147,13 +149,21 @@ class Router:
                 ex = self._remotes[node_id] = self._make_remote(self, node_id)
             return ex
 
+    def pick(self, layer: int, expert: int, exclude: frozenset[str] = frozenset()
+             ) -> str | None:  # fmt: skip
+        """The holder to call for an expert not held here, or None to compute it here: none
+        is alive, or every live one failed within SHUN_S (waiting on a frozen or cut-off peer
+        again costs an attempt timeout; its shard is on disk at standby nodes)."""
+        alive = self.holders(layer, expert, exclude)
+        if alive and not self.failed_lately(alive[0]):  # unshunned ones come first
+            return alive[0]
+        return None
+
     def executor_for(self, layer: int, expert: int) -> ExpertExecutor:
         if self.local.holds(layer, expert):
             return self._here
-        alive = self.holders(layer, expert)
-        if alive:
-            return self.remote(alive[0])
-        return self._orphans
+        who = self.pick(layer, expert)
+        return self._orphans if who is None else self.remote(who)
 
     # ---- failover ---------------------------------------------------------------------------
     async def compute(
@@ -198,8 +208,7 @@ class Router:
             if self.local.holds(layer, e):
                 groups.setdefault(self.node_id, []).append(e)
                 continue
-            alive = self.holders(layer, e, failed)
-            groups.setdefault(alive[0] if alive else None, []).append(e)
+            groups.setdefault(self.pick(layer, e, failed), []).append(e)
         parts = []
         for who, experts in groups.items():
             masked = _mask(ids, experts)
@@ -225,7 +234,8 @@ class Router:
             for e in experts:
                 if self.local.holds(layer, e):
                     continue
-                log.warning("no live holder of expert %d/%d: fetching it to run here", layer, e)
+                log.warning("no live holder of expert %d/%d answers: computing it here from "
+                            "its shard", layer, e)  # fmt: skip
                 try:
                     await self.fetch_and_load(layer, e)
                 except (PeerError, CorruptShard, ModelError, OSError) as exc:
@@ -321,7 +331,7 @@ class _HeldHere(InThreadExecutor):
 
 
 class _OrphanExecutor:
-    """Experts nobody alive announces: fetch their shards and compute them here."""
+    """Experts nobody alive (and not failed lately) holds: computed here from their shards."""
 
     def __init__(self, router: Router) -> None:
         self.router = router

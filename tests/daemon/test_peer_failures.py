@@ -70,15 +70,16 @@ def test_a_request_whose_only_holder_is_frozen_ends_with_a_503_then_succeeds_aft
 ) -> None:
     seed, fresh = pair.nodes
     assert _reference_answer(fresh, tiny)
-    # only the files of the experts it holds on the fresh node's disk (an earlier epoch may
-    # have left others there, which it would compute from without asking anyone)
-    held = set(fresh.cluster()["holdings"][fresh.node_id])
-    for path in (fresh.state_dir / "model" / "experts").glob("L*/E*.safetensors"):
-        if f"{path.parent.name[1:]}/{path.stem[1:]}" not in held:
-            path.unlink()
     assert seed.proc is not None
     seed.proc.send_signal(signal.SIGSTOP)  # a frozen box: it accepts connections, never answers
     try:
+        # then only the files of the experts it holds on the fresh node's disk (its standby
+        # copies or an earlier epoch's would be computed from without asking anyone; frozen
+        # first, so the standby loop cannot fetch them back from the seed)
+        held = set(fresh.cluster()["holdings"][fresh.node_id])
+        for path in (fresh.state_dir / "model" / "experts").glob("L*/E*.safetensors"):
+            if f"{path.parent.name[1:]}/{path.stem[1:]}" not in held:
+                path.unlink()
         status, body, took = _ask(fresh)
     finally:
         seed.proc.send_signal(signal.SIGCONT)
