@@ -309,3 +309,21 @@ def solo(tiny: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield node
     finally:
         node.stop()
+
+
+@dataclass
+class PeersWithoutClients:
+    """The router's view of peers when no call can reach any (the PeerBook edge): `alive`
+    says whether membership still counts them alive (a peer whose calls fail but that has
+    not been declared dead) or not (a node alone)."""
+
+    alive: bool
+
+    def client(self, node_id: str) -> Any:
+        return None
+
+    def is_alive(self, node_id: str) -> bool:
+        return self.alive
+
+    def report_failure(self, node_id: str) -> None:
+        return None

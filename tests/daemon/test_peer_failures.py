@@ -16,12 +16,19 @@ import pytest
 import torch
 
 from edgemoe.daemon.metrics import DaemonMetrics
-from edgemoe.daemon.peers import PeerClient
 from edgemoe.daemon.remote import Router
 from edgemoe.model.local import LocalExperts
 from edgemoe.model.manifest import Manifest
 
-from .conftest import PROMPTS, Cluster, Node, TinyModel, make_node, wait_for
+from .conftest import (
+    PROMPTS,
+    Cluster,
+    Node,
+    PeersWithoutClients,
+    TinyModel,
+    make_node,
+    wait_for,
+)
 
 DEADLINE_S = 30.0  # the chaos clients' deadline: a request must end before it
 
@@ -116,19 +123,6 @@ def test_requests_around_a_leave_end_in_time_and_the_leaver_never_answers_from_a
             assert body["error"]["code"] == 503
 
 
-class _NoPeers:
-    """A node alone: no peer holds anything, so every expert is fetched to run here."""
-
-    def client(self, node_id: str) -> PeerClient | None:
-        return None
-
-    def is_alive(self, node_id: str) -> bool:
-        return False
-
-    def report_failure(self, node_id: str) -> None:
-        return None
-
-
 def test_an_expert_fetched_to_run_here_survives_a_concurrent_drop(tiny: TinyModel) -> None:
     """The failover loads an orphan expert and computes it; a migration dropping it between
     the two (as `_drop_strays` does on the next announcement) must not fail the call."""
@@ -147,7 +141,8 @@ def test_an_expert_fetched_to_run_here_survives_a_concurrent_drop(tiny: TinyMode
         dropped.append((layer, expert))
 
     async def run() -> torch.Tensor:
-        router = Router("me", local, _NoPeers(), asyncio.get_running_loop(), DaemonMetrics(),
+        peers = PeersWithoutClients(alive=False)
+        router = Router("me", local, peers, asyncio.get_running_loop(), DaemonMetrics(),
                         fetch_and_load)  # fmt: skip
         return await router.compute(0, hidden, ids, weights, None)
 
@@ -174,7 +169,8 @@ def test_an_expert_dropped_between_routing_and_compute_is_computed_anyway(
         await asyncio.to_thread(local.load, layer, expert)
 
     async def run() -> torch.Tensor:
-        router = Router("me", local, _NoPeers(), asyncio.get_running_loop(), DaemonMetrics(),
+        peers = PeersWithoutClients(alive=False)
+        router = Router("me", local, peers, asyncio.get_running_loop(), DaemonMetrics(),
                         fetch_and_load)  # fmt: skip
         executor = router.executor_for(1, 2)  # held here: computed in the model thread
         local.drop(1, 2)  # the migration's drop lands in between

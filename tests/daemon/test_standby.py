@@ -18,7 +18,17 @@ import pytest
 
 from edgemoe.daemon.standby import COPIES, Epoch, Standby, ranked, standby_nodes
 
-from .conftest import MAX_NEW, PROMPTS, Cluster, Node, TinyModel, make_node, placed, wait_for
+from .conftest import (
+    MAX_NEW,
+    PROMPTS,
+    Cluster,
+    Node,
+    PeersWithoutClients,
+    TinyModel,
+    make_node,
+    placed,
+    wait_for,
+)
 
 
 def _store(node: Node) -> Path:
@@ -167,19 +177,6 @@ def test_a_node_stands_by_only_for_others_experts_and_skips_dead_ranks() -> None
         assert sum(k in after[m] for m in "abc") == COPIES
 
 
-class _OnePeer:
-    """One peer, alive (membership has not declared it dead), whose calls fail."""
-
-    def client(self, node_id: str) -> Any:
-        return None
-
-    def is_alive(self, node_id: str) -> bool:
-        return True
-
-    def report_failure(self, node_id: str) -> None:
-        return None
-
-
 def test_an_expert_whose_live_holders_all_failed_lately_is_computed_here(tiny: TinyModel) -> None:
     """Its holder still counts as alive but failed a call within SHUN_S: the expert is
     computed here from its shard rather than waiting on that holder again."""
@@ -205,7 +202,8 @@ def test_an_expert_whose_live_holders_all_failed_lately_is_computed_here(tiny: T
         await asyncio.to_thread(local.load, layer, expert)
 
     async def run() -> torch.Tensor:
-        router = Router("me", local, _OnePeer(), asyncio.get_running_loop(), DaemonMetrics(),
+        peers = PeersWithoutClients(alive=True)
+        router = Router("me", local, peers, asyncio.get_running_loop(), DaemonMetrics(),
                         fetch_and_load)  # fmt: skip
         router.set_holdings({(0, e): ("peer",) for e in range(manifest.num_experts)})
         assert router.pick(0, 1) == "peer"
