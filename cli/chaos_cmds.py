@@ -23,7 +23,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"availability with a majority connected: "
         f"{'n/a' if avail is None else f'{avail:.1%}'} of {report['with_majority']}; worst "
         f"heal to first success {_secs(worst)} ({_secs(after)} less the node's own downtime "
-        f"after the heal; boots {report.get('boots_s', [])} s); epochs decided "
+        f"after the heal; boots {report.get('boots_s', [])} s; "
+        f"{report.get('heals_cut_short', 0)} heals cut short by a later fault, longest "
+        f"{_secs(report.get('worst_cut_short_lower_bound_s'))} before it); epochs decided "
         f"{report['epochs_decided']}; shards checked {report['shards_checked']}",
     ]
     internal = report["internal_errors"]

@@ -234,11 +234,21 @@ def check_resources(resources: Iterable[Resources]) -> list[str]:
     return out
 
 
+def _next_hit(node: int, after: float, step: int, faults: Sequence[Fault]) -> float | None:
+    """When the next fault of a later step touches `node` (its target, or one end of a cut)."""
+    hits = [g.start for g in faults if g.kind != "boot" and g.step != step and g.start >= after
+            and (node in g.nodes or any(node in pair for pair in g.cuts))]  # fmt: skip
+    return min(hits, default=None)
+
+
 def heal_times(h: History) -> list[dict[str, Any]]:
     """Per heal and node: seconds from the heal to the node's first success after it (None
     when none came before the run ended); `boot_s`: the node's own restart until ready, when
     the heal restarted it (python, torch and the model load); `boot_left_s`: how long the node
-    stayed down after the heal (a boot still under way, or another fault of the step)."""
+    stayed down after the heal (a boot still under way, or another fault of the step).
+    `cut_short`: a later step's fault touched the node before that first success, so the
+    heal's own time is only known to exceed `seconds`, counted until that fault began (the
+    success that came after it measures the later fault, not this heal)."""
     rows = []
     for f in h.faults:
         if f.kind == "boot":
@@ -246,14 +256,19 @@ def heal_times(h: History) -> list[dict[str, Any]]:
         for node in range(h.nodes):
             ok = [r.end for r in h.requests if r.node == node and r.status == "ok"
                   and r.start >= f.end and r.end is not None]  # fmt: skip
+            first = min(ok, default=None)
+            hit = _next_hit(node, f.end, f.step, h.faults)
+            cut_short = hit is not None and (first is None or first > hit)
             boots = [b.end - b.start for b in h.faults if b.kind == "boot" and b.step == f.step
                      and node in b.nodes]  # fmt: skip
             # the node still down at this heal: booting (its restart, or an earlier one), or
             # held by another fault of the same step (a pause healed after a slow link)
             left = [b.end - f.end for b in h.faults if b.kind in NODE_DOWN and node in b.nodes
                     and b.start <= f.end < b.end]  # fmt: skip
+            end = hit if cut_short else first
             rows.append({"step": f.step, "kind": f.kind, "node": node,
-                         "seconds": min(ok) - f.end if ok else None,
+                         "seconds": end - f.end if end is not None else None,
+                         "cut_short": cut_short,
                          "boot_s": boots[0] if boots else None,
                          "boot_left_s": max(left, default=0.0)})  # fmt: skip
     return rows
@@ -277,12 +292,13 @@ def check(h: History) -> dict[str, Any]:
     violations = (wrong_v + hung_v + check_agreement([*h.snapshots, *h.final])
                   + check_convergence(h.final) + never + check_disks(h.shards)
                   + check_exits(h.exits) + check_resources(h.resources))  # fmt: skip
-    measured = [row["seconds"] for row in heals if row["seconds"] is not None]
+    whole = [row for row in heals if row["seconds"] is not None and not row["cut_short"]]
+    measured = [row["seconds"] for row in whole]
     # the same, less the time the node itself stayed down after the heal (its boot: python,
     # torch, the model; or another fault of the step): what the cluster adds once the box is
     # back (the goal is judged on `measured`, boot included)
-    after_boot = [row["seconds"] - row["boot_left_s"] for row in heals
-                  if row["seconds"] is not None]  # fmt: skip
+    after_boot = [row["seconds"] - row["boot_left_s"] for row in whole]
+    short = [row["seconds"] for row in heals if row["cut_short"]]
     succeeded = sum(r.status == "ok" for r in majority)
     epochs = {int((s.view.get("placement") or {}).get("epoch") or 0)
               for s in [*h.snapshots, *h.final]} - {0}  # fmt: skip
@@ -300,6 +316,9 @@ def check(h: History) -> dict[str, Any]:
         "heal_to_success": heals,
         "worst_heal_to_success_s": max(measured) if measured else None,
         "worst_heal_to_success_after_boot_s": max(after_boot) if after_boot else None,
+        # heals a later fault cut short: how many, and the longest time known to have passed
+        "heals_cut_short": len(short),
+        "worst_cut_short_lower_bound_s": max(short) if short else None,
         "boots_s": sorted(round(f.end - f.start, 1) for f in h.faults if f.kind == "boot"),
         "epochs_decided": len(epochs),
         "shards_checked": len(h.shards),

@@ -92,6 +92,27 @@ def test_a_heal_while_another_fault_still_holds_the_node_counts_that_apart() -> 
     assert slow_node1[0]["seconds"] == 5.0 and slow_node1[0]["boot_left_s"] == 4.0
 
 
+def test_a_heal_cut_short_by_a_later_fault_on_the_node_is_a_lower_bound_apart() -> None:
+    """Node 1 restarted at 20 s is cut off by a partition from 24 s to 34 s before its first
+    success at 35 s: that success measures the partition's heal, not the restart's."""
+    h = _clean()
+    h.faults = [Fault(step=0, kind="kill", start=10.0, end=20.0, nodes=(1,)),
+                Fault(step=0, kind="boot", start=20.0, end=23.0, nodes=(1,)),
+                Fault(step=1, kind="partition", start=24.0, end=34.0, cuts=((0, 1), (1, 2)))]
+    h.requests = [r for r in h.requests if r.start < 10]
+    for node, start in ((0, 21.0), (2, 21.0), (0, 34.5), (1, 34.5), (2, 34.5)):
+        h.requests.append(Request(node=node, prompt="hello", max_tokens=4, start=start,
+                                  end=start + 0.5, deadline_s=10, status="ok",
+                                  token_ids=tuple(REF["hello"])))  # fmt: skip
+    report = check(h)
+    rows = {(r["step"], r["node"]): r for r in report["heal_to_success"]}
+    assert rows[(0, 1)]["cut_short"] and rows[(0, 1)]["seconds"] == 4.0  # 20 s to 24 s
+    assert not rows[(0, 0)]["cut_short"] and rows[(0, 0)]["seconds"] == 1.5  # before 24 s
+    assert rows[(1, 1)]["seconds"] == 1.0 and not rows[(1, 1)]["cut_short"]
+    assert report["worst_heal_to_success_s"] == 1.5  # whole heals only
+    assert (report["heals_cut_short"], report["worst_cut_short_lower_bound_s"]) == (1, 4.0)
+
+
 def test_one_wrong_token_once_is_a_violation() -> None:
     h = _clean()
     r = h.requests[7]
