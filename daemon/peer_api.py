@@ -173,8 +173,13 @@ async def _read_body(request: web.Request, env: Envelope, limit: int) -> bytes:
                         f"{limit}", 413)  # fmt: skip
     check = BodyCheck(env, limit)
     if request.can_read_body:
-        async for chunk in request.content.iter_chunked(1 << 16):
-            check.feed(chunk)
+        try:
+            async for chunk in request.content.iter_chunked(1 << 16):
+                check.feed(chunk)
+        except ConnectionResetError:
+            # a sender killed mid-request: one line, not aiohttp's traceback per connection
+            log.info("peer %s at %s hung up mid-body", env.sender, request.remote)
+            raise WireError("connection lost mid-body", 400) from None
     return check.finish()
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import socket
+import struct
 import threading
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from edgemoe.daemon.wire import (
     HDR_NONCE,
     HDR_TIME,
     REPLAY_WINDOW_S,
+    SEALED,
     Envelope,
     ReplayGuard,
     UnauthenticatedResponse,
@@ -205,6 +207,25 @@ def test_unauthenticated_bodies_are_never_read(solo: Node) -> None:
     assert growth_mb < 20, growth_mb
     status, body = solo.request("GET", "/v1/models")
     assert status == 200, body  # still serving
+
+
+def test_a_peer_that_hangs_up_mid_body_costs_one_line_not_a_traceback(solo: Node) -> None:
+    """A signed POST whose sender dies halfway through its body (kill -9 mid-request, as the
+    chaos runs do) is refused quietly: no aiohttp traceback per lost connection in the log."""
+    body = b"\x00" * (1 << 20)
+    headers = request_headers(KEYS, C, solo.node_id, "POST", "/v1/gossip", body, seal=SEALED)
+    tracebacks = solo.log_path.read_text(errors="replace").count("Traceback")
+    head = f"POST /v1/gossip HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    with socket.create_connection(("127.0.0.1", solo.port), timeout=5) as s:
+        s.sendall(head.encode() + body[: len(body) // 2])
+        time.sleep(0.3)  # the node is reading the body when the sender goes
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+    wait_for(lambda: "mid-body" in solo.log_path.read_text(errors="replace"), 10,
+             "the lost connection to be logged")  # fmt: skip
+    assert solo.log_path.read_text(errors="replace").count("Traceback") == tracebacks
+    status, _ = solo.request("GET", "/v1/models")
+    assert status == 200  # still serving
 
 
 def _raw_peer(node: Node, path: str, headers: dict[str, str]) -> tuple[int, object]:
