@@ -17,6 +17,9 @@ from typing import Any
 # Nemesis kinds that take a node out of the cluster for their duration; "boot" is a
 # (re)started daemon's time until it says it is ready, recorded by the runner, not a fault.
 NODE_DOWN = ("kill", "pause", "leave", "boot")
+# Seconds between one down fault's end and the next one's start that still make one stretch
+# of downtime (the runner starts the boot as the leave it heals ends, a few ms apart).
+ADJACENT_S = 0.5
 # A daemon's RSS at the end may be this many times its RSS after warm-up.
 RSS_GROWTH_MAX = 1.5
 # Threads and fds may grow by this factor plus this many before they count as leaked.
@@ -241,11 +244,25 @@ def _next_hit(node: int, after: float, step: int, faults: Sequence[Fault]) -> fl
     return min(hits, default=None)
 
 
+def _back_up(node: int, t: float, faults: Sequence[Fault]) -> float:
+    """When `node`, down at `t` or not, is up again: the end of the chain of its own down
+    faults covering `t` (a leave, then the restart's boot; a pause healed after a slow link),
+    each starting at most ADJACENT_S after the one before ends."""
+    up = t
+    while True:
+        later = [g.end for g in faults if g.kind in NODE_DOWN and node in g.nodes
+                 and g.start <= up + ADJACENT_S and g.end > up]  # fmt: skip
+        if not later:
+            return up
+        up = max(later)
+
+
 def heal_times(h: History) -> list[dict[str, Any]]:
     """Per heal and node: seconds from the heal to the node's first success after it (None
     when none came before the run ended); `boot_s`: the node's own restart until ready, when
     the heal restarted it (python, torch and the model load); `boot_left_s`: how long the node
-    stayed down after the heal (a boot still under way, or another fault of the step).
+    stayed down after the heal (a boot still under way, a leave and then its restart's boot,
+    or another fault of the step).
     `cut_short`: a later step's fault touched the node before that first success, so the
     heal's own time is only known to exceed `seconds`, counted until that fault began (the
     success that came after it measures the later fault, not this heal)."""
@@ -261,16 +278,13 @@ def heal_times(h: History) -> list[dict[str, Any]]:
             cut_short = hit is not None and (first is None or first > hit)
             boots = [b.end - b.start for b in h.faults if b.kind == "boot" and b.step == f.step
                      and node in b.nodes]  # fmt: skip
-            # the node still down at this heal: booting (its restart, or an earlier one), or
-            # held by another fault of the same step (a pause healed after a slow link)
-            left = [b.end - f.end for b in h.faults if b.kind in NODE_DOWN and node in b.nodes
-                    and b.start <= f.end < b.end]  # fmt: skip
+            up = _back_up(node, f.end, h.faults)
             end = hit if cut_short else first
             rows.append({"step": f.step, "kind": f.kind, "node": node,
                          "seconds": end - f.end if end is not None else None,
                          "cut_short": cut_short,
                          "boot_s": boots[0] if boots else None,
-                         "boot_left_s": max(left, default=0.0)})  # fmt: skip
+                         "boot_left_s": up - f.end})  # fmt: skip
     return rows
 
 

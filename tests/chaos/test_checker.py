@@ -92,6 +92,25 @@ def test_a_heal_while_another_fault_still_holds_the_node_counts_that_apart() -> 
     assert slow_node1[0]["seconds"] == 5.0 and slow_node1[0]["boot_left_s"] == 4.0
 
 
+def test_own_downtime_runs_through_a_leave_and_the_boot_that_follows_it() -> None:
+    """One step: node 2 killed 10-14 s, node 1 leaving 10-20 s and booting 20-30 s; node 1's
+    first success at 31 s is 17 s after the kill's heal, of which it was down 16 s."""
+    h = _clean()
+    h.faults = [Fault(step=0, kind="kill", start=10.0, end=14.0, nodes=(2,)),
+                Fault(step=0, kind="boot", start=14.0, end=18.0, nodes=(2,)),
+                Fault(step=0, kind="leave", start=10.0, end=20.0, nodes=(1,)),
+                Fault(step=0, kind="boot", start=20.002, end=30.0, nodes=(1,))]  # fmt: skip
+    h.requests = [r for r in h.requests if r.start < 10]
+    for node, start in ((0, 15.0), (2, 19.0), (1, 30.5)):
+        h.requests.append(Request(node=node, prompt="hello", max_tokens=4, start=start,
+                                  end=start + 0.5, deadline_s=10, status="ok",
+                                  token_ids=tuple(REF["hello"])))  # fmt: skip
+    rows = {(r["kind"], r["node"]): r for r in check(h)["heal_to_success"]}
+    assert rows[("kill", 1)]["seconds"] == 17.0 and rows[("kill", 1)]["boot_left_s"] == 16.0
+    assert rows[("leave", 1)]["boot_left_s"] == 10.0  # from the leave's heal: its boot
+    assert rows[("kill", 0)]["boot_left_s"] == 0.0
+
+
 def test_a_heal_cut_short_by_a_later_fault_on_the_node_is_a_lower_bound_apart() -> None:
     """Node 1 restarted at 20 s is cut off by a partition from 24 s to 34 s before its first
     success at 35 s: that success measures the partition's heal, not the restart's."""
