@@ -30,16 +30,18 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from edgemoe.daemon import diagnosis
+from edgemoe.daemon import delegation, diagnosis
 from edgemoe.daemon.engine import Busy, GenerationParams, GenerationResult
-from edgemoe.daemon.peer_api import DAEMON_KEY, error
+from edgemoe.daemon.peer_api import DAEMON_KEY, Call, Reply, authenticated, error
 from edgemoe.daemon.peers import PeerError
 from edgemoe.daemon.remote import ExpertsUnavailable
 from edgemoe.daemon.startup import is_loopback
+from edgemoe.daemon.wire import SEAL_OVERHEAD, WireError, pack, unpack
 
 if TYPE_CHECKING:
     from edgemoe.daemon.node import Daemon
@@ -304,11 +306,6 @@ def _guard(handler=None, *, admin: bool = False):  # type: ignore[no-untyped-def
     return wrapped
 
 
-def _ready(d: Daemon) -> None:
-    if d.engine is None:
-        raise BadRequest("this node is still loading the model; retry shortly", 503)
-
-
 @_guard
 async def models(request: web.Request) -> web.StreamResponse:
     d = _daemon(request)
@@ -324,31 +321,55 @@ async def models(request: web.Request) -> web.StreamResponse:
     )
 
 
-async def _completion(request: web.Request, chat: bool) -> web.StreamResponse:
-    d = _daemon(request)
-    _ready(d)
-    body = await _json_body(request)
+@dataclass(frozen=True)
+class _Job:
+    """A completion request that passed every check, with its answer's identity."""
+
+    ids: list[int]
+    params: GenerationParams
+    chat: bool
+    model: str
+    rid: str
+    created: int
+
+
+def _job(d: Daemon, body: dict[str, Any], chat: bool) -> _Job:
     model = _check_model(d, body)
     params = _params(body)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise BadRequest("stream must be true or false")
     ids = _chat_ids(d, body) if chat else _prompt_ids(d, body)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-    created = int(time.time())
-    kind = "chat.completion" if chat else "text_completion"
+    return _Job(ids, params, chat, model, rid, int(time.time()))
+
+
+def _admit(d: Daemon) -> Any:
     assert d.engine is not None
     try:
-        slot = d.engine.admit()
+        return d.engine.admit()
     except Busy as exc:
         d.metrics.busy.inc()
         raise BadRequest(str(exc), 429, {"Retry-After": str(exc.retry_after)}) from None
+
+
+async def _completion(request: web.Request, chat: bool) -> web.StreamResponse:
+    d = _daemon(request)
+    body = await _json_body(request)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest("stream must be true or false")
+    if d.engine is None:
+        return await _delegated(request, d, body, chat=chat, stream=stream)
+    job = _job(d, body, chat)
+    slot = _admit(d)
     cancel = threading.Event()
     watch = asyncio.ensure_future(_watch_client(request, cancel))
     with slot:
         try:
-            return await _answer(request, d, ids, params, cancel, chat=chat, stream=stream,
-                                 rid=rid, created=created, kind=kind, model=model)  # fmt: skip
+            if stream:
+                return await _streamed(request, d, job, cancel)
+            result = await _generate(d, job.ids, job.params, cancel)
+            if result.finish_reason == "cancelled":  # nobody is left to read an answer
+                raise BadRequest("the client closed the connection", 499)
+            return web.json_response(_whole(d, job, result))
         finally:
             watch.cancel()
 
@@ -360,70 +381,79 @@ async def _watch_client(request: web.Request, cancel: threading.Event) -> None:
     cancel.set()
 
 
-async def _answer(
-    request: web.Request,
-    d: Daemon,
-    ids: list[int],
-    params: GenerationParams,
-    cancel: threading.Event,
-    *,
-    chat: bool,
-    stream: bool,
-    rid: str,
-    created: int,
-    kind: str,
-    model: str,
-) -> web.StreamResponse:
-    assert d.engine is not None
-    if not stream:
-        result = await _generate(d, ids, params, cancel)
-        if result.finish_reason == "cancelled":  # nobody is left to read an answer
-            raise BadRequest("the client closed the connection", 499)
-        choice: dict[str, Any] = {
-            "index": 0,
-            "finish_reason": result.finish_reason,
-            "token_ids": result.token_ids,
-        }
-        if chat:
-            choice["message"] = {"role": "assistant", "content": result.text}
-        else:
-            choice.update(text=result.text, logprobs=None)
-        return web.json_response(
-            {
-                "id": rid,
-                "object": kind,
-                "created": created,
-                "model": model,
-                "node_id": d.node_id,
-                "choices": [choice],
-                "usage": _usage(result),
-            }
-        )
-    resp = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-    )
-    await resp.prepare(request)
-    chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+def _whole(d: Daemon, job: _Job, result: GenerationResult) -> dict[str, Any]:
+    """The answer of a request that did not ask to stream."""
+    choice: dict[str, Any] = {
+        "index": 0,
+        "finish_reason": result.finish_reason,
+        "token_ids": result.token_ids,
+    }
+    if job.chat:
+        choice["message"] = {"role": "assistant", "content": result.text}
+    else:
+        choice.update(text=result.text, logprobs=None)
+    return {
+        "id": job.rid,
+        "object": "chat.completion" if job.chat else "text_completion",
+        "created": job.created,
+        "model": job.model,
+        "node_id": d.node_id,
+        "choices": [choice],
+        "usage": _usage(result),
+    }
 
-    async def send(delta: str, tok: list[int], finish: str | None) -> None:
+
+class _Events:
+    """A streamed answer: OpenAI's chunk objects as server-sent events, then [DONE]."""
+
+    def __init__(self, request: web.Request, *, chat: bool, rid: str, created: int,
+                 model: str, node_id: str) -> None:  # fmt: skip
+        self.request, self.chat = request, chat
+        self.head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                     "created": created, "model": model}  # fmt: skip
+        self.node_id = node_id
+        self.resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+
+    async def start(self) -> None:
+        await self.resp.prepare(self.request)
+        if self.chat:
+            first = {"index": 0, "delta": {"role": "assistant", "content": ""},
+                     "finish_reason": None}  # fmt: skip
+            await self._write({**self.head, "choices": [first]})
+
+    async def send(self, delta: str, tok: list[int], finish: str | None) -> None:
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "token_ids": tok}
-        if chat:
+        if self.chat:
             choice["delta"] = {"content": delta} if finish is None else {}
         else:
             choice.update(text=delta, logprobs=None)
-        event = {"id": rid, "object": chunk_kind, "created": created, "model": model,
-                 "node_id": d.node_id, "choices": [choice]}  # fmt: skip
-        await resp.write(f"data: {json.dumps(event)}\n\n".encode())
+        await self._write({**self.head, "node_id": self.node_id, "choices": [choice]})
 
-    if chat:
-        first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-        event = {"id": rid, "object": chunk_kind, "created": created, "model": model,
-                 "choices": [first]}  # fmt: skip
-        await resp.write(f"data: {json.dumps(event)}\n\n".encode())
+    async def error(self, message: str, code: int) -> None:
+        """A failure after the headers went out goes into the stream."""
+        await self._write({"error": {"message": message, "code": code}})
+
+    async def finish(self) -> web.StreamResponse:
+        await self.resp.write(b"data: [DONE]\n\n")
+        await self.resp.write_eof()
+        return self.resp
+
+    async def _write(self, event: dict[str, Any]) -> None:
+        await self.resp.write(f"data: {json.dumps(event)}\n\n".encode())
+
+
+async def _streamed(request: web.Request, d: Daemon, job: _Job,
+                    cancel: threading.Event) -> web.StreamResponse:  # fmt: skip
+    assert d.engine is not None
+    events = _Events(request, chat=job.chat, rid=job.rid, created=job.created, model=job.model,
+                     node_id=d.node_id)  # fmt: skip
+    await events.start()
     done: list[GenerationResult] = []
     produced: list[int] = []
     text_so_far = ""
-    tokens = d.stream(ids, params, done.append, cancel)
+    tokens = d.stream(job.ids, job.params, done.append, cancel)
     try:
         async with contextlib.aclosing(tokens):  # closing it stops the generation
             async for tok in _progressing(tokens, cancel):
@@ -433,27 +463,111 @@ async def _answer(
                 stable = text.rstrip("\ufffd") if text.startswith(text_so_far) else text
                 delta = stable[len(text_so_far) :] if stable.startswith(text_so_far) else ""
                 text_so_far += delta
-                await send(delta, [tok], None)
+                await events.send(delta, [tok], None)
         rest = d.engine.decode(produced)[len(text_so_far) :]
         if rest:
-            await send(rest, [], None)
-        await send("", [], done[0].finish_reason if done else "length")
+            await events.send(rest, [], None)
+        await events.send("", [], done[0].finish_reason if done else "length")
     except ConnectionError:  # the client went away: nothing left to tell it
-        return resp
+        return events.resp
     except BadRequest as exc:  # stalled: headers are out, the error goes into the stream
-        message = {"error": {"message": str(exc), "code": exc.status}}
-        await resp.write(f"data: {json.dumps(message)}\n\n".encode())
+        await events.error(str(exc), exc.status)
     except PEER_FAILURES as exc:
-        message = {"error": {"message": f"peers could not compute this request: {exc}",
-                             "code": 503}}  # fmt: skip
-        await resp.write(f"data: {json.dumps(message)}\n\n".encode())
+        await events.error(f"peers could not compute this request: {exc}", 503)
     except Exception as exc:  # headers are out: the failure goes into the stream
         log.exception("streamed generation failed")
-        message = {"error": {"message": f"{type(exc).__name__}: {exc}", "code": 500}}
-        await resp.write(f"data: {json.dumps(message)}\n\n".encode())
-    await resp.write(b"data: [DONE]\n\n")
-    await resp.write_eof()
-    return resp
+        await events.error(f"{type(exc).__name__}: {exc}", 500)
+    return await events.finish()
+
+
+# ---- while this node loads: a peer answers (delegation.py) ------------------------------------
+
+
+async def _delegated(request: web.Request, d: Daemon, body: dict[str, Any], *, chat: bool,
+                     stream: bool) -> web.StreamResponse:  # fmt: skip
+    """This node has no model in memory yet: a ready peer computes the answer, which is
+    passed on (streamed requests get it as one chunk)."""
+    try:
+        pack(body)
+    except (OverflowError, TypeError, ValueError) as exc:
+        raise BadRequest(f"body cannot be passed to a peer: {exc}") from None
+    ask = asyncio.ensure_future(d.delegation.ask(d.sources(), chat, {**body, "stream": False}))
+    gone = asyncio.ensure_future(_watch_client(request, threading.Event()))
+    try:
+        await asyncio.wait({ask, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not ask.done():
+            ask.cancel()
+    if ask.cancelled():
+        raise BadRequest("the client closed the connection", 499)
+    reply = ask.result()
+    if reply is None:
+        raise BadRequest("this node is still loading the model and no peer could answer for "
+                         "it; retry shortly", 503,
+                         {"Retry-After": str(UNAVAILABLE_RETRY_S)})  # fmt: skip
+    answer, status = reply["answer"], reply["status"]
+    if status != 200:
+        message = answer.get("error", {}).get("message") if isinstance(answer.get("error"),
+                                                                      dict) else None  # fmt: skip
+        raise BadRequest(str(message or "refused by the peer"),
+                         status if 400 <= status < 500 else 502)  # fmt: skip
+    d.metrics.delegated.inc()
+    if not stream:
+        return web.json_response(answer)
+    try:
+        choice = answer["choices"][0]
+        text = choice["message"]["content"] if chat else choice["text"]
+        events = _Events(request, chat=chat, rid=answer["id"], created=answer["created"],
+                         model=answer["model"], node_id=answer["node_id"])  # fmt: skip
+        tokens, finish = list(choice["token_ids"]), choice["finish_reason"]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise BadRequest(f"the peer's answer is malformed ({exc!r})", 502) from None
+    await events.start()
+    await events.send(str(text), tokens, None)
+    await events.send("", [], finish)
+    return await events.finish()
+
+
+async def generate_for_peer(request: web.Request, call: Call) -> Reply:
+    """A loading peer's client's completion (`delegation`), checked and computed as if asked
+    here, answered whole: {"status", "answer"}. The request's own faults are answered (the
+    same anywhere); a reason to ask another peer (loading, busy, stuck) is an HTTP error."""
+    d = _daemon(request)
+    if d.engine is None:
+        raise WireError("this node is still loading the model", 503)
+    req = unpack(call.body)
+    if not (isinstance(req, dict) and isinstance(req.get("chat"), bool)
+            and isinstance(req.get("body"), dict)):  # fmt: skip
+        raise WireError("a delegated completion needs chat (a bool) and body (an object)")
+    try:
+        job = _job(d, req["body"], req["chat"])
+        slot = _admit(d)
+    except BadRequest as exc:
+        if exc.status == 429:
+            raise WireError(str(exc), 429) from None
+        refused = {"error": {"message": str(exc), "code": exc.status}}
+        return Reply(200, pack({"status": exc.status, "answer": refused}))
+    cancel = threading.Event()
+    watch = asyncio.ensure_future(_watch_client(request, cancel))
+    with slot:
+        try:
+            result = await _generate(d, job.ids, job.params, cancel)
+        except BadRequest as exc:  # stalled
+            raise WireError(str(exc), exc.status) from None
+        except PEER_FAILURES as exc:
+            raise WireError(f"peers could not compute this request: {exc}", 503) from None
+        finally:
+            watch.cancel()
+    if result.finish_reason == "cancelled":
+        raise WireError("the asking peer closed the connection", 499)
+    d.metrics.generated_for_peers.inc()
+    return Reply(200, pack({"status": 200, "answer": _whole(d, job, result)}))
+
+
+def _delegated_limit(d: Daemon) -> int:
+    """msgpack of a client body: at most ~2.3x its JSON (a float as "0," is 9 bytes)."""
+    return 3 * MAX_CLIENT_BODY + SEAL_OVERHEAD + 4096
 
 
 async def _progressing(tokens: AsyncIterator[int], cancel: threading.Event
@@ -547,3 +661,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/cluster", cluster)
     app.router.add_post("/v1/cluster/migrate", migrate)
+    app.router.add_post(delegation.PATH, authenticated(generate_for_peer, _delegated_limit))

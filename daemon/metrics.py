@@ -30,6 +30,16 @@ class DaemonMetrics:
             "Generations stopped because the client went away",
             registry=r,
         )
+        self.delegated = Counter(
+            "edgemoe_delegated_completions",
+            "Completions a ready peer answered for this node's clients while it loaded",
+            registry=r,
+        )
+        self.generated_for_peers = Counter(
+            "edgemoe_completions_for_peers",
+            "Completions computed here for a loading peer's clients",
+            registry=r,
+        )
         self.busy = Counter(
             "edgemoe_generations_refused_busy",
             "Generation requests answered 429: the node's admission limit was reached",

@@ -20,6 +20,7 @@ from aiohttp import web
 from edgemoe.daemon import client_api, diagnosis, peer_api
 from edgemoe.daemon.cluster_driver import HANDOVER_TIMEOUT_S, ClusterDriver
 from edgemoe.daemon.config import DaemonConfig, dirs_to_create
+from edgemoe.daemon.delegation import Delegation
 from edgemoe.daemon.discovery import Discovery
 from edgemoe.daemon.engine import GenerationParams, GenerationResult, InferenceEngine
 from edgemoe.daemon.http_server import KEEPALIVE_S, ConnectionGuard, GuardedSite
@@ -105,6 +106,7 @@ class Daemon:
         # nodes that fetch the model learn epochs from their peers.
         self.seeded = self.store.ready()
         self.peers: dict[str, Peer] = {}
+        self.delegation = Delegation()  # who answers our clients while we load
         self.started = int(time.time())
         self.url = config.url
         self.local: LocalExperts | None = None

@@ -1,8 +1,9 @@
-"""Peer endpoints: expert RPC, shard streaming, manifest, hello, gossip.
+"""Peer endpoints: expert RPC, shard streaming, manifest, hello, gossip (and, registered by
+the client API, a completion asked for a loading peer's client).
 
-Every route goes through `_route`: the authentication headers are checked before any of the
-body is read (so a stranger costs a header parse), then the body is read up to the route's
-own limit while its sha256 is compared with the signed one; a sealed body is opened. Every
+Every route goes through `authenticated`: the authentication headers are checked before any
+of the body is read (so a stranger costs a header parse), then the body is read up to the
+route's own limit while its sha256 is compared with the signed one; a sealed body is opened. Every
 answer, errors included, is signed for the request's nonce (`wire.response_headers`) and
 sealed when the request was. Any problem is a 4xx with a JSON reason, and nothing is written
 to disk by a peer request.
@@ -79,7 +80,7 @@ def _daemon(request: web.Request) -> Daemon:
 
 
 def error(status: int, reason: str) -> web.Response:
-    """A JSON error (the client API's form; peer routes sign it in `_route`)."""
+    """A JSON error (the client API's form; peer routes sign it in `authenticated`)."""
     return web.json_response({"error": {"message": reason, "code": status}}, status=status)
 
 
@@ -124,7 +125,8 @@ class PeerGate:
 Route = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _route(handler: Handler, limit: Callable[[Daemon], int], *, any_dest: bool = False) -> Route:
+def authenticated(handler: Handler, limit: Callable[[Daemon], int], *,
+                  any_dest: bool = False) -> Route:  # fmt: skip
     """Authenticate, read and open the body, call `handler`, sign (and seal) its answer."""
 
     async def route(request: web.Request) -> web.StreamResponse:
@@ -299,10 +301,10 @@ async def gossip(request: web.Request, call: Call) -> Reply:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/experts/forward", _route(_forward, _forward_limit))
-    app.router.add_get("/v1/shards/{layer}/{expert}", _route(shard, _no_body))
-    app.router.add_get("/v1/dense", _route(dense, _no_body))
-    app.router.add_get("/v1/files/{name}", _route(side_file, _no_body))
-    app.router.add_get("/v1/manifest", _route(manifest, _no_body))
-    app.router.add_get("/v1/hello", _route(hello, _no_body, any_dest=True))
-    app.router.add_post("/v1/gossip", _route(gossip, _gossip_limit))
+    app.router.add_post("/v1/experts/forward", authenticated(_forward, _forward_limit))
+    app.router.add_get("/v1/shards/{layer}/{expert}", authenticated(shard, _no_body))
+    app.router.add_get("/v1/dense", authenticated(dense, _no_body))
+    app.router.add_get("/v1/files/{name}", authenticated(side_file, _no_body))
+    app.router.add_get("/v1/manifest", authenticated(manifest, _no_body))
+    app.router.add_get("/v1/hello", authenticated(hello, _no_body, any_dest=True))
+    app.router.add_post("/v1/gossip", authenticated(gossip, _gossip_limit))
