@@ -10,6 +10,9 @@ there, an unset api_token leaves the client routes open to local processes, and 
 admin_token lets the admin routes take the inference token (or none when that is unset too),
 from loopback peers only, so a reverse proxy on another address cannot lend them out.
 
+While this node loads its model, a ready peer answers its completions (`delegation.py`; the
+peer's side is `generate_for_peer`, a signed peer route).
+
 A generation is admitted only while the node has a free slot (engine.MAX_ADMITTED; else 429 with
 Retry-After) and is cancelled when its client goes away, streamed or not: the connection is
 watched while the answer is computed, and the worker stops at its next token.
@@ -36,12 +39,11 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from edgemoe.daemon import delegation, diagnosis
-from edgemoe.daemon.engine import Busy, GenerationParams, GenerationResult
 from edgemoe.daemon.peer_api import DAEMON_KEY, Call, Reply, authenticated, error
-from edgemoe.daemon.peers import PeerError
-from edgemoe.daemon.remote import ExpertsUnavailable
+from edgemoe.daemon.peers import ExpertsUnavailable, PeerError
 from edgemoe.daemon.startup import is_loopback
 from edgemoe.daemon.wire import SEAL_OVERHEAD, WireError, pack, unpack
+from edgemoe.model.generation import Busy, GenerationParams, GenerationResult
 
 if TYPE_CHECKING:
     from edgemoe.daemon.node import Daemon

@@ -19,8 +19,9 @@ from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any
 
-from edgemoe.model.batching import BatchScheduler, GenerationParams, GenerationResult, Request
+from edgemoe.model.batching import BatchScheduler, Request
 from edgemoe.model.executor import ExpertDirectory
+from edgemoe.model.generation import Busy, GenerationParams, GenerationResult
 from edgemoe.model.runtime import load_distributed_model
 
 # Rows decoded together in one forward pass. A step's cost grows slowly with its rows (the
@@ -33,21 +34,7 @@ MAX_BATCH = 16
 # with Retry-After.
 MAX_WAITING = 8
 MAX_ADMITTED = MAX_BATCH + MAX_WAITING
-# Seconds a refused client is asked to wait (Retry-After) before trying again.
-RETRY_AFTER_S = 2
-
 __all__ = ["MAX_ADMITTED", "Busy", "GenerationParams", "GenerationResult", "InferenceEngine"]
-
-
-class Busy(Exception):
-    """The node already admitted `MAX_ADMITTED` generations."""
-
-    def __init__(self, admitted: int) -> None:
-        super().__init__(
-            f"this node is busy ({admitted} generations running or waiting); "
-            f"retry in {RETRY_AFTER_S} s"
-        )
-        self.retry_after = RETRY_AFTER_S
 
 
 class InferenceEngine:

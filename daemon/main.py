@@ -11,7 +11,7 @@ import asyncio
 import logging
 import signal
 
-from edgemoe.daemon.config import DaemonConfig, torch_threads
+from edgemoe.daemon.config import DaemonConfig
 from edgemoe.daemon.startup import EXIT_CANNOT_START, StartupError
 
 
@@ -52,9 +52,6 @@ def run_daemon(config: DaemonConfig) -> int:
     )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("aiohttp.server").addFilter(_MalformedRequests())
-    import torch
-
-    torch.set_num_threads(torch_threads(config))
     try:
         return asyncio.run(_serve(config))
     except StartupError as exc:

@@ -11,10 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING
 
 from edgemoe.daemon.peers import PeerError
 from edgemoe.daemon.store import CorruptShard
-from edgemoe.model.local import LocalExperts
+
+if TYPE_CHECKING:
+    from edgemoe.model.local import LocalExperts
 
 log = logging.getLogger(__name__)
 Expert = tuple[int, int]

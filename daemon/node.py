@@ -1,6 +1,11 @@
 """`Daemon`: one edgemoe node, wiring the store, discovery, peers, cluster driver, expert RPC,
 inference engine and the HTTP API together. Lifecycle: ``async with Daemon(config):`` or
 ``await start()`` / ``await stop()``.
+
+The port opens before torch, transformers and the model's code are imported (seconds of CPU,
+three times that on a busy box): they load on a thread while the node finds its peers, and
+until the model is in memory a ready peer answers this node's clients (`delegation.py`). So
+this module and those it imports at the top stay free of torch.
 """
 
 from __future__ import annotations
@@ -12,35 +17,34 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from aiohttp import web
 
 from edgemoe.daemon import client_api, diagnosis, peer_api
 from edgemoe.daemon.cluster_driver import HANDOVER_TIMEOUT_S, ClusterDriver
-from edgemoe.daemon.config import DaemonConfig, dirs_to_create
+from edgemoe.daemon.config import DaemonConfig, dirs_to_create, torch_threads
 from edgemoe.daemon.delegation import Delegation
 from edgemoe.daemon.discovery import Discovery
-from edgemoe.daemon.engine import GenerationParams, GenerationResult, InferenceEngine
 from edgemoe.daemon.http_server import KEEPALIVE_S, ConnectionGuard, GuardedSite
 from edgemoe.daemon.identity import load_or_create_node_id
 from edgemoe.daemon.metrics import DaemonMetrics
 from edgemoe.daemon.peers import PeerClient, PeerError
-from edgemoe.daemon.per_expert import remote_executor_factory
-from edgemoe.daemon.remote import LocalShareTap, Router
-from edgemoe.daemon.replay import replay_from_config
-from edgemoe.daemon.rpc import ExpertService
 from edgemoe.daemon.standby import Epoch, Standby, epoch_of, ranked
 from edgemoe.daemon.startup import StartupError, check_exposure, claim_dir
 from edgemoe.daemon.store import CorruptShard, ShardFetcher, ShardStore
 from edgemoe.daemon.supervisor import Supervisor
 from edgemoe.daemon.tls import server_context
 from edgemoe.daemon.wire import MAX_PEER_BODY, ReplayGuard, keys_for
-from edgemoe.model.local import LocalExperts
-from edgemoe.model.manifest import Manifest
-from edgemoe.model.shard import DENSE_NAME
+from edgemoe.model.generation import GenerationParams, GenerationResult
+from edgemoe.model.manifest import DENSE_NAME, Manifest
 from edgemoe.stats.recorder import ActivationRecorder
+
+if TYPE_CHECKING:
+    from edgemoe.daemon.engine import InferenceEngine
+    from edgemoe.daemon.remote import LocalShareTap, Router
+    from edgemoe.daemon.rpc import ExpertService
+    from edgemoe.model.local import LocalExperts
 
 log = logging.getLogger(__name__)
 SEED_WAIT_S = 3.0
@@ -62,8 +66,24 @@ class Peer:
     trusted: bool = False
 
 
+def load_libraries(threads: int) -> None:
+    """Import what computing needs (torch, transformers, the engine and expert modules; the
+    model family's own module loads with the model) and size torch's thread pool."""
+    import torch
+
+    import edgemoe.daemon.engine
+    import edgemoe.daemon.per_expert
+    import edgemoe.daemon.remote
+    import edgemoe.daemon.replay
+    import edgemoe.daemon.rpc  # noqa: F401
+
+    torch.set_num_threads(threads)
+
+
 def resolve_device(name: str) -> str:
     if name == "auto":
+        import torch
+
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
 
@@ -98,7 +118,7 @@ class Daemon:
         self.peer_gate = peer_api.PeerGate()
         self.metrics = DaemonMetrics()
         self.supervisor = Supervisor(self._task_failed)
-        self.device = resolve_device(config.device)
+        self.device = config.device  # "auto" resolved once torch is loaded
         self.store = ShardStore(store_root(config))
         self.fetcher = ShardFetcher(self.store, on_bytes=self._fetched)
         self.bytes_fetched = 0
@@ -406,23 +426,24 @@ class Daemon:
 
     async def _bootstrap(self) -> None:
         """Get the manifest and the dense part (from peers if needed), then load and serve."""
-        if not self.store.ready() and self._seed_tasks:
-            # let every answering seed be known first, so the dense part comes from all of them
-            await asyncio.wait(self._seed_tasks, timeout=SEED_WAIT_S)
-        while not self.store.ready():
-            if not any(p.trusted for p in self.peers.values()):
-                self.phase = "no model here and no peer found yet"
-                self._peer_event.clear()
-                await self._peer_event.wait()
-                continue
-            self.phase = "fetching the model from peers"
-            try:
-                await self._fetch_model_files()
-            except (PeerError, CorruptShard, OSError) as exc:
-                self.phase = f"fetching the model from peers (retrying: {exc})"
-                log.warning("fetching the model from peers failed (%s); retrying", exc)
-                await asyncio.sleep(1.0)
-        self.phase = "loading the model"
+        libraries = asyncio.ensure_future(
+            asyncio.to_thread(load_libraries, torch_threads(self.config))
+        )
+        try:
+            await self._get_model_files()
+            self.phase = "loading the model"
+            await libraries
+        finally:
+            libraries.cancel()  # a failed fetch: the thread ends by itself, its result unread
+        # imported by `load_libraries` by now: these are dictionary lookups
+        from edgemoe.daemon.engine import InferenceEngine
+        from edgemoe.daemon.per_expert import remote_executor_factory
+        from edgemoe.daemon.remote import LocalShareTap, Router
+        from edgemoe.daemon.replay import replay_from_config
+        from edgemoe.daemon.rpc import ExpertService
+        from edgemoe.model.local import LocalExperts
+
+        self.device = resolve_device(self.config.device)
         manifest = self.store.manifest
         assert manifest is not None
         if self.discovery is not None:
@@ -460,6 +481,25 @@ class Daemon:
         log.info("node %s ready: model %s", self.node_id, self.model_id)
         self._spawn(self._watch_shards, "shard watch", restart=True)
         self._start_standby(manifest)
+
+    async def _get_model_files(self) -> None:
+        """The manifest and every side file verified on disk, from peers when missing."""
+        if not self.store.ready() and self._seed_tasks:
+            # let every answering seed be known first, so the dense part comes from all of them
+            await asyncio.wait(self._seed_tasks, timeout=SEED_WAIT_S)
+        while not self.store.ready():
+            if not any(p.trusted for p in self.peers.values()):
+                self.phase = "no model here and no peer found yet"
+                self._peer_event.clear()
+                await self._peer_event.wait()
+                continue
+            self.phase = "fetching the model from peers"
+            try:
+                await self._fetch_model_files()
+            except (PeerError, CorruptShard, OSError) as exc:
+                self.phase = f"fetching the model from peers (retrying: {exc})"
+                log.warning("fetching the model from peers failed (%s); retrying", exc)
+                await asyncio.sleep(1.0)
 
     def _start_standby(self, manifest: Manifest) -> None:
         """Keep standby copies on disk (`standby.py`), unless every expert's file is already

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from edgemoe.daemon.rpc import MAX_ROWS, parse_forward, tensor_to_wire
 from edgemoe.daemon.wire import (
+    MAX_ROWS,
     PLAIN,
     SEAL_OVERHEAD,
     SEALED,
@@ -42,8 +42,7 @@ from edgemoe.daemon.wire import (
     unpack,
 )
 from edgemoe.model.errors import ModelError
-from edgemoe.model.manifest import MANIFEST_NAME, Manifest
-from edgemoe.model.shard import DENSE_NAME
+from edgemoe.model.manifest import DENSE_NAME, MANIFEST_NAME, Manifest
 
 if TYPE_CHECKING:
     from edgemoe.daemon.node import Daemon
@@ -227,6 +226,9 @@ async def _forward(request: web.Request, call: Call) -> Reply:
     service, manifest = d.expert_service, d.store.manifest
     if service is None or manifest is None:
         raise WireError("this node is still starting", 503)
+    # loaded with torch, after the port is up (node._load_libraries); here by now
+    from edgemoe.daemon.rpc import parse_forward, tensor_to_wire
+
     req = parse_forward(
         unpack(call.body),
         num_layers=manifest.num_layers,

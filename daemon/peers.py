@@ -41,6 +41,11 @@ class PeerError(Exception):
         self.status = status
 
 
+class ExpertsUnavailable(Exception):
+    """A layer's experts could not be computed in time: every holder failed or did not
+    answer, and their shards could not be fetched here. A peer's failure, not ours."""
+
+
 class _RefusalLog:
     """Says once, then with a doubling pause, that a peer refuses our signature."""
 

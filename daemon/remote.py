@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from edgemoe.daemon.metrics import DaemonMetrics
-from edgemoe.daemon.peers import PeerClient, PeerError
+from edgemoe.daemon.peers import ExpertsUnavailable, PeerClient, PeerError
 from edgemoe.daemon.rpc import tensor_from_wire, tensor_to_wire
 from edgemoe.daemon.store import CorruptShard
 from edgemoe.model.errors import ModelError
@@ -44,11 +44,6 @@ CALL_BUDGET_S = 15.0
 ATTEMPT_TIMEOUT_S = 6.0
 # A peer whose call failed is passed over for this long when another holder is alive.
 SHUN_S = 10.0
-
-
-class ExpertsUnavailable(Exception):
-    """A layer's experts could not be computed in time: every holder failed or did not
-    answer, and their shards could not be fetched here. A peer's failure, not ours."""
 
 
 class PeerBook(Protocol):

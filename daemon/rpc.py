@@ -21,10 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgemoe.daemon.wire import WireError, decode_array, encode_array
+from edgemoe.daemon.wire import MAX_ROWS, WireError, decode_array, encode_array
 from edgemoe.model.local import LocalExperts
 
-MAX_ROWS = 8192
 # A request of at most this many (row, expert) pairs is computed on the event loop when the
 # worker is idle: at hidden 512 that is ~1-2 ms of CPU, less than two thread wake-ups under load.
 INLINE_PAIRS = 128

@@ -32,8 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from edgemoe.daemon.peers import PeerClient, PeerError
-from edgemoe.model.manifest import MANIFEST_NAME, Manifest
-from edgemoe.model.shard import DENSE_NAME, sha256_file
+from edgemoe.model.manifest import DENSE_NAME, MANIFEST_NAME, Manifest, sha256_file
 
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 20

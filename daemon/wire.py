@@ -43,6 +43,7 @@ HDR_SEAL = "X-Edgemoe-Seal"
 HDR_DIGEST = "X-Edgemoe-Body-Sha256"
 HDR_SIG = "X-Edgemoe-Signature"
 PROTOCOL_VERSION = 2
+MAX_ROWS = 8192  # hidden-state rows in one expert RPC
 MAX_PEER_BODY = 64 * 2**20  # bytes of one peer request body (the largest route limit)
 REPLAY_WINDOW_S = 30.0
 STREAMED = "-"  # response digest of a streamed file: its bytes are checked against the manifest

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from edgemoe.daemon.chaos.checker import ShardHash
-from edgemoe.model.shard import sha256_file
+from edgemoe.model.manifest import sha256_file
 
 
 def shard_hashes(node: int, root: Path) -> list[ShardHash]:

@@ -33,25 +33,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-
-@dataclass(frozen=True)
-class GenerationParams:
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    # End-of-sequence is ignored until this many tokens (vLLM's min_tokens); replayed
-    # requests set it to max_tokens so they run their recorded length.
-    min_tokens: int = 0
-
-
-@dataclass
-class GenerationResult:
-    token_ids: list[int]
-    text: str
-    prompt_tokens: int
-    finish_reason: str
-    seconds: float
+from edgemoe.model.generation import GenerationParams
 
 
 @dataclass(eq=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -12,7 +13,17 @@ from typing import Any
 from edgemoe.model.errors import ModelError
 
 MANIFEST_NAME = "manifest.json"
+DENSE_NAME = "dense.safetensors"
+_CHUNK = 1 << 20
 FORMAT_VERSION = 1
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @dataclass

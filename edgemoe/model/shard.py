@@ -20,11 +20,10 @@ from typing import Any
 
 from edgemoe.model.checkpoint import CheckpointPlan, FileHandles, plan_checkpoint, read_expert
 from edgemoe.model.errors import ModelError
-from edgemoe.model.manifest import MANIFEST_NAME, Manifest
+from edgemoe.model.manifest import DENSE_NAME, MANIFEST_NAME, Manifest, sha256_file
 from edgemoe.model.safetensors_io import PendingTensor, in_memory, write_streaming
 
 Progress = Callable[[int, int], None]  # (units done, units total)
-DENSE_NAME = "dense.safetensors"
 _SIDE_FILES = (
     "config.json",
     "generation_config.json",
@@ -36,15 +35,6 @@ _SIDE_FILES = (
     "merges.txt",
     "chat_template.jinja",
 )
-_CHUNK = 1 << 20
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _source_record(plan: CheckpointPlan) -> dict[str, Any]:

@@ -4,6 +4,8 @@ as the peer refuses it; with no peer to ask, a clear 503."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -87,3 +89,13 @@ def test_a_loading_node_with_no_peer_says_so(tmp_path: Path) -> None:
         assert status == 400 and "cannot be passed" in err["error"]["message"], err
     finally:
         b.stop()
+
+
+def test_the_http_front_loads_without_torch() -> None:
+    """The daemon's port opens before torch and transformers load (seconds of CPU on a busy
+    box, when a restarted node could already answer through a peer): whatever `node` imports
+    at the top stays free of them."""
+    code = ("import sys, edgemoe.daemon.main, edgemoe.daemon.node; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
