@@ -64,6 +64,7 @@ DISCONNECT_POLL_S = 0.1
 # cancelled and answered 504: every remote call is bounded (remote.CALL_BUDGET_S), so this
 # only ends a step that is stuck for a reason nobody bounded.
 STALL_S = 25.0
+STALL_CHECK_S = 0.5  # how often a whole (not streamed) answer's progress is looked at
 # Failures of peers, not of this node: answered 503 with Retry-After.
 PEER_FAILURES = (ExpertsUnavailable, PeerError)
 UNAVAILABLE_RETRY_S = 1
@@ -572,6 +573,12 @@ def _delegated_limit(d: Daemon) -> int:
     return 3 * MAX_CLIENT_BODY + SEAL_OVERHEAD + 4096
 
 
+def _stalled(cancel: threading.Event) -> BadRequest:
+    cancel.set()
+    return BadRequest(f"the generation made no progress for {STALL_S:g} s (peers unreachable "
+                      "or overloaded); retry", 504)  # fmt: skip
+
+
 async def _progressing(tokens: AsyncIterator[int], cancel: threading.Event
                        ) -> AsyncIterator[int]:  # fmt: skip
     """`tokens`, each within STALL_S of the one before (the first of the start); else the
@@ -583,21 +590,31 @@ async def _progressing(tokens: AsyncIterator[int], cancel: threading.Event
         except StopAsyncIteration:
             return
         except TimeoutError:
-            cancel.set()
-            raise BadRequest(f"the generation made no progress for {STALL_S:g} s (peers "
-                             "unreachable or overloaded); retry", 504) from None  # fmt: skip
+            raise _stalled(cancel) from None
         yield tok
 
 
 async def _generate(d: Daemon, ids: list[int], params: GenerationParams,
                     cancel: threading.Event) -> GenerationResult:  # fmt: skip
-    """The whole answer, under the same progress deadline as a streamed one."""
-    done: list[GenerationResult] = []
-    tokens = d.stream(ids, params, done.append, cancel)
-    async with contextlib.aclosing(tokens):
-        async for _ in _progressing(tokens, cancel):
-            pass
-    return done[0]
+    """The whole answer, under the same progress deadline as a streamed one. The model's
+    thread only stamps each token's time and the loop looks every `STALL_CHECK_S`: no wake-up
+    of the event loop per token (a streamed answer needs one; this one does not)."""
+    last = [time.monotonic()]
+
+    def tick(_: int) -> None:
+        last[0] = time.monotonic()
+
+    answer = asyncio.ensure_future(d.generate(ids, params, cancel, tick))
+    try:
+        while not answer.done():
+            await asyncio.wait({answer}, timeout=STALL_CHECK_S)
+            if not answer.done() and time.monotonic() - last[0] > STALL_S:
+                raise _stalled(cancel)
+    except BaseException:
+        cancel.set()  # the generation ends at its next step; its result is for nobody
+        answer.add_done_callback(lambda f: f.cancelled() or f.exception())
+        raise
+    return answer.result()
 
 
 @_guard

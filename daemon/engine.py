@@ -142,9 +142,12 @@ class InferenceEngine:
         prompt_ids: list[int],
         params: GenerationParams,
         cancel: threading.Event | None = None,
+        on_token: Callable[[int], None] | None = None,
     ) -> GenerationResult:
-        """The whole answer; setting `cancel` stops it after its current step."""
-        return await self._submit(prompt_ids, params, cancel or threading.Event(), lambda _: None)
+        """The whole answer; setting `cancel` stops it after its current step. `on_token`
+        runs on the model's thread for each new token (no hop to the event loop)."""
+        return await self._submit(prompt_ids, params, cancel or threading.Event(),
+                                  on_token or (lambda _: None))  # fmt: skip
 
     async def stream(
         self,

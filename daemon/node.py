@@ -598,11 +598,12 @@ class Daemon:
             self.metrics.tokens_per_second.set(n / result.seconds)
 
     async def generate(
-        self, prompt_ids: list[int], params: GenerationParams, cancel: threading.Event
+        self, prompt_ids: list[int], params: GenerationParams, cancel: threading.Event,
+        on_token: Callable[[int], None] | None = None,
     ) -> GenerationResult:
         assert self.engine is not None and self.recorder is not None
         self.recorder.note_request()
-        result = await self.engine.generate(prompt_ids, params, cancel)
+        result = await self.engine.generate(prompt_ids, params, cancel, on_token)
         self._account(result)
         return result
 
