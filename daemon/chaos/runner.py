@@ -69,6 +69,10 @@ SETTLE_TIMEOUT_S = 150.0  # after the last heal: one epoch, every expert held
 FINAL_SUCCESS_TIMEOUT_S = 60.0
 MAX_REQUESTS_PER_NODE = 5000
 SAMPLE_EVERY = 5  # a resource sample of every daemon each this many snapshot rounds
+# Seconds between the clients' stop and the end-of-run resource count: a peer connection
+# pool (aiohttp's client, 15 s keep-alive) closes idle connections by then, so the count
+# shows fds that stay, not the pool the run's last burst of traffic left open.
+POOL_IDLE_S = 17.0
 
 
 def remove_leftovers() -> list[str]:
@@ -539,6 +543,8 @@ class ChaosRun:
         self.clients.stop()
         self.monitor_stop.set()
         monitor.join(10)
+        busy = self._socket_states()
+        time.sleep(POOL_IDLE_S)
         d.poll()
         resources = [Resources(i, w, _proc_resources(pid)) for i, (pid, w) in warm.items()
                      if d.alive(i) and d.procs[i].pid == pid]  # fmt: skip
@@ -553,7 +559,8 @@ class ChaosRun:
         report = check(history)
         return {"seed": s.seed, "nodes": s.nodes, "duration": s.duration,
                 "schedule": [st.to_dict() for st in schedule], **report,
-                "sockets_at_end": sockets, "resource_samples": self.samples,
+                "sockets_at_end": sockets, "sockets_as_clients_stopped": busy,
+                "resource_samples": self.samples,
                 "stops_that_hung": d.hung_stops,
                 "history": _history_json(history)}  # fmt: skip
 
