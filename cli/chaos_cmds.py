@@ -15,6 +15,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     avail = report["availability_with_majority"]
     worst = report["worst_heal_to_success_s"]
     after = report.get("worst_heal_to_success_after_boot_s")
+    back = report.get("worst_heal_to_success_once_back_s")
     lines = [
         f"seed {report['seed']}: {report['nodes']} nodes, {report['duration']:g}s, "
         f"{len(report['schedule'])} steps; requests {report['requests']}, succeeded "
@@ -22,8 +23,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"{report['wrong']}, hung {report['hung']}",
         f"availability with a majority connected: "
         f"{'n/a' if avail is None else f'{avail:.1%}'} of {report['with_majority']}; worst "
-        f"heal to first success {_secs(worst)} ({_secs(after)} less the node's own downtime "
-        f"after the heal; boots {report.get('boots_s', [])} s; "
+        f"heal to first success {_secs(worst)} ({_secs(back)} from when the node itself was "
+        f"back, not dead, frozen or gone; {_secs(after)} less its boot too; boots "
+        f"{report.get('boots_s', [])} s; "
         f"{report.get('heals_cut_short', 0)} heals cut short by a later fault, longest "
         f"{_secs(report.get('worst_cut_short_lower_bound_s'))} before it); epochs decided "
         f"{report['epochs_decided']}; shards checked {report['shards_checked']}",

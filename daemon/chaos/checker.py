@@ -17,6 +17,9 @@ from typing import Any
 # Nemesis kinds that take a node out of the cluster for their duration; "boot" is a
 # (re)started daemon's time until it says it is ready, recorded by the runner, not a fault.
 NODE_DOWN = ("kill", "pause", "leave", "boot")
+# Faults that leave a node's own clients unanswered: its process is dead, frozen or gone. A
+# booting node is not among them: its port is up and a ready peer answers for it.
+NODE_OUT = ("kill", "pause", "leave")
 # Seconds between one down fault's end and the next one's start that still make one stretch
 # of downtime (the runner starts the boot as the leave it heals ends, a few ms apart).
 ADJACENT_S = 0.5
@@ -244,13 +247,14 @@ def _next_hit(node: int, after: float, step: int, faults: Sequence[Fault]) -> fl
     return min(hits, default=None)
 
 
-def _back_up(node: int, t: float, faults: Sequence[Fault]) -> float:
-    """When `node`, down at `t` or not, is up again: the end of the chain of its own down
-    faults covering `t` (a leave, then the restart's boot; a pause healed after a slow link),
-    each starting at most ADJACENT_S after the one before ends."""
+def _back_up(node: int, t: float, faults: Sequence[Fault],
+             kinds: tuple[str, ...] = NODE_DOWN) -> float:  # fmt: skip
+    """When `node`, down at `t` or not, is up again: the end of the chain of its own faults
+    of `kinds` covering `t` (a leave, then the restart's boot; a pause healed after a slow
+    link), each starting at most ADJACENT_S after the one before ends."""
     up = t
     while True:
-        later = [g.end for g in faults if g.kind in NODE_DOWN and node in g.nodes
+        later = [g.end for g in faults if g.kind in kinds and node in g.nodes
                  and g.start <= up + ADJACENT_S and g.end > up]  # fmt: skip
         if not later:
             return up
@@ -262,7 +266,8 @@ def heal_times(h: History) -> list[dict[str, Any]]:
     when none came before the run ended); `boot_s`: the node's own restart until ready, when
     the heal restarted it (python, torch and the model load); `boot_left_s`: how long the node
     stayed down after the heal (a boot still under way, a leave and then its restart's boot,
-    or another fault of the step).
+    or another fault of the step); `out_left_s`: the same without boots (how long the node's
+    own clients could not be answered at all: its process dead, frozen or gone).
     `cut_short`: a later step's fault touched the node before that first success, so the
     heal's own time is only known to exceed `seconds`, counted until that fault began (the
     success that came after it measures the later fault, not this heal)."""
@@ -279,12 +284,14 @@ def heal_times(h: History) -> list[dict[str, Any]]:
             boots = [b.end - b.start for b in h.faults if b.kind == "boot" and b.step == f.step
                      and node in b.nodes]  # fmt: skip
             up = _back_up(node, f.end, h.faults)
+            back = _back_up(node, f.end, h.faults, NODE_OUT)
             end = hit if cut_short else first
             rows.append({"step": f.step, "kind": f.kind, "node": node,
                          "seconds": end - f.end if end is not None else None,
                          "cut_short": cut_short,
                          "boot_s": boots[0] if boots else None,
-                         "boot_left_s": up - f.end})  # fmt: skip
+                         "boot_left_s": up - f.end,
+                         "out_left_s": back - f.end})  # fmt: skip
     return rows
 
 
@@ -312,6 +319,9 @@ def check(h: History) -> dict[str, Any]:
     # torch, the model; or another fault of the step): what the cluster adds once the box is
     # back (the goal is judged on `measured`, boot included)
     after_boot = [row["seconds"] - row["boot_left_s"] for row in whole]
+    # the same, counted from when the node's own process is back (not dead, frozen or gone): a
+    # heal cannot reach the clients of a box that is still frozen by a fault of its own
+    once_back = [row["seconds"] - row["out_left_s"] for row in whole]
     short = [row["seconds"] for row in heals if row["cut_short"]]
     succeeded = sum(r.status == "ok" for r in majority)
     epochs = {int((s.view.get("placement") or {}).get("epoch") or 0)
@@ -330,6 +340,7 @@ def check(h: History) -> dict[str, Any]:
         "heal_to_success": heals,
         "worst_heal_to_success_s": max(measured) if measured else None,
         "worst_heal_to_success_after_boot_s": max(after_boot) if after_boot else None,
+        "worst_heal_to_success_once_back_s": max(once_back) if once_back else None,
         # heals a later fault cut short: how many, and the longest time known to have passed
         "heals_cut_short": len(short),
         "worst_cut_short_lower_bound_s": max(short) if short else None,

@@ -71,6 +71,8 @@ def test_heal_time_counts_a_restarted_nodes_boot_and_is_also_given_without_it() 
     report = check(h)
     assert report["worst_heal_to_success_s"] == 12.5
     assert report["worst_heal_to_success_after_boot_s"] == 6.0  # node 0 and 2: 25 + 1 - 20
+    # a booting node is back (its port is up, peers answer for it): its clock runs from 20 s
+    assert report["worst_heal_to_success_once_back_s"] == 12.5
     assert report["boots_s"] == [11.0]
 
 
@@ -88,8 +90,11 @@ def test_a_heal_while_another_fault_still_holds_the_node_counts_that_apart() -> 
     report = check(h)
     assert report["worst_heal_to_success_s"] == 5.0
     assert report["worst_heal_to_success_after_boot_s"] == 5.0  # node 0 after the slow link
+    # from when each node was back: node 0 at 20 s (5 s), node 1 once its pause ended (1 s)
+    assert report["worst_heal_to_success_once_back_s"] == 5.0
     slow_node1 = [r for r in report["heal_to_success"] if r["kind"] == "slow" and r["node"] == 1]
     assert slow_node1[0]["seconds"] == 5.0 and slow_node1[0]["boot_left_s"] == 4.0
+    assert slow_node1[0]["out_left_s"] == 4.0
 
 
 def test_own_downtime_runs_through_a_leave_and_the_boot_that_follows_it() -> None:
@@ -107,6 +112,7 @@ def test_own_downtime_runs_through_a_leave_and_the_boot_that_follows_it() -> Non
                                   token_ids=tuple(REF["hello"])))  # fmt: skip
     rows = {(r["kind"], r["node"]): r for r in check(h)["heal_to_success"]}
     assert rows[("kill", 1)]["seconds"] == 17.0 and rows[("kill", 1)]["boot_left_s"] == 16.0
+    assert rows[("kill", 1)]["out_left_s"] == 6.0  # gone until 20 s; booting is being back
     assert rows[("leave", 1)]["boot_left_s"] == 10.0  # from the leave's heal: its boot
     assert rows[("kill", 0)]["boot_left_s"] == 0.0
 
