@@ -351,9 +351,8 @@ class LocalShareTap:
 
     def record(self, layer: int, topk_ids: np.ndarray) -> None:
         self.recorder.record(layer, topk_ids)  # type: ignore[attr-defined]
-        held = self.local.held()
-        flat = [int(e) for e in topk_ids.reshape(-1) if e >= 0]
-        self.local_pairs += sum((layer, e) in held for e in flat)
+        flat = topk_ids[topk_ids >= 0].tolist()
+        self.local_pairs += self.local.count_held(layer, flat)
         self.total_pairs += len(flat)
         if self.total_pairs:
             self.metrics.local_share.set(self.local_pairs / self.total_pairs)

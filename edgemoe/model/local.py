@@ -200,6 +200,13 @@ class LocalExperts(InThreadExecutor):
         with self._lock:
             return set(self._weights)
 
+    def count_held(self, layer: int, experts: Iterable[int]) -> int:
+        """How many of `experts` (one layer's routed ids, repeats counted) are held here: a
+        lookup each, for the per-step local share, where copying `held()` (every layer's
+        experts: 1664 pairs for DeepSeek-V2-Lite) once per layer and step would cost more."""
+        with self._lock:
+            return sum((layer, e) in self._weights for e in experts)
+
     def held_bytes(self) -> int:
         with self._lock:
             return sum(
