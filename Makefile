@@ -11,7 +11,7 @@ LATEST := .venv-latest
 # tests that build network namespaces run after them, alone
 WORKERS ?= 3
 define run-tests
-$(1) -m pytest -q -n $(WORKERS) --dist loadgroup -m 'not namespaces'
+$(1) -m pytest -q -n $(WORKERS) --dist loadfile -m 'not namespaces'
 $(1) -m pytest -q -m namespaces
 endef
 

@@ -1,7 +1,10 @@
 """Suite-wide: how `make test` shares the tests among xdist workers.
 
-Each test file runs whole on one worker (`--dist loadgroup`, one group per file), so a
-module's cluster of daemons is built once. The files that build network namespaces are
+Each test file runs whole on one worker (`--dist loadfile`), so a module's cluster of daemons
+is built once and a file's tests run in their order. (`--dist loadgroup` with one group per
+file did this until pytest 9.2, whose nodeid no longer reads the `_nodeid` that xdist 3.8
+appends the group to: the groups were silently ignored and a file's tests spread over the
+workers.) The files that build network namespaces are
 marked `namespaces`, and `make test` runs them after the others, one at a time: each testbed
 checks that the host's qdiscs and mangle rules are as it found them (another testbed built
 beside it would change them), and the chaos run's re-placements must not wait on a box that
@@ -26,4 +29,3 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         rel = item.path.relative_to(root).as_posix()
         if rel.startswith(_NAMESPACE_TESTS):
             item.add_marker(pytest.mark.namespaces)
-        item.add_marker(pytest.mark.xdist_group(rel))
