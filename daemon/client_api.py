@@ -32,7 +32,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -362,19 +362,13 @@ async def _completion(request: web.Request, chat: bool) -> web.StreamResponse:
     if d.engine is None:
         return await _delegated(request, d, body, chat=chat, stream=stream)
     job = _job(d, body, chat)
-    slot = _admit(d)
-    cancel = threading.Event()
-    watch = asyncio.ensure_future(_watch_client(request, cancel))
-    with slot:
-        try:
-            if stream:
-                return await _streamed(request, d, job, cancel)
-            result = await _generate(d, job.ids, job.params, cancel)
-            if result.finish_reason == "cancelled":  # nobody is left to read an answer
-                raise BadRequest("the client closed the connection", 499)
-            return web.json_response(_whole(d, job, result))
-        finally:
-            watch.cancel()
+    with _admit(d), _watching(request) as cancel:
+        if stream:
+            return await _streamed(request, d, job, cancel)
+        result = await _generate(d, job.ids, job.params, cancel)
+        if result.finish_reason == "cancelled":  # nobody is left to read an answer
+            raise BadRequest("the client closed the connection", 499)
+        return web.json_response(_whole(d, job, result))
 
 
 async def _watch_client(request: web.Request, cancel: threading.Event) -> None:
@@ -382,6 +376,17 @@ async def _watch_client(request: web.Request, cancel: threading.Event) -> None:
     while (transport := request.transport) is not None and not transport.is_closing():
         await asyncio.sleep(DISCONNECT_POLL_S)
     cancel.set()
+
+
+@contextlib.contextmanager
+def _watching(request: web.Request) -> Iterator[threading.Event]:
+    """A cancel flag for the request's generation, set once its connection is gone."""
+    cancel = threading.Event()
+    watch = asyncio.ensure_future(_watch_client(request, cancel))
+    try:
+        yield cancel
+    finally:
+        watch.cancel()
 
 
 def _whole(d: Daemon, job: _Job, result: GenerationResult) -> dict[str, Any]:
@@ -511,8 +516,8 @@ async def _delegated(request: web.Request, d: Daemon, body: dict[str, Any], *, c
                          {"Retry-After": str(UNAVAILABLE_RETRY_S)})  # fmt: skip
     answer, status = reply["answer"], reply["status"]
     if status != 200:
-        message = answer.get("error", {}).get("message") if isinstance(answer.get("error"),
-                                                                      dict) else None  # fmt: skip
+        refusal = answer.get("error")
+        message = refusal.get("message") if isinstance(refusal, dict) else None
         raise BadRequest(str(message or "refused by the peer"),
                          status if 400 <= status < 500 else 502)  # fmt: skip
     d.metrics.delegated.inc()
@@ -551,17 +556,13 @@ async def generate_for_peer(request: web.Request, call: Call) -> Reply:
             raise WireError(str(exc), 429) from None
         refused = {"error": {"message": str(exc), "code": exc.status}}
         return Reply(200, pack({"status": exc.status, "answer": refused}))
-    cancel = threading.Event()
-    watch = asyncio.ensure_future(_watch_client(request, cancel))
-    with slot:
+    with slot, _watching(request) as cancel:
         try:
             result = await _generate(d, job.ids, job.params, cancel)
         except BadRequest as exc:  # stalled
             raise WireError(str(exc), exc.status) from None
         except PEER_FAILURES as exc:
             raise WireError(f"peers could not compute this request: {exc}", 503) from None
-        finally:
-            watch.cancel()
     if result.finish_reason == "cancelled":
         raise WireError("the asking peer closed the connection", 499)
     d.metrics.generated_for_peers.inc()

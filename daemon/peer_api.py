@@ -226,7 +226,7 @@ async def _forward(request: web.Request, call: Call) -> Reply:
     service, manifest = d.expert_service, d.store.manifest
     if service is None or manifest is None:
         raise WireError("this node is still starting", 503)
-    # loaded with torch, after the port is up (node._load_libraries); here by now
+    # loaded with torch, after the port is up (node.load_libraries); here by now
     from edgemoe.daemon.rpc import parse_forward, tensor_to_wire
 
     req = parse_forward(
