@@ -339,23 +339,24 @@ class _OrphanExecutor:
 
 
 class LocalShareTap:
-    """Wraps the activation recorder: also counts how many routed pairs were held locally."""
+    """Wraps the activation recorder: also counts how many routed pairs were held locally.
+
+    Runs on the model thread for every layer of every step: plain lists and a lookup per id;
+    the gauge reads `share` when it is scraped, not on every record."""
 
     def __init__(self, recorder: object, local: LocalExperts, metrics: DaemonMetrics) -> None:
         self.recorder = recorder
         self.local = local
-        self.metrics = metrics
         self.local_pairs = 0
         self.total_pairs = 0
         self.remote_bytes = 0
+        metrics.local_share.set_function(lambda: self.share)
 
     def record(self, layer: int, topk_ids: np.ndarray) -> None:
         self.recorder.record(layer, topk_ids)  # type: ignore[attr-defined]
-        flat = topk_ids[topk_ids >= 0].tolist()
+        flat = [e for e in topk_ids.ravel().tolist() if e >= 0]
         self.local_pairs += self.local.count_held(layer, flat)
         self.total_pairs += len(flat)
-        if self.total_pairs:
-            self.metrics.local_share.set(self.local_pairs / self.total_pairs)
 
     @property
     def share(self) -> float:

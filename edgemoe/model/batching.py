@@ -96,6 +96,7 @@ class Batch:
         self.cache: DynamicCache | None = None
         self.mask = torch.zeros((0, 0), dtype=torch.long)
         self.positions = torch.zeros(0, dtype=torch.long)
+        self.padded = False  # some row has padding columns (the mask has a zero)
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -116,6 +117,7 @@ class Batch:
         row = torch.zeros((1, width), dtype=torch.long)
         row[0, width - length :] = 1
         self.mask = torch.cat([_pad(self.mask, width, dim=1), row])
+        self.padded = not bool(self.mask.all())
         self.positions = torch.cat([self.positions, torch.tensor([length])])
         self.requests.append(req)
 
@@ -127,6 +129,7 @@ class Batch:
         if not rows:
             self.cache, self.mask = None, torch.zeros((0, 0), dtype=torch.long)
             self.positions = torch.zeros(0, dtype=torch.long)
+            self.padded = False
             return
         index = torch.tensor(rows, dtype=torch.long)
         mask = self.mask[index]
@@ -139,6 +142,7 @@ class Batch:
             ]
         )
         self.mask = mask[:, first:]
+        self.padded = not bool(self.mask.all())
         self.positions = self.positions[index]
 
     def step(self, model: Any, last: list[int]) -> torch.Tensor:
@@ -148,7 +152,9 @@ class Batch:
         self.mask = torch.cat([self.mask, torch.ones((len(self), 1), dtype=torch.long)], dim=1)
         out = model(
             input_ids=torch.tensor(last, dtype=torch.long, device=device)[:, None],
-            attention_mask=self.mask.to(device),
+            # no row padded (a lone request, or rows of one length): no mask to build and
+            # check on every step, as for a lone request in `generate`
+            attention_mask=self.mask.to(device) if self.padded else None,
             position_ids=self.positions[:, None].to(device),
             cache=self.cache,
             cache_position=torch.tensor([width], device=device),
@@ -166,7 +172,6 @@ def prefill(model: Any, prompt_ids: list[int]) -> tuple[torch.Tensor, DynamicCac
     cache = DynamicCache()
     out = model(
         input_ids=torch.tensor([prompt_ids], dtype=torch.long, device=device),
-        attention_mask=torch.ones((1, n), dtype=torch.long, device=device),
         position_ids=torch.arange(n, device=device)[None],
         cache=cache,
         cache_position=torch.arange(n, device=device),

@@ -1,6 +1,6 @@
 """`ActivationRecorder`: which experts this node's own requests select (numpy only).
 
-Counts decay exponentially with a half-life (lazily, on each update), the co-activation
+Counts decay exponentially with a half-life (lazily, when read or updated), the co-activation
 sample is a bounded reservoir (Algorithm R, seeded) of recent (token, layer) top-k sets, and
 the request rate is an exponentially weighted event rate with the same half-life.
 """
@@ -15,6 +15,12 @@ from collections.abc import Callable
 import numpy as np
 
 from edgemoe.stats.snapshot import ActivationSnapshot
+
+# Records queued before they are counted. A decode step records every MoE layer (26 for
+# DeepSeek-V2-Lite), and numpy's per-call costs, paid per record, were ~5% of a decode step on
+# the model thread; queued, they are counted together when a snapshot is taken (each gossip
+# round) or when this many wait, a bounded memory (top-k ids of a few steps' rows each).
+FOLD_EVERY = 1024
 
 
 class ActivationRecorder:
@@ -46,6 +52,8 @@ class ActivationRecorder:
         self._version = 0
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()
+        # records not yet counted: (time, layer, ids [N, K])
+        self._pending: list[tuple[float, int, np.ndarray]] = []
 
     def _decay(self) -> None:
         now = self._clock()
@@ -57,32 +65,64 @@ class ActivationRecorder:
             self._last = now
 
     def record(self, layer: int, topk_ids: np.ndarray) -> None:
-        """Count one layer's routing of N tokens: topk_ids int [N, K] (negative ids ignored)."""
-        ids = np.asarray(topk_ids, dtype=np.int64)
+        """Count one layer's routing of N tokens: topk_ids int [N, K] (negative ids ignored).
+
+        Called by the model thread for every layer of every step, so it only queues a copy of
+        the ids with their time; `_fold` counts them (see `FOLD_EVERY`)."""
+        ids = np.array(topk_ids, dtype=np.int64)
         if ids.ndim != 2:
             raise ValueError(f"topk_ids must be [N, K], got shape {ids.shape}")
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer {layer} out of range 0..{self.num_layers - 1}")
-        valid = ids[(ids >= 0) & (ids < self.num_experts)]
+        now = self._clock()
         with self._lock:
-            self._decay()
-            self._counts[layer] += np.bincount(valid, minlength=self.num_experts)
-            self._sample(layer, ids)
+            self._pending.append((now, layer, ids))
+            if len(self._pending) >= FOLD_EVERY:
+                self._fold()
 
-    def _sample(self, layer: int, ids: np.ndarray) -> None:
-        if self._capacity == 0:
+    def _fold(self) -> None:
+        """Decay to now, then count the queued records in one pass of array operations: each
+        id weighted by the decay since its record's time (what decaying at every record would
+        give), and their rows offered to the reservoir in the order they were recorded."""
+        self._decay()
+        if not self._pending:
             return
-        k = min(self.top_k, ids.shape[1])
-        for row in ids:
-            if self._seen < self._capacity:
-                slot = self._seen
-            else:
-                slot = int(self._rng.integers(0, self._seen + 1))
-            self._seen += 1
-            if slot < self._capacity:
-                self._res_layers[slot] = layer
-                self._res_sets[slot, :] = -1
-                self._res_sets[slot, :k] = row[:k]
+        pending, self._pending = self._pending, []
+        ages = self._last - np.array([t for t, _, _ in pending])
+        sizes = [ids.size for _, _, ids in pending]
+        flat = np.concatenate([ids.ravel() for _, _, ids in pending])
+        layers = np.repeat([layer for _, layer, _ in pending], sizes)
+        weights = np.repeat(np.exp(-self._rate * np.maximum(ages, 0.0)), sizes)
+        ok = (flat >= 0) & (flat < self.num_experts)
+        cells = layers[ok] * self.num_experts + flat[ok]
+        self._counts += np.bincount(
+            cells, weights=weights[ok], minlength=self._counts.size
+        ).reshape(self._counts.shape)
+        if self._capacity:
+            self._sample(pending)
+
+    def _sample(self, pending: list[tuple[float, int, np.ndarray]]) -> None:
+        """Algorithm R over the queued rows: row i of all seen so far takes slot i while the
+        reservoir fills, then a uniform slot in [0, i] (kept when it is < capacity); a slot
+        drawn twice keeps the later row."""
+        k = self.top_k
+        rows = np.concatenate(
+            [np.pad(ids[:, :k], ((0, 0), (0, k - min(k, ids.shape[1]))), constant_values=-1)
+             for _, _, ids in pending]
+        )  # fmt: skip
+        row_layers = np.repeat([layer for _, layer, _ in pending], [len(i) for _, _, i in pending])
+        index = self._seen + np.arange(len(rows))
+        slots = index.copy()
+        late = index >= self._capacity
+        if late.any():
+            slots[late] = self._rng.integers(0, index[late] + 1)
+        self._seen += len(rows)
+        kept = np.flatnonzero(slots < self._capacity)
+        # the last row drawn for each slot: np.unique's first index over the reversed order
+        taken, last = np.unique(slots[kept][::-1], return_index=True)
+        source = kept[::-1][last]
+        self._res_layers[taken] = row_layers[source]
+        self._res_sets[taken] = rows[source]
 
     def note_request(self) -> None:
         with self._lock:
@@ -92,7 +132,7 @@ class ActivationRecorder:
     def snapshot(self, origin: str) -> ActivationSnapshot:
         """The current statistics, with a version one higher than the previous snapshot's."""
         with self._lock:
-            self._decay()
+            self._fold()
             self._version += 1
             n = min(self._seen, self._capacity)
             return ActivationSnapshot(

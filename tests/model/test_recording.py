@@ -171,3 +171,31 @@ def test_replaying_the_real_deepseek_trace_drives_the_tiny_model(tiny_models) ->
             expected[layer, row] += 1
     np.testing.assert_array_equal(recorder.snapshot("x").counts, expected)
     assert np.allclose(trace.weights.sum(axis=2), 1.0)
+
+
+def test_queued_records_count_as_if_counted_when_recorded() -> None:
+    """Records are queued and counted together (`FOLD_EVERY`, or a snapshot): each id still
+    decays from its own record's time, and the reservoir fills in recording order."""
+    from edgemoe.stats.recorder import FOLD_EVERY
+
+    clock = FakeClock()
+    rec = ActivationRecorder(3, 8, 2, half_life_s=7.0, reservoir=FOLD_EVERY * 4, clock=clock)
+    rng = np.random.default_rng(5)
+    expected = np.zeros((3, 8))
+    rows: list[tuple[int, list[int]]] = []
+    for i in range(FOLD_EVERY * 2 + 37):  # folds when full, then the rest at the snapshot
+        dt = float(rng.uniform(0.0, 0.05))
+        clock.now += dt
+        expected *= 0.5 ** (dt / 7.0)
+        layer = int(rng.integers(0, 3))
+        ids = rng.integers(-1, 8, size=(int(rng.integers(1, 3)), 2))
+        rec.record(layer, ids)
+        for row in ids:
+            np.add.at(expected[layer], row[row >= 0], 1)
+            rows.append((layer, row.tolist()))
+        if i == FOLD_EVERY + 5:  # a snapshot in between counts what is queued so far
+            np.testing.assert_allclose(rec.snapshot("n").counts, expected, rtol=1e-9)
+    snap = rec.snapshot("n")
+    np.testing.assert_allclose(snap.counts, expected, rtol=1e-9)
+    assert [(int(layer), s.tolist()) for layer, s in zip(snap.coact_layers, snap.coact_sets,
+                                                        strict=True)] == rows  # fmt: skip
