@@ -186,6 +186,11 @@ def _bench_command(bench: typer.Typer) -> None:
         token_rounds: Annotated[
             int, typer.Option(help="Interleaved rounds of the daemon vs transformers per-token")
         ] = 3,
+        link_mbps: Annotated[float | None, typer.Option(
+            help="Also compare shard streaming over a link of this rate between two network "
+                 "namespaces (root; see bench testbed)")] = None,
+        link_delay_ms: Annotated[float, typer.Option(
+            help="One-way delay per side of that link (needs the testbed's delay helper)")] = 0.0,
         json_out: Annotated[Path | None, typer.Option("--json", help="Write figures here")] = None,
     ) -> None:
         """Expert RPC vs bare aiohttp echo; shard streaming vs plain HTTP copy; 3 nodes vs 1."""
@@ -198,6 +203,7 @@ def _bench_command(bench: typer.Typer) -> None:
             figures = run_rpc_bench(
                 workdir or Path(tmp), arch=arch, rows=rows, calls=calls, scale=scale,
                 prompts=prompts, max_tokens=max_tokens, echo=typer.echo, token_rounds=token_rounds,
+                link_mbps=link_mbps, link_delay_ms=link_delay_ms,
             )  # fmt: skip
         if json_out is not None:
             json_out.write_text(json.dumps(figures, indent=1))

@@ -2,9 +2,10 @@
 
 1. Expert RPC (signed msgpack, batching worker, real experts) against a bare aiohttp echo of
    the same bytes: round trip and throughput, overhead ratio.
-2. Shard streaming (signed, Range-capable, sha256-verified, atomic install, fsync) against a
+2. Shard streaming (signed, Range-capable, digest-verified, atomic install, fsync) against a
    plain aiohttp static-file copy of the same files (no hash, no fsync), both with
-   `STREAMS_IN_FLIGHT` files at once: MB/s, in rounds that alternate which goes first.
+   `STREAMS_IN_FLIGHT` files at once: MB/s, in rounds that alternate which goes first; with
+   `link_mbps`, once more across a shaped link between two namespaces (`testbed.stream`).
 3. Tokens/s of one node holding every expert with 8 concurrent clients against 1 client, and
    its per-token latency against the plain transformers model in one process (both warmed by
    one whole generation, then measured in interleaved rounds; the ratio is the rounds' median).
@@ -142,7 +143,8 @@ ECHO_SERVER = textwrap.dedent(
     app = web.Application(client_max_size=1 << 28)
     app.router.add_post("/echo", echo)
     app.router.add_static("/files", sys.argv[3])
-    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+    host = sys.argv[4] if len(sys.argv) > 4 else "127.0.0.1"
+    web.run_app(app, host=host, port=int(sys.argv[1]), print=None, access_log=None)
     """
 )
 
@@ -293,7 +295,7 @@ async def _in_flight(rels: list[str], fn: Callable[[str], Awaitable[None]]) -> N
 async def _stream_figures(
     url: str, files_url: str, secret: str, shard_dir: Path, workdir: Path, rounds: int = 3
 ) -> dict[str, Any]:
-    """Every manifest file fetched through the daemon's path (signed, sha256-verified while
+    """Every manifest file fetched through the daemon's path (signed, digest-verified while
     received, installed by rename, one fsync per file in the background) against a plain
     aiohttp copy of the same files (no signature, no hash, no fsync), `STREAMS_IN_FLIGHT`
     at once each. Rounds alternate which goes first, each into fresh directories, and each
@@ -451,7 +453,8 @@ def _per_token_figures(
 
 
 def ratios(figures: dict[str, Any]) -> dict[str, float]:
-    """The four goal ratios of issue 14 from one run's figures."""
+    """The four goal ratios of issue 14 from one run's figures (and the streaming ratio over a
+    shaped link when it was measured)."""
     r, s, t = figures["rpc"], figures["streaming"], figures["tokens"]
     return {
         "rpc_p50_over_echo_plus_compute": r["rpc_rtt_ms_p50"]
@@ -460,7 +463,8 @@ def ratios(figures: dict[str, Any]) -> dict[str, float]:
         "batched_8_over_single_tokens_per_s": t["one_node_8_clients"]["aggregate_tokens_per_s"]
         / t["one_node_1_client"]["aggregate_tokens_per_s"],
         "daemon_all_local_over_transformers": t["per_token"]["ratio_median"],
-    }
+    } | ({"stream_over_plain_http_link": figures["streaming_link"]["ratio"]}
+         if "streaming_link" in figures else {})  # fmt: skip
 
 
 def run_rpc_bench(
@@ -474,8 +478,12 @@ def run_rpc_bench(
     max_tokens: int,
     echo: Callable[[str], None],
     token_rounds: int = 3,
+    link_mbps: float | None = None,
+    link_delay_ms: float = 0.0,
 ) -> dict[str, Any]:
-    """Run the comparisons; print them with `echo` and return the figures (with `ratios`)."""
+    """Run the comparisons; print them with `echo` and return the figures (with `ratios`).
+    With `link_mbps` (root) the streaming comparison runs a second time over a shaped link
+    between two namespaces (`testbed.stream`)."""
     from edgemoe.model.shard import shard_checkpoint
     from edgemoe.model.tiny import write_tiny_model
 
@@ -537,6 +545,18 @@ def run_rpc_bench(
             f"{s['plain_http_mb_per_s']:.1f} MB/s (no hash, no fsync); per round "
             f"{', '.join(f'x{r:.2f}' for r in s['ratio_per_round'])}, median x{s['ratio']:.2f}"
         )
+        if link_mbps is not None:
+            from edgemoe.daemon.testbed.stream import stream_over_link
+
+            figures["streaming_link"] = k = stream_over_link(
+                shard_dir, workdir, mbps=link_mbps, delay_ms=link_delay_ms
+            )
+            echo(
+                f"shard streaming over a shaped link ({link_mbps:g} Mbit/s, {link_delay_ms:g} ms a"
+                f" side, two namespaces): {k['edgemoe_mb_per_s']:.1f} MB/s verified vs plain "
+                f"HTTP copy {k['plain_http_mb_per_s']:.1f} MB/s; per round "
+                f"{', '.join(f'x{r:.2f}' for r in k['ratio_per_round'])}, median x{k['ratio']:.2f}"
+            )
         model = _get(url + "/v1/models", token)["data"][0]["id"]
         single, per_token = _per_token_figures(url, token, model, model_dir, prompts,
                                                max_tokens, token_rounds)  # fmt: skip

@@ -6,9 +6,12 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import blake3
 
 from edgemoe.model.errors import ModelError
 
@@ -18,12 +21,53 @@ _CHUNK = 1 << 20
 FORMAT_VERSION = 1
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
+def hash_into(digest: Any, path: Path) -> Any:
+    """Feed `path`'s bytes to `digest` (any hashlib-style hasher); returns it."""
     with path.open("rb") as fh:
         while chunk := fh.read(_CHUNK):
             digest.update(chunk)
-    return digest.hexdigest()
+    return digest
+
+
+def sha256_file(path: Path) -> str:
+    return str(hash_into(hashlib.sha256(), path).hexdigest())
+
+
+def describe_file(path: Path) -> dict[str, Any]:
+    """A manifest file entry: size, sha256 (the file's identity) and BLAKE3 (its check)."""
+    sha, fast = hashlib.sha256(), blake3.blake3()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            sha.update(chunk)
+            fast.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": sha.hexdigest(), "blake3": fast.hexdigest()}
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    """How a file's bytes are checked against its manifest entry: BLAKE3 where the entry has
+    it (`edgemoe shard` writes both), else sha256 (manifests written before). On one core of
+    the development box BLAKE3 hashes 6.8 GB/s against sha256's 1.6: a verified transfer or a
+    start that hashes every shard spends a quarter of the CPU on it. Both are cryptographic
+    hashes of a manifest that arrives signed, so a file that matches is the file."""
+
+    name: str  # "blake3" or "sha256"
+    expected: str  # hex digest
+
+    @classmethod
+    def of(cls, info: Mapping[str, Any]) -> FileCheck:
+        if "blake3" in info:
+            return cls("blake3", str(info["blake3"]))
+        return cls("sha256", str(info["sha256"]))
+
+    def hasher(self) -> Any:
+        return blake3.blake3() if self.name == "blake3" else hashlib.sha256()
+
+    def matches(self, hexdigest: str) -> bool:
+        return hexdigest == self.expected
+
+    def file_matches(self, path: Path) -> bool:
+        return self.matches(hash_into(self.hasher(), path).hexdigest())
 
 
 @dataclass

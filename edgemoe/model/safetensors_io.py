@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import blake3
 import torch
 
 _NAMES = {
@@ -55,7 +56,8 @@ def in_memory(tensors: dict[str, torch.Tensor]) -> list[PendingTensor]:
 
 
 def write_streaming(path: Path, tensors: Sequence[PendingTensor]) -> dict[str, int | str]:
-    """Write a safetensors file loading one tensor at a time; returns {bytes, sha256}."""
+    """Write a safetensors file loading one tensor at a time; returns its manifest entry
+    ({bytes, sha256, blake3}: see `manifest.describe_file`)."""
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     ordered = sorted(tensors, key=lambda t: t.name)
@@ -68,11 +70,12 @@ def write_streaming(path: Path, tensors: Sequence[PendingTensor]) -> dict[str, i
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    digest = hashlib.sha256()
+    digests = (hashlib.sha256(), blake3.blake3())
     with path.open("wb") as fh:
         for chunk in (struct.pack("<Q", len(raw)), raw):
             fh.write(chunk)
-            digest.update(chunk)
+            for digest in digests:
+                digest.update(chunk)
         for t in ordered:
             tensor = t.load().contiguous()
             if tensor.dtype != t.dtype or tuple(tensor.shape) != t.shape:
@@ -80,9 +83,11 @@ def write_streaming(path: Path, tensors: Sequence[PendingTensor]) -> dict[str, i
             if tensor.numel():
                 data = tensor.reshape(-1).view(torch.uint8).numpy()  # a view: no copy
                 fh.write(data)
-                digest.update(data)
+                for digest in digests:
+                    digest.update(data)
                 del data
             del tensor
         fh.flush()
         os.fsync(fh.fileno())
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    sha, fast = (d.hexdigest() for d in digests)
+    return {"bytes": path.stat().st_size, "sha256": sha, "blake3": fast}

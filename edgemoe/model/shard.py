@@ -20,7 +20,7 @@ from typing import Any
 
 from edgemoe.model.checkpoint import CheckpointPlan, FileHandles, plan_checkpoint, read_expert
 from edgemoe.model.errors import ModelError
-from edgemoe.model.manifest import DENSE_NAME, MANIFEST_NAME, Manifest, sha256_file
+from edgemoe.model.manifest import DENSE_NAME, MANIFEST_NAME, FileCheck, Manifest, describe_file
 from edgemoe.model.safetensors_io import PendingTensor, in_memory, write_streaming
 
 Progress = Callable[[int, int], None]  # (units done, units total)
@@ -97,7 +97,7 @@ def shard_checkpoint(
             src = plan.model_dir / name
             if src.exists():
                 shutil.copyfile(src, staging / name)
-                files[name] = _describe(staging / name)
+                files[name] = describe_file(staging / name)
         config = json.loads((plan.model_dir / "config.json").read_text())
         manifest = Manifest(
             architecture=plan.config.model_type,
@@ -142,10 +142,6 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-def _describe(path: Path) -> dict[str, Any]:
-    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-
-
 def _fingerprint(arch: str, config: dict[str, Any], files: dict[str, dict[str, Any]]) -> str:
     digest = hashlib.sha256(arch.encode())
     digest.update(json.dumps(config, sort_keys=True).encode())
@@ -171,13 +167,14 @@ def file_problem(path: Path, info: dict[str, Any]) -> str | None:
     size = path.stat().st_size
     if size != info["bytes"]:
         return f"{path}: {size} bytes, expected {info['bytes']} (truncated?)"
-    if sha256_file(path) != info["sha256"]:
-        return f"{path}: sha256 mismatch (corrupt)"
+    check = FileCheck.of(info)
+    if not check.file_matches(path):
+        return f"{path}: {check.name} mismatch (corrupt)"
     return None
 
 
 def verify_shards(shard_dir: str | Path) -> Manifest:
-    """Check every file of the manifest (present, size, sha256) and that no expert is missing."""
+    """Check every file of the manifest (present, size, digest) and that no expert is missing."""
     root = Path(shard_dir)
     manifest = Manifest.load(root)
     problems: list[str] = []

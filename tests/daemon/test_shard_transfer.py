@@ -98,7 +98,7 @@ async def test_corrupted_byte_is_refetched_and_never_loaded(solo: Node, tmp_path
     proxy, client, store = await _setup(solo, tmp_path, "flip")
     rel = Manifest.expert_path(0, 5)
     try:
-        with pytest.raises(PeerError, match="sha256"):
+        with pytest.raises(PeerError, match="blake3 differs from the manifest"):
             await ShardFetcher(store, attempts=1).fetch(rel, [client])
         assert proxy.faults == 1
         assert not (store.root / rel).exists()  # nothing installed...

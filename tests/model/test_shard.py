@@ -94,12 +94,38 @@ def test_verify_detects_truncated_and_corrupt_shards(tiny_models, tmp_path: Path
     data = bytearray(victim.read_bytes())
     data[-1] ^= 0xFF
     victim.write_bytes(bytes(data))
-    with pytest.raises(ModelError, match=r"L0/E2\.safetensors: sha256 mismatch"):
+    with pytest.raises(ModelError, match=r"L0/E2\.safetensors: blake3 mismatch"):
         verify_shards(bad)
     bad = _copy_shards(shards, tmp_path / "gone")
     (bad / "dense.safetensors").unlink()
     with pytest.raises(ModelError, match=r"dense\.safetensors: missing"):
         verify_shards(bad)
+
+
+def test_files_are_checked_by_blake3_and_by_sha256_in_older_manifests(tiny_models, tmp_path: Path
+                                                                      ) -> None:  # fmt: skip
+    import hashlib
+
+    import blake3
+
+    _, shards = tiny_models.get("mixtral")
+    manifest = Manifest.load(shards)
+    for rel, info in manifest.files.items():  # both digests of the bytes on disk
+        data = (shards / rel).read_bytes()
+        assert info["sha256"] == hashlib.sha256(data).hexdigest()
+        assert info["blake3"] == blake3.blake3(data).hexdigest()
+    old = _copy_shards(shards, tmp_path / "old")
+    raw = json.loads((old / "manifest.json").read_text())
+    for info in raw["files"].values():
+        del info["blake3"]  # a manifest written before BLAKE3 was recorded
+    (old / "manifest.json").write_text(json.dumps(raw))
+    assert verify_shards(old).num_layers == 2
+    victim = old / Manifest.expert_path(1, 0)
+    data = bytearray(victim.read_bytes())
+    data[100] ^= 0x04
+    victim.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match=r"L1/E0\.safetensors: sha256 mismatch"):
+        verify_shards(old)
 
 
 def test_a_corrupt_shard_is_refused_when_loaded(tiny_models, tmp_path: Path) -> None:
@@ -130,7 +156,7 @@ def test_a_corrupt_dense_part_is_refused_when_the_model_loads(tiny_models, tmp_p
     data[len(data) // 2] ^= 0x01  # a flipped bit in a weight: still a valid safetensors file
     victim.write_bytes(bytes(data))
     local = LocalExperts(bad).load_all()
-    with pytest.raises(ModelError, match=rf"{victim}: sha256 mismatch"):
+    with pytest.raises(ModelError, match=rf"{victim}: blake3 mismatch"):
         load_distributed_model(bad, StaticDirectory(local))
 
 
