@@ -88,12 +88,15 @@ def node_lines(report: dict[str, Any]) -> list[str]:
 
 def breakdown_lines(report: dict[str, Any]) -> list[str]:
     """Per strategy, a request's parts measured and simulated: time to the first token (the
-    prefill) and the mean decode step; and the other load on the box while it was measured."""
+    prefill), the mean decode step and the mean remote expert call; and the other load on
+    the box while it was measured."""
     return [
         f"{name}: first token {1000 * r['first_token_mean_s']:.0f} ms (sim "
         f"{1000 * r['simulated_first_token_mean_s']:.0f}), decode step "
         f"{1000 * r['decode_step_mean_s']:.1f} ms "
-        f"(sim {1000 * r['simulated_decode_step_mean_s']:.1f})"
+        f"(sim {1000 * r['simulated_decode_step_mean_s']:.1f}), remote call "
+        f"{1000 * r.get('remote_call_mean_s', float('nan')):.1f} ms "
+        f"(sim {1000 * r.get('simulated_remote_call_mean_s', float('nan')):.1f})"
         f"; box busy {r['box_busy_cores']:.2f} cores, other load {r['other_cores']:.2f}"
         for name, r in report["strategies"].items()
     ]

@@ -60,6 +60,15 @@ class DaemonMetrics:
             ["peer", "direction"],
             registry=r,
         )
+        # what the model's thread waits for a peer's experts: from asking (the hop onto the
+        # event loop included) to the answer, failovers included; the testbed sets it beside
+        # the simulator's calls
+        self.expert_call_seconds = Histogram(
+            "edgemoe_expert_call_seconds",
+            "Round trip of a remote expert call, from the model's thread asking to the answer",
+            registry=r,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+        )
         self.rpc_served = Counter(
             "edgemoe_expert_rpc_served", "Expert RPC requests served for peers", registry=r
         )

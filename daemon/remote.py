@@ -302,7 +302,11 @@ class RemoteExecutor:
         self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
     ) -> Future[torch.Tensor]:
         coro = self.router.compute(layer, hidden, expert_ids, weights, self.node_id)
-        return asyncio.run_coroutine_threadsafe(coro, self.router.loop)
+        asked = time.perf_counter()
+        future = asyncio.run_coroutine_threadsafe(coro, self.router.loop)
+        observe = self.router.metrics.expert_call_seconds.observe
+        future.add_done_callback(lambda _: observe(time.perf_counter() - asked))
+        return future
 
 
 class _HeldHere(InThreadExecutor):

@@ -122,6 +122,10 @@ class StrategyResult:
     decode_step_mean_s: float = float("nan")
     simulated_first_token_mean_s: float = float("nan")
     simulated_decode_step_mean_s: float = float("nan")
+    # a remote expert call, from the model's thread asking to the answer (the daemons'
+    # edgemoe_expert_call_seconds over the window), and the simulator's dispatch-to-answer
+    remote_call_mean_s: float = float("nan")
+    simulated_remote_call_mean_s: float = float("nan")
     # the machine's CPU while measuring, in cores: all of it busy, and the part that was not
     # the testbed's (daemons, delay helpers, the bench's clients): other load on the box,
     # which the simulator's shared cores leave out
@@ -446,6 +450,8 @@ class _StrategyRun:
                 "calls": _metric_sum(metrics, "edgemoe_remote_expert_calls_total"),
                 "served_calls": _metric_sum(metrics, "edgemoe_expert_rpc_served_total"),
                 "served_rows": _metric_sum(metrics, "edgemoe_expert_rpc_batch_rows_sum"),
+                "call_s": _metric_sum(metrics, "edgemoe_expert_call_seconds_sum"),
+                "answered_calls": _metric_sum(metrics, "edgemoe_expert_call_seconds_count"),
                 "cpu_s": _cpu_seconds(self.procs[i].pid),
                 "helper_cpu_s": (_cpu_seconds(self.tb.delay_helpers[i].pid)
                                  if i in self.tb.delay_helpers else 0.0),
@@ -510,6 +516,8 @@ def measure_strategy(
         tokens_per_s=tokens / wall,
         first_token_mean_s=float(np.mean([t[1] - t[0] for t in times if len(t) > 1])),
         decode_step_mean_s=float(gaps.mean()) if gaps.size else float("nan"),
+        remote_call_mean_s=(delta["call_s"] / delta["answered_calls"]
+                            if delta["answered_calls"] else float("nan")),
         box_busy_cores=box / wall, other_cores=max(box - testbed_cpu, 0.0) / wall,
         decode_latency_p50_s=_p(gaps, 50), decode_latency_p99_s=_p(gaps, 99),
         request_latency_mean_s=float(np.mean([t[-1] - t[0] for t in times])),
@@ -620,6 +628,7 @@ def run_testbed_bench(setting: BenchSetting, workdir: Path,
         result.simulated_request_latency_mean_s = predicted.request_mean_s
         result.simulated_first_token_mean_s = predicted.first_token_mean_s
         result.simulated_decode_step_mean_s = predicted.decode_step_mean_s
+        result.simulated_remote_call_mean_s = predicted.remote_call_mean_s
         result.measured_over_simulated = (
             result.request_latency_mean_s / result.simulated_request_latency_mean_s)
         results[strategy] = asdict(result)

@@ -153,6 +153,7 @@ class Predicted:
     first_token_mean_s: float
     decode_step_mean_s: float
     work_s: np.ndarray  # per node, compute seconds charged (at speed 1.0)
+    remote_call_mean_s: float  # a remote call, dispatch to answer
 
 
 def simulated_latency(
@@ -194,4 +195,5 @@ def simulated_latency(
             break
     steps = max(length - prompt_tokens, 1)
     return Predicted(res.mean_s, float(res.first_token_s.mean()),
-                     float(((res.latencies_s - res.first_token_s) / steps).mean()), res.work_s)
+                     float(((res.latencies_s - res.first_token_s) / steps).mean()), res.work_s,
+                     res.remote_call_mean_s)

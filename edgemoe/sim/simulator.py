@@ -114,6 +114,9 @@ class SimResult:
     # per server, the compute seconds it was charged (at speed 1.0): what a testbed's CPU
     # seconds per node measure
     work_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    # mean time from a remote call's dispatch to its answer processed by the caller (what
+    # the daemon's edgemoe_expert_call_seconds measures), 0.0 without remote calls
+    remote_call_mean_s: float = 0.0
 
     @property
     def mean_s(self) -> float:
@@ -303,6 +306,8 @@ def simulate(cluster: Cluster, placement: Placement, requests: list[Request], *,
     pending = [0] * n
     latency = np.zeros(n)
     first_token = np.zeros(n)
+    sent_at = np.zeros(n)  # when request i's current layer sent its remote calls
+    call_time = [0.0, 0]  # summed dispatch-to-answer seconds, calls answered
     counters = {"bytes": 0, "local": 0, "total": 0, "migration": 0}
     active = placement
     plan_version = [0] * n
@@ -364,6 +369,7 @@ def simulate(cluster: Cluster, placement: Placement, requests: list[Request], *,
                                                      (i, msg)))
                         waits += 1
         pending[i] = waits
+        sent_at[i] = t
         if waits == 0:
             layer_done(t, i)
 
@@ -395,6 +401,10 @@ def simulate(cluster: Cluster, placement: Placement, requests: list[Request], *,
         else:
             push(arrive, _EV_CHUNK, 0, (cp, 0))
 
+    def answered(t: float, i: int) -> None:
+        call_time[0] += t - sent_at[i]
+        call_time[1] += 1
+
     def part_done(t: float, i: int) -> None:
         pending[i] -= 1
         if pending[i] == 0:
@@ -418,6 +428,8 @@ def simulate(cluster: Cluster, placement: Placement, requests: list[Request], *,
                 if what == _DENSE:
                     dispatch(t, arg)
                 elif what in (_LOCAL, _ANSWER):
+                    if what == _ANSWER:
+                        answered(t, arg)
                     part_done(t, arg)
                 else:
                     i, back = arg
@@ -435,6 +447,7 @@ def simulate(cluster: Cluster, placement: Placement, requests: list[Request], *,
             if c.caller_message_s > 0:
                 enqueue(t, requests[a].server, (layer[a], 0, (), 0, c.caller_message_s, _ANSWER, a))
             else:
+                answered(t, a)
                 part_done(t, a)
         else:  # migration: a change starts (a == -1) or a copy's chunk has landed
             if a == -1:
@@ -461,4 +474,5 @@ def simulate(cluster: Cluster, placement: Placement, requests: list[Request], *,
                  if (servers == s).any()}
     return SimResult(latency, counters["bytes"] + counters["migration"], counters["local"],
                      counters["total"], counters["migration"], by_server, switched_at,
-                     first_token, np.array(work))
+                     first_token, np.array(work),
+                     call_time[0] / call_time[1] if call_time[1] else 0.0)

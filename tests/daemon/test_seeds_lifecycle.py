@@ -103,6 +103,10 @@ def test_metrics_report_requests_tokens_peers_gossip_and_migration(seeded: Clust
     for peer in called:  # ...and bytes each way
         assert m[("edgemoe_remote_bytes_total", (("direction", "sent"), ("peer", peer)))] > 0
         assert m[("edgemoe_remote_bytes_total", (("direction", "received"), ("peer", peer)))] > 0
+    # each call the model's thread made was timed, asking to answer
+    made = sum(v for (name, _), v in m.items() if name == "edgemoe_remote_expert_calls_total")
+    assert m[("edgemoe_expert_call_seconds_count", ())] == made
+    assert 0 < m[("edgemoe_expert_call_seconds_sum", ())] < 30 * made
     assert 0.0 < m[("edgemoe_local_share", ())] < 1.0
     assert m[("edgemoe_gossip_messages_total", (("direction", "in"),))] > 0
     assert m[("edgemoe_gossip_messages_total", (("direction", "out"),))] > 0

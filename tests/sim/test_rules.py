@@ -160,9 +160,12 @@ def test_a_call_costs_its_caller_compute_when_the_answer_is_back() -> None:
     # each step: dense 1; send 1 + 5 -> 7; holder 0.5 + 2 -> 9.5; back 1 + 5 -> 15.5;
     # the caller opens the answer 0.25 -> 15.75. Two steps: 31.5 ms
     assert res.latencies_s[0] == pytest.approx(31.5e-3)
+    # a call, dispatched at 1 (then 16.75), answered and opened at 15.75: 14.75 ms each
+    assert res.remote_call_mean_s == pytest.approx(14.75e-3)
     free = simulate(_cluster(2, 10.0), _placement(holders), [Request(0, 0.0, ids)],
                     constants=SimConstants(**{**c.to_dict(), "caller_message_s": 0.0}))
     assert free.latencies_s[0] == pytest.approx(31.0e-3)
+    assert free.remote_call_mean_s == pytest.approx(14.5e-3)
 
 
 def test_servers_on_shared_cores_split_them_while_more_are_busy_than_cores() -> None:
