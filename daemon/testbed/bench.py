@@ -609,17 +609,21 @@ def run_testbed_bench(setting: BenchSetting, workdir: Path,
     # possible (too few strategies, a coefficient below zero).
     probed = with_wire_cost(calibrated, measured[setting.strategies[0]][0].expert_call_s,
                             link["rtt_median_s"])  # fmt: skip
-    free = dataclasses.replace(calibrated, message_s=0.0, caller_message_s=0.0)
+    free = dataclasses.replace(calibrated, message_s=0.0, caller_message_s=0.0, byte_s=0.0)
+    row_bytes = int(manifest.config["hidden_size"]) * (2 if setting.shape == "lite" else 4)
     rows = []
     for strategy, (result, placed, node_ids) in measured.items():
         work = _simulate(setting, strategy, shards, placed, node_ids, free,
                          _testbed_cores(result)).work_s
         for n, w in zip(result.nodes or [], work, strict=True):
             n["simulated_compute_s"] = float(w)  # what the simulator charges it, calls aside
-            rows.append((n["cpu_s"] + n["helper_cpu_s"] - w, n["calls"], n["served_calls"]))
+            served_bytes = 2 * n["served_rows"] * row_bytes  # each row in and out
+            rows.append((n["cpu_s"] + n["helper_cpu_s"] - w, n["calls"], n["served_calls"],
+                         n["bytes"] + served_bytes))
     constants = fit_call_costs(probed, rows)
     say(f"per-call costs: {1000 * constants.caller_message_s:.2f} ms per call made, "
-        f"{1000 * constants.message_s:.2f} ms per call served ({constants.source})")
+        f"{1000 * constants.message_s:.2f} ms per call served, "
+        f"{1e9 * constants.byte_s:.1f} ns per byte moved ({constants.source})")
     results: dict[str, Any] = {}
     for strategy, (result, placed, node_ids) in measured.items():
         result.simulated_cores = _testbed_cores(result)

@@ -76,27 +76,35 @@ def with_wire_cost(c: SimConstants, call_s: float, rtt_s: float) -> SimConstants
     return c.with_call_cost(wire, f"{c.source}; per-call costs: testbed expert call")
 
 
-def fit_call_costs(c: SimConstants, rows: Sequence[tuple[float, float, float]]
+def fit_call_costs(c: SimConstants, rows: Sequence[tuple[float, float, float, float]]
                    ) -> SimConstants:  # fmt: skip
-    """`c` with `caller_message_s` and `message_s` fitted by least squares to the testbed's
-    own CPU: one row per node and strategy, (CPU seconds of its daemon and delay helper less
-    the compute the simulator charges it, calls it made, calls it served), with an intercept
-    for what follows neither (gossip, the generation loop). The daemons' CPU per call is the
-    measurement the simulator lacks: a probe call times one call on an idle cluster, not what
-    thousands cost under load. `c` unchanged when there are too few rows for three unknowns
-    or a cost comes out negative (say, calls and served calls the same on every row)."""
-    if len(rows) < 4:
-        return c
+    """`c` with `caller_message_s`, `message_s` and `byte_s` fitted by least squares to the
+    testbed's own CPU: one row per node and strategy, (CPU seconds of its daemon and delay
+    helper less the compute the simulator charges it, calls it made, calls it served, bytes
+    of hidden states its calls moved: both ways, made and served), with an intercept for what
+    follows none of them (gossip, the generation loop). The daemons' CPU is the measurement
+    the simulator lacks: a probe call times one call on an idle cluster, not what thousands
+    cost under load. On quiet runs the bytes term cut the fit's residual 3x (0.22-0.36 s to
+    0.08-0.11 s a node): the strategies that move twice the bytes (dancemoe, eplb) spend
+    CPU the per-call costs alone did not price. Without enough distinct rows, or with a
+    negative coefficient, the bytes are left out (`byte_s` 0); `c` unchanged when the calls
+    alone cannot be fitted either."""
     y = np.array([r[0] for r in rows], dtype=np.float64)
-    x = np.array([[1.0, r[1], r[2]] for r in rows], dtype=np.float64)
-    if np.linalg.matrix_rank(x) < 3:
-        return c
-    (_, made, served), *_ = np.linalg.lstsq(x, y, rcond=None)
-    if not (made >= 0 and served >= 0):
-        return c
-    return dataclasses.replace(
-        c, caller_message_s=float(made), message_s=float(served),
-        source=f"{c.source.split('; ')[0]}; per-call costs: fit of {len(rows)} node CPU rows")
+    for columns in (3, 2):  # calls and bytes, then calls alone
+        if len(rows) < columns + 2:
+            continue
+        x = np.array([[1.0, *r[1 : 1 + columns]] for r in rows], dtype=np.float64)
+        if np.linalg.matrix_rank(x) < columns + 1:
+            continue
+        coef = np.linalg.lstsq(x, y, rcond=None)[0][1:]
+        if not (coef >= 0).all():
+            continue
+        made, served, per_byte = (*coef, 0.0)[:3]
+        return dataclasses.replace(
+            c, caller_message_s=float(made), message_s=float(served), byte_s=float(per_byte),
+            source=f"{c.source.split('; ')[0]}; per-call costs: fit of {len(rows)} node CPU "
+                   f"rows{', with bytes' if columns == 3 else ''}")  # fmt: skip
+    return c
 
 
 def placement_of(view: dict[str, Any], node_ids: Sequence[str], layers: int,

@@ -29,7 +29,8 @@ class SimConstants:
     A remote call also costs its caller ``caller_message_s`` of compute (encoding, signing and
     sealing the request, then checking, opening and decoding its answer), charged when the
     answer is back: the testbed's daemons spend about as much per call made as per call
-    served (a fit of their CPU seconds: 0.9-1.2 ms made, 1.3-1.4 ms served).
+    served (a fit of their CPU seconds: 0.9-1.2 ms made, 1.3-1.4 ms served). Each end also
+    pays ``byte_s`` per byte of the request and of the answer it handles.
     """
 
     dense_fixed_s: float = 5.5e-2
@@ -38,6 +39,10 @@ class SimConstants:
     expert_row_s: float = 2.7e-3
     message_s: float = 2.7e-4  # half of calibrate's 0.54 ms signed round trip: holder's side
     caller_message_s: float = 2.7e-4  # and the caller's
+    # compute per byte of hidden states a call moves, at each end (the holder reads the
+    # request and writes the answer, the caller writes one and reads the other): 0 unless
+    # measured; the testbed fits it to its daemons' CPU beside the per-call costs
+    byte_s: float = 0.0
     batching: bool = True  # a server runs everything waiting in its queue as one batch
     prompt_fraction: float = 0.5  # share of a request's tokens that form its prompt
     source: str = "defaults"  # where the figures came from (a calibration file, a flag)

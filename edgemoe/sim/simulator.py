@@ -17,7 +17,8 @@ Rules (each has a hand-computed test in tests/sim/):
   becomes free it runs everything waiting as one batch, paying each layer's and each
   expert's fixed cost once (`SimConstants` documents the cost model); off: one item at a time.
 - Calls cost both ends: the holder pays `message_s` per message it receives, the caller
-  `caller_message_s` per call once its answer is back, each in its compute queue.
+  `caller_message_s` per call once its answer is back, each in its compute queue, and each
+  end `byte_s` per byte of the request and of the answer (same size: a row per token).
 - Network: a message crosses the sender's NIC egress, the pair link and the receiver's NIC
   ingress, each a FIFO resource with its own rate shared by all flows through it (cut-through:
   the slowest stage sets the pace), then half the round trip. FIFO is in send order.
@@ -358,15 +359,17 @@ def simulate(cluster: Cluster, placement: Placement, requests: list[Request], *,
                 arrive = net.send(t, s, d, out)
                 counters["bytes"] += out
                 push(arrive, _EV_ARRIVE, d, (l, 0, tuple(experts), sum(experts.values()),
-                                             c.message_s, _REMOTE, (i, tok[d] * msg)))
+                                             c.message_s + 2 * out * c.byte_s, _REMOTE,
+                                             (i, out)))  # fmt: skip
                 waits += 1
             else:
                 for e, rows in experts.items():  # one call per (token, expert), prefill too
                     for _ in range(rows):
                         arrive = net.send(t, s, d, msg)
                         counters["bytes"] += msg
-                        push(arrive, _EV_ARRIVE, d, (l, 0, (e,), 1, c.message_s, _REMOTE,
-                                                     (i, msg)))
+                        push(arrive, _EV_ARRIVE, d, (l, 0, (e,), 1,
+                                                     c.message_s + 2 * msg * c.byte_s,
+                                                     _REMOTE, (i, msg)))  # fmt: skip
                         waits += 1
         pending[i] = waits
         sent_at[i] = t
@@ -435,7 +438,7 @@ def simulate(cluster: Cluster, placement: Placement, requests: list[Request], *,
                     i, back = arg
                     s = requests[i].server
                     counters["bytes"] += back
-                    push(net.send(t, a, s, back), _EV_RETURN, i)
+                    push(net.send(t, a, s, back), _EV_RETURN, i, back)
             running[a] = None
             if queue[a]:
                 start(t, a)
@@ -444,8 +447,10 @@ def simulate(cluster: Cluster, placement: Placement, requests: list[Request], *,
         elif kind == _EV_ARRIVE:
             enqueue(t, a, b)  # type: ignore[arg-type]
         elif kind == _EV_RETURN:
-            if c.caller_message_s > 0:
-                enqueue(t, requests[a].server, (layer[a], 0, (), 0, c.caller_message_s, _ANSWER, a))
+            # the caller writes the request and reads the answer: both the same size
+            opened = c.caller_message_s + 2 * b * c.byte_s  # type: ignore[operator]
+            if opened > 0:
+                enqueue(t, requests[a].server, (layer[a], 0, (), 0, opened, _ANSWER, a))
             else:
                 answered(t, a)
                 part_done(t, a)

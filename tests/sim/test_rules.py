@@ -168,6 +168,21 @@ def test_a_call_costs_its_caller_compute_when_the_answer_is_back() -> None:
     assert free.remote_call_mean_s == pytest.approx(14.5e-3)
 
 
+def test_each_end_of_a_call_pays_for_the_bytes_it_handles() -> None:
+    holders = np.array([[[True, False]], [[False, True]]])
+    ids = np.array([[[1]], [[1]]])  # prompt 1 token, 1 decode step; expert 1 is on server 1
+    c = SimConstants(dense_fixed_s=1e-3, dense_token_s=0.0, expert_fixed_s=2e-3,
+                     expert_row_s=0.0, message_s=0.5e-3, caller_message_s=0.25e-3,
+                     batching=False, byte_s=1e-7)
+    res = simulate(_cluster(2, 10.0), _placement(holders), [Request(0, 0.0, ids)], constants=c)
+    # 1000-byte request and answer: each end 2000 bytes x 0.1 us = 0.2 ms more than
+    # test_a_call_costs_its_caller_compute_when_the_answer_is_back's 15.75 per step:
+    # holder 0.5 + 0.2 + 2, caller 0.25 + 0.2 -> 16.15 a step, 32.3 ms
+    assert res.latencies_s[0] == pytest.approx(32.3e-3)
+    assert res.remote_call_mean_s == pytest.approx(15.15e-3)
+    assert res.work_s[1] == pytest.approx(2 * (0.5e-3 + 0.2e-3 + 2e-3))
+
+
 def test_servers_on_shared_cores_split_them_while_more_are_busy_than_cores() -> None:
     # two servers, each its own fully local request: dense 1 ms, expert 2 ms per step;
     # server 0: prefill only (3 ms of work) from 0; server 1: prefill + 1 decode step
