@@ -9,6 +9,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -49,23 +50,35 @@ def test_chat_handles_slash_commands_itself(fake_node: Any) -> None:
 def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(fake_node: Any) -> None:
     proc = subprocess.Popen(chat_argv(fake_node), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=child_env())  # fmt: skip
-    assert proc.stdin is not None
+    assert proc.stdin is not None and proc.stdout is not None
+    out = bytearray()
+
+    def read() -> None:  # the answer as it streams, so Ctrl-C is sent while it does
+        while piece := proc.stdout.read1(4096):  # type: ignore[union-attr]
+            out.extend(piece)
+
+    reader = threading.Thread(target=read, daemon=True)
     try:
         proc.stdin.write(b"slow\n")
         proc.stdin.flush()
+        reader.start()
         deadline = time.monotonic() + 30
-        while not any(p == "/v1/chat/completions" for _, p, _ in fake_node.requests):
-            assert time.monotonic() < deadline, "the chat never asked"
-            time.sleep(0.05)
-        time.sleep(0.5)  # a few pieces streamed
+        while out.count(b"tick") < 3:  # the answer is streaming: Ctrl-C lands inside it
+            assert time.monotonic() < deadline, f"no answer streamed: {bytes(out)!r}"
+            time.sleep(0.02)
+        interrupted_at = out.count(b"tick")
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
-        out, err = proc.communicate(b"hello\n/exit\n", timeout=30)
+        proc.stdin.write(b"hello\n/exit\n")
+        proc.stdin.close()
+        proc.wait(timeout=30)
+        reader.join(timeout=10)
+        err = proc.stderr.read() if proc.stderr else b""
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err.decode()
     text = out.decode()
-    assert "tick" in text and "[stopped]" in text and "echo: hello" in text
+    assert "[stopped]" in text and "echo: hello" in text, (interrupted_at, text)
     assert text.count("tick") < 100  # the answer did not run to its end
     assert "Traceback" not in err.decode()
     deadline = time.monotonic() + 10
