@@ -48,8 +48,13 @@ def test_chat_handles_slash_commands_itself(fake_node: Any) -> None:
 
 
 def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(fake_node: Any) -> None:
-    proc = subprocess.Popen(chat_argv(fake_node), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=child_env())  # fmt: skip
+    # as from a terminal: a runner started as a background job of a non-interactive shell
+    # ignores SIGINT, its children inherit that, and Python then never raises KeyboardInterrupt
+    proc = subprocess.Popen(
+        chat_argv(fake_node), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env=child_env(),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     assert proc.stdin is not None and proc.stdout is not None
     out = bytearray()
 
