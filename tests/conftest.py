@@ -12,6 +12,8 @@ three workers keep busy (under that load one run decided a single epoch in its 6
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,3 +31,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         rel = item.path.relative_to(root).as_posix()
         if rel.startswith(_NAMESPACE_TESTS):
             item.add_marker(pytest.mark.namespaces)
+
+
+@pytest.fixture
+def terminal_signals() -> Callable[[], None]:
+    """`preexec_fn` for a child the test interrupts as Ctrl-C would: a suite run as a
+    background job of a non-interactive shell ignores SIGINT, its children inherit that, and
+    Python then never raises KeyboardInterrupt in them."""
+    def default_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    return default_sigint

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -166,15 +167,15 @@ def test_demo_with_two_nodes_shows_placement_and_migration_and_cleans_up() -> No
     assert elapsed < 180, f"demo took {elapsed:.0f} s"
 
 
-def test_demo_is_interrupted_cleanly_by_sigint(tmp_path: Path) -> None:
+def test_demo_is_interrupted_cleanly_by_sigint(
+    tmp_path: Path, terminal_signals: Callable[[], None]
+) -> None:
     """Ctrl-C while daemons are starting: every daemon stops, exit code 130."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "edgemoe.cli", "demo", "--nodes", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "COLUMNS": "160"},
-        # as from a terminal: a shell running the suite as a background job ignores SIGINT,
-        # and the child would inherit that
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=terminal_signals,
     )  # fmt: skip
     assert proc.stdout is not None
     lines: list[str] = []

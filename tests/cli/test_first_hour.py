@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,14 +48,12 @@ def test_chat_handles_slash_commands_itself(fake_node: Any) -> None:
     assert len(sent[1]) == 1  # /reset forgot "hello" and its answer
 
 
-def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(fake_node: Any) -> None:
-    # as from a terminal: a runner started as a background job of a non-interactive shell
-    # ignores SIGINT, its children inherit that, and Python then never raises KeyboardInterrupt
-    proc = subprocess.Popen(
-        chat_argv(fake_node), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, env=child_env(),
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )  # fmt: skip
+def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(
+    fake_node: Any, terminal_signals: Callable[[], None]
+) -> None:
+    proc = subprocess.Popen(chat_argv(fake_node), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=child_env(),
+                            preexec_fn=terminal_signals)  # fmt: skip
     assert proc.stdin is not None and proc.stdout is not None
     out = bytearray()
 

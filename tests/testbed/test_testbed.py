@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -102,12 +103,13 @@ asyncio.run(main())
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_nothing_left_after_a_signal_to_the_process_running_it(
-    testbed_ok: None, tmp_path: Path, sig: signal.Signals
+    testbed_ok: None, tmp_path: Path, sig: signal.Signals, terminal_signals: Callable[[], None]
 ) -> None:
     before = root_state()
     script = tmp_path / "run_testbed.py"
     script.write_text(textwrap.dedent(_SCRIPT))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            preexec_fn=terminal_signals)  # fmt: skip
     try:
         assert proc.stdout is not None
         prefix, sleeper = proc.stdout.readline().split()
