@@ -238,7 +238,7 @@ class ShardStore:
     def sync_pending(self) -> None:
         """Block until every installed file is synced (those waiting for the burst to end
         too; the syncer runs them in order)."""
-        self._queue_syncs()
+        self._queue_syncs(force=True)
         self._syncer.submit(lambda: None).result()
 
     @contextlib.contextmanager
@@ -256,9 +256,9 @@ class ShardStore:
                 self._fetches -= 1
             self._queue_syncs()
 
-    def _queue_syncs(self) -> None:
+    def _queue_syncs(self, *, force: bool = False) -> None:
         with self._sync_lock:
-            if self._fetches:
+            if self._fetches and not force:
                 return
             paths, self._unsynced = self._unsynced, []
         for path in paths:
