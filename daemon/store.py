@@ -380,25 +380,25 @@ class ShardFetcher:
         if not sources:
             raise PeerError(f"{rel}: no peer to fetch it from")
         lock = self._locks.setdefault(rel, asyncio.Lock())
-        async with lock, contextlib.AsyncExitStack() as stack:
-            stack.enter_context(self.store.fetching())
-            if await self.store.verified(rel):
-                return
-            last: Exception | None = None
-            for attempt in range(self.attempts):
-                order = list(sources[attempt % len(sources) :]) + list(
-                    sources[: attempt % len(sources)]
-                )
-                try:
-                    await self._fetch_once(rel, order, split=split)
+        async with lock:
+            with self.store.fetching():  # its install syncs once the burst ends
+                if await self.store.verified(rel):
                     return
-                except CorruptShard as exc:
-                    log.warning("%s: %s; fetching again", rel, exc)
-                    last = exc
-                except PeerError as exc:
-                    log.info("%s: transfer failed (%s); will resume", rel, exc)
-                    last = exc
-            raise PeerError(f"{rel}: could not fetch after {self.attempts} attempts: {last}")
+                last: Exception | None = None
+                for attempt in range(self.attempts):
+                    order = list(sources[attempt % len(sources) :]) + list(
+                        sources[: attempt % len(sources)]
+                    )
+                    try:
+                        await self._fetch_once(rel, order, split=split)
+                        return
+                    except CorruptShard as exc:
+                        log.warning("%s: %s; fetching again", rel, exc)
+                        last = exc
+                    except PeerError as exc:
+                        log.info("%s: transfer failed (%s); will resume", rel, exc)
+                        last = exc
+                raise PeerError(f"{rel}: could not fetch after {self.attempts} attempts: {last}")
 
     async def _fetch_once(self, rel: str, sources: Sequence[PeerClient], *, split: bool) -> None:
         size = int(self.store.info(rel)["bytes"])

@@ -546,6 +546,11 @@ def _prompt_tokens(shards: Path) -> int:
     return len(AutoTokenizer.from_pretrained(str(shards))(PROMPT)["input_ids"])
 
 
+def _activation_bytes(setting: BenchSetting) -> int:
+    """Bytes of one hidden-state value on the wire: the lite shape runs bf16, the tiny fp32."""
+    return 2 if setting.shape == "lite" else 4
+
+
 def _simulate(setting: BenchSetting, strategy: str, shards: Path, placed: dict[str, Any],
               node_ids: list[str], constants: Any, cores: float) -> Any:  # fmt: skip
     """edgemoe.sim's prediction (`simulated.Predicted`) of this strategy's measured window."""
@@ -562,7 +567,7 @@ def _simulate(setting: BenchSetting, strategy: str, shards: Path, placed: dict[s
     return simulated.simulated_latency(
         placement, requests, constants=constants, bandwidth_mbps=setting.bandwidth_mbps,
         delay_ms=setting.delay_ms, hidden_size=int(manifest.config["hidden_size"]),
-        activation_bytes=2 if setting.shape == "lite" else 4,
+        activation_bytes=_activation_bytes(setting),
         transport=split_strategy(strategy)[1], prompt_tokens=prompt, cores=cores)
 
 
@@ -610,7 +615,7 @@ def run_testbed_bench(setting: BenchSetting, workdir: Path,
     probed = with_wire_cost(calibrated, measured[setting.strategies[0]][0].expert_call_s,
                             link["rtt_median_s"])  # fmt: skip
     free = dataclasses.replace(calibrated, message_s=0.0, caller_message_s=0.0, byte_s=0.0)
-    row_bytes = int(manifest.config["hidden_size"]) * (2 if setting.shape == "lite" else 4)
+    row_bytes = int(manifest.config["hidden_size"]) * _activation_bytes(setting)
     rows = []
     for strategy, (result, placed, node_ids) in measured.items():
         work = _simulate(setting, strategy, shards, placed, node_ids, free,

@@ -11,18 +11,16 @@ on a thread inside node 1's namespace (the same `_stream_figures` as on loopback
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import secrets
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from edgemoe.daemon.bench import ECHO_SERVER, _stream_figures
+from edgemoe.daemon.bench import ECHO_SERVER, _get, _stream_figures, _wait
 from edgemoe.daemon.testbed.lifecycle import Testbed
 from edgemoe.daemon.testbed.netns import namespace_pool
 from edgemoe.daemon.testbed.plan import TestbedError, TestbedSpec
@@ -72,19 +70,13 @@ def stream_over_link(
 
 def _wait_ready(url: str, token: str, files_url: str, daemon: subprocess.Popen[Any]) -> None:
     """Until the daemon is ready and the plain server answers (run inside node 1)."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
+
+    def ready() -> bool:
         if daemon.poll() is not None:
             raise TestbedError(f"the daemon exited {daemon.returncode} (see link-daemon.log)")
-        try:
-            req = urllib.request.Request(url + "/healthz",
-                                         headers={"Authorization": f"Bearer {token}"})  # fmt: skip
-            with urllib.request.urlopen(req, timeout=3) as r1:
-                ready = bool(json.loads(r1.read()).get("ready"))
-            with urllib.request.urlopen(files_url + "/manifest.json", timeout=3) as r2:
-                if ready and r2.status == 200:
-                    return
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.3)
-    raise TestbedError(f"timed out waiting for the daemon at {url} and the plain server")
+        if not _get(url + "/healthz", token).get("ready"):
+            return False
+        with urllib.request.urlopen(files_url + "/manifest.json", timeout=3) as resp:
+            return resp.status == 200
+
+    _wait(ready, READY_TIMEOUT_S, f"the daemon at {url} and the plain server")

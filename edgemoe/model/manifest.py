@@ -33,14 +33,25 @@ def sha256_file(path: Path) -> str:
     return str(hash_into(hashlib.sha256(), path).hexdigest())
 
 
+class EntryDigests:
+    """The digests of a manifest file entry, fed as the bytes go by: sha256 (the file's
+    identity, in the model fingerprint) and BLAKE3 (its check, `FileCheck`)."""
+
+    def __init__(self) -> None:
+        self.sha256, self.blake3 = hashlib.sha256(), blake3.blake3()
+
+    def update(self, data: Any) -> None:
+        self.sha256.update(data)
+        self.blake3.update(data)
+
+    def entry(self, size: int) -> dict[str, Any]:
+        return {"bytes": size, "sha256": self.sha256.hexdigest(),
+                "blake3": self.blake3.hexdigest()}  # fmt: skip
+
+
 def describe_file(path: Path) -> dict[str, Any]:
-    """A manifest file entry: size, sha256 (the file's identity) and BLAKE3 (its check)."""
-    sha, fast = hashlib.sha256(), blake3.blake3()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            sha.update(chunk)
-            fast.update(chunk)
-    return {"bytes": path.stat().st_size, "sha256": sha.hexdigest(), "blake3": fast.hexdigest()}
+    """A manifest file entry: size, sha256 and BLAKE3 (see `EntryDigests`)."""
+    return hash_into(EntryDigests(), path).entry(path.stat().st_size)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ it goes, so the sharder holds at most one tensor.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -15,8 +14,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import blake3
 import torch
+
+from edgemoe.model.manifest import EntryDigests
 
 _NAMES = {
     torch.float64: "F64",
@@ -57,7 +57,7 @@ def in_memory(tensors: dict[str, torch.Tensor]) -> list[PendingTensor]:
 
 def write_streaming(path: Path, tensors: Sequence[PendingTensor]) -> dict[str, int | str]:
     """Write a safetensors file loading one tensor at a time; returns its manifest entry
-    ({bytes, sha256, blake3}: see `manifest.describe_file`)."""
+    ({bytes, sha256, blake3}: `manifest.EntryDigests`)."""
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     ordered = sorted(tensors, key=lambda t: t.name)
@@ -70,12 +70,11 @@ def write_streaming(path: Path, tensors: Sequence[PendingTensor]) -> dict[str, i
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    digests = (hashlib.sha256(), blake3.blake3())
+    digests = EntryDigests()
     with path.open("wb") as fh:
         for chunk in (struct.pack("<Q", len(raw)), raw):
             fh.write(chunk)
-            for digest in digests:
-                digest.update(chunk)
+            digests.update(chunk)
         for t in ordered:
             tensor = t.load().contiguous()
             if tensor.dtype != t.dtype or tuple(tensor.shape) != t.shape:
@@ -83,11 +82,9 @@ def write_streaming(path: Path, tensors: Sequence[PendingTensor]) -> dict[str, i
             if tensor.numel():
                 data = tensor.reshape(-1).view(torch.uint8).numpy()  # a view: no copy
                 fh.write(data)
-                for digest in digests:
-                    digest.update(data)
+                digests.update(data)
                 del data
             del tensor
         fh.flush()
         os.fsync(fh.fileno())
-    sha, fast = (d.hexdigest() for d in digests)
-    return {"bytes": path.stat().st_size, "sha256": sha, "blake3": fast}
+    return digests.entry(path.stat().st_size)
