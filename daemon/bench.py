@@ -293,7 +293,7 @@ async def _in_flight(rels: list[str], fn: Callable[[str], Awaitable[None]]) -> N
 
 
 async def _stream_figures(
-    url: str, files_url: str, secret: str, shard_dir: Path, workdir: Path, rounds: int = 3
+    url: str, files_url: str, secret: str, shard_dir: Path, workdir: Path, rounds: int = 7
 ) -> dict[str, Any]:
     """Every manifest file fetched through the daemon's path (signed, digest-verified while
     received, installed by rename, one fsync per file in the background) against a plain

@@ -29,7 +29,7 @@ def test_files_installed_during_a_burst_are_synced_once_it_ends(
     tiny: TinyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     synced: list[Path] = []
-    monkeypatch.setattr(store_module, "_fsync", synced.append)
+    monkeypatch.setattr(store_module, "_fsync_all", synced.extend)
     store = ShardStore(tmp_path / "node")
     store.install_manifest((tiny.shard_dir / "manifest.json").read_bytes(), None)
     first, second, third = (Manifest.expert_path(0, e) for e in range(3))
