@@ -106,10 +106,14 @@ class ActivationRecorder:
         reservoir fills, then a uniform slot in [0, i] (kept when it is < capacity); a slot
         drawn twice keeps the later row."""
         k = self.top_k
-        rows = np.concatenate(
-            [np.pad(ids[:, :k], ((0, 0), (0, k - min(k, ids.shape[1]))), constant_values=-1)
-             for _, _, ids in pending]
-        )  # fmt: skip
+        if all(ids.shape[1] == k for _, _, ids in pending):  # the model's own top-k: as they are
+            rows = np.concatenate([ids for _, _, ids in pending])
+        else:  # cut to k, or padded with -1 (np.pad per record cost ~10 us each)
+            rows = np.full((sum(len(ids) for _, _, ids in pending), k), -1, dtype=np.int64)
+            at = 0
+            for _, _, ids in pending:
+                rows[at : at + len(ids), : min(k, ids.shape[1])] = ids[:, :k]
+                at += len(ids)
         row_layers = np.repeat([layer for _, layer, _ in pending], [len(i) for _, _, i in pending])
         index = self._seen + np.arange(len(rows))
         slots = index.copy()

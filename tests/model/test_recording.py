@@ -199,3 +199,17 @@ def test_queued_records_count_as_if_counted_when_recorded() -> None:
     np.testing.assert_allclose(snap.counts, expected, rtol=1e-9)
     assert [(int(layer), s.tolist()) for layer, s in zip(snap.coact_layers, snap.coact_sets,
                                                         strict=True)] == rows  # fmt: skip
+
+
+def test_reservoir_rows_are_cut_or_padded_to_top_k() -> None:
+    """Rows wider than top-k keep their first k ids; narrower ones are padded with -1, in the
+    order recorded, whether a fold holds only k-wide records or a mix."""
+    rec = ActivationRecorder(2, 8, 2, reservoir=16, clock=FakeClock())
+    rec.record(0, np.array([[1, 2]]))
+    rec.record(1, np.array([[3, 4, 5], [6, 7, 0]]))
+    rec.record(0, np.array([[5]]))
+    snap = rec.snapshot("n")
+    assert snap.coact_layers.tolist() == [0, 1, 1, 0]
+    assert snap.coact_sets.tolist() == [[1, 2], [3, 4], [6, 7], [5, -1]]
+    rec.record(1, np.array([[2, 3]]))
+    assert rec.snapshot("n").coact_sets.tolist()[-1] == [2, 3]
