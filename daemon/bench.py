@@ -351,6 +351,7 @@ async def _stream_figures(
         "plain_http_mb_per_s": total * rounds / sum(times["plain"]) / 1e6,
         "ratio_per_round": per_round,
         "ratio": statistics.median(per_round),
+        "seconds": times,
     }
 
 
