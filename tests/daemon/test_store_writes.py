@@ -87,3 +87,33 @@ async def test_a_stalled_write_sends_later_writes_to_a_worker(
     writer = await _write_file(tmp_path / "third", stalls)
     _check(tmp_path / "third", writer)
     assert threads == [loop_thread] * len(CHUNKS)
+
+
+async def test_a_streaming_response_reads_its_socket_a_mib_at_a_time_then_puts_it_back() -> None:
+    """asyncio's own socket transport (not a fake: the attribute is CPython's) reads up to
+    `_RECV_SIZE` while a file streams and goes back to the pool with its default; a transport
+    without the attribute (another event loop's) is left alone."""
+    import asyncio
+    from types import SimpleNamespace
+
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
+    try:
+        default = transport.max_size  # type: ignore[attr-defined]
+        resp = SimpleNamespace(connection=SimpleNamespace(transport=transport))
+        with store_module._large_reads(resp):
+            assert transport.max_size == store_module._RECV_SIZE > default  # type: ignore[attr-defined]
+        assert transport.max_size == default  # type: ignore[attr-defined]
+        with pytest.raises(OSError), store_module._large_reads(resp):
+            raise OSError("cut")  # a cut transfer puts it back too
+        assert transport.max_size == default  # type: ignore[attr-defined]
+        for other in (SimpleNamespace(connection=None),
+                      SimpleNamespace(connection=SimpleNamespace(transport=object()))):  # fmt: skip
+            with store_module._large_reads(other):
+                pass
+    finally:
+        transport.close()
+        server.close()
+        await server.wait_closed()
