@@ -157,52 +157,14 @@ def _constants(path: Path | None) -> Any:
         raise _fail(str(exc)) from None
 
 
-def _bounded_sweep(grid: Any, consts: Any, trace: str, minutes: float, progress: Any,
-                   json_out: Path | None) -> dict[str, Any]:
-    """The grid's settings in a seeded shuffled order (a partial run then samples every axis,
-    not the first network only), each with all its loads, until `minutes` have passed; the
-    document (`sweep`'s, with what was done) is rewritten after each setting."""
-    import time
-
-    import numpy as np
-
-    from edgemoe.bench.sweep import METRICS, label, run_cell
-
-    t0 = time.monotonic()
-    cells = grid.cells()
-    settings: dict[tuple, list[dict[str, Any]]] = {}
-    for cell in cells:
-        settings.setdefault(tuple(v for k, v in sorted(cell.items()) if k != "load"),
-                            []).append(cell)
-    order = np.random.default_rng(0).permutation(len(settings))
-    groups = list(settings.values())
-    rows: list[dict[str, Any]] = []
-    doc: dict[str, Any] = {}
-    for n, g in enumerate(order):
-        if time.monotonic() - t0 > minutes * 60:
-            break
-        solved: dict[int, dict[str, Any]] = {}
-        for cell in groups[int(g)]:
-            rows.append(run_cell(cell, grid, consts, trace, solved))
-            progress(len(rows), len(cells), rows[-1])
-        worst = {m: max(rows, key=lambda r, m=m: r["ratios"][m]["ratio"]) for m in METRICS}
-        doc = {"grid": dict(grid.__dict__), "constants": consts.to_dict(), "cells": rows,
-               "worst": {m: {"ratio": w["ratios"][m]["ratio"], "cell": label(w)}
-                         for m, w in worst.items()},
-               "done": {"cells": len(rows), "of": len(cells), "settings": n + 1,
-                        "elapsed_s": time.monotonic() - t0, "budget_min": minutes}}
-        if json_out:
-            json_out.write_text(json.dumps(doc, indent=2))
-    return doc
-
-
 def _run_sweep(quick: bool, consts: Any, trace: Path | None, json_out: Path | None,
-               plot: Path | None, minutes: float = 0.0, budget_of: str = "") -> None:
+               plot: Path | None, minutes: float = 0.0, budget_of: str = "",
+               resume: Path | None = None) -> None:
     from dataclasses import replace
 
     from rich.console import Console
 
-    from edgemoe.bench.sweep import METRICS, QUICK, Grid, label, sweep
+    from edgemoe.bench.sweep import METRICS, QUICK, Grid, bounded, label, sweep
     from edgemoe.stats.traces import TraceError, default_trace_path
 
     path = str(trace or default_trace_path())
@@ -222,18 +184,29 @@ def _run_sweep(quick: bool, consts: Any, trace: Path | None, json_out: Path | No
     if budget_of == "quick":  # the full grid's axes at the quick grid's per-run budget
         grid = replace(grid, max_requests=QUICK.max_requests, max_tokens=QUICK.max_tokens,
                        max_samples=QUICK.max_samples)
+    previous = None
+    if resume is not None:
+        try:
+            previous = json.loads(resume.read_text())
+        except (OSError, ValueError) as exc:
+            raise _fail(f"--resume {resume}: {exc}") from None
+
+    def save(doc: dict[str, Any]) -> None:
+        if json_out:
+            json_out.write_text(json.dumps(doc, indent=2))
+
     try:
-        doc = (_bounded_sweep(grid, consts, path, minutes, progress, json_out) if minutes
+        doc = (bounded(grid, consts, path, minutes, progress, previous, save) if minutes
                else sweep(grid, consts, path, progress))
     except (TraceError, ValueError) as exc:
         raise _fail(str(exc)) from None
     if not doc:
-        raise _fail("--minutes ran out before the first setting")
+        raise _fail("--minutes ran out before the first setting, or --resume's grid is done")
     _sweep_table(doc, console)
     if "done" in doc:
         d = doc["done"]
-        console.print(f"partial: {d['cells']} of {d['of']} cells ({d['settings']} settings) in "
-                      f"{d['elapsed_s']:.0f} s")
+        console.print(f"partial: {d['cells']} of {d['of']} cells ({d['settings']} of "
+                      f"{d.get('of_settings', '?')} settings) in {d['elapsed_s']:.0f} s")
     if json_out:
         json_out.write_text(json.dumps(doc, indent=2))
     if plot:
@@ -378,14 +351,19 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             "settings then run in a seeded shuffled order")] = 0.0,
         budget: Annotated[str, typer.Option(
             help="--sweep per-run budget: grid (its own) or quick (the --quick grid's)")] = "grid",
+        resume: Annotated[Path | None, typer.Option(
+            help="--sweep --minutes: continue this earlier run's JSON (same grid and "
+            "constants): its cells kept, its settings skipped")] = None,
     ) -> None:
         """Every strategy on one scenario and seed; ratios to eplb and dancemoe."""
         consts = _constants(constants)
         if sweep or quick:
             if minutes < 0 or budget not in ("grid", "quick"):
                 raise _fail("--minutes must not be negative; --budget is grid or quick")
+            if resume is not None and not minutes:
+                raise _fail("--resume continues a bounded run: give --minutes too")
             _run_sweep(quick, consts, trace, json_out, plot, minutes,
-                       "quick" if budget == "quick" else "")
+                       "quick" if budget == "quick" else "", resume)
             return
         from dataclasses import replace
 

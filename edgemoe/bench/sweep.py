@@ -11,6 +11,9 @@ per-expert transport (the paper's system: placement and transport gains together
 from __future__ import annotations
 
 import itertools
+import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -124,3 +127,60 @@ def label(cell: dict[str, Any]) -> str:
 
 def quick(grid: Grid = QUICK, **changes: Any) -> Grid:
     return replace(grid, **changes)
+
+
+SETTING = ("bandwidth_mbps", "rtt_ms", "memory_ratio", "capacities", "speeds")  # a cell but load
+
+
+def _setting(cell: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(cell[k] for k in SETTING)
+
+
+def bounded(grid: Grid, constants: SimConstants, trace: str, minutes: float,
+            progress: Any = None, previous: dict[str, Any] | None = None,
+            save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """The grid's settings in a seeded shuffled order (a partial run then samples every axis,
+    not the first network only), each with all its loads, until `minutes` have passed; `save`
+    gets the document (`sweep`'s, with what was done) after each setting. `previous`, a
+    document of an earlier bounded run of the same grid and constants, is continued: its cells
+    kept, its settings skipped (the whole grid takes hours here: it can run in pieces).
+    Empty when no setting was started."""
+    t0 = time.monotonic()
+    rows: list[dict[str, Any]] = []
+    elapsed = 0.0
+    if previous is not None:
+        same = json.loads(json.dumps({"grid": dict(grid.__dict__),
+                                      "constants": constants.to_dict()}))
+        if json.loads(json.dumps({k: previous.get(k) for k in same})) != same:
+            raise ValueError("the document to resume is of another grid or other constants")
+        rows = list(previous["cells"])
+        elapsed = float(previous.get("done", {}).get("elapsed_s", 0.0))
+    cells = grid.cells()
+    settings: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for cell in cells:
+        settings.setdefault(_setting(cell), []).append(cell)
+    done = {_setting(r) for r in rows}
+    keys = list(settings)
+    doc: dict[str, Any] = {}
+    for g in np.random.default_rng(0).permutation(len(keys)):
+        key = keys[int(g)]
+        if key in done:
+            continue
+        if time.monotonic() - t0 > minutes * 60:
+            break
+        solved: dict[int, dict[str, Placement]] = {}
+        for cell in settings[key]:
+            rows.append(run_cell(cell, grid, constants, trace, solved))
+            if progress:
+                progress(len(rows), len(cells), rows[-1])
+        done.add(key)
+        worst = {m: max(rows, key=lambda r, m=m: r["ratios"][m]["ratio"]) for m in METRICS}
+        doc = {"grid": dict(grid.__dict__), "constants": constants.to_dict(), "cells": rows,
+               "worst": {m: {"ratio": w["ratios"][m]["ratio"], "cell": label(w)}
+                         for m, w in worst.items()},
+               "done": {"cells": len(rows), "of": len(cells), "settings": len(done),
+                        "of_settings": len(keys),
+                        "elapsed_s": elapsed + time.monotonic() - t0, "budget_min": minutes}}
+        if save:
+            save(doc)
+    return doc

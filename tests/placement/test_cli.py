@@ -95,8 +95,11 @@ def test_bench_placement_from_flags_writes_every_strategy_with_both_transports(
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_sweep_rejects_a_negative_budget_and_an_unknown_per_run_budget() -> None:
+def test_bench_sweep_rejects_a_negative_budget_an_unknown_per_run_budget_and_a_bare_resume(
+) -> None:
     res = _cli("bench", "placement", "--sweep", "--minutes", "-1")
     assert res.returncode == 2 and "--minutes must not be negative" in res.stderr
     res = _cli("bench", "placement", "--sweep", "--minutes", "1", "--budget", "tiny")
     assert res.returncode == 2 and "--budget is grid or quick" in res.stderr
+    res = _cli("bench", "placement", "--sweep", "--resume", "earlier.json")
+    assert res.returncode == 2 and "give --minutes too" in res.stderr

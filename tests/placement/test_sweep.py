@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import numpy as np
@@ -98,3 +99,29 @@ def test_judge_draws_take_test_sized_sets_from_the_profile_window_only() -> None
     assert len({tuple(round(r.arrival_s, 9) for r in d) for d in draws}) == 4
     again = profile_draws(pool, [3, 2], np.array([1.0, 0.5]), seed=7, n=4)
     assert [[r.arrival_s for r in d] for d in again] == [[r.arrival_s for r in d] for d in draws]
+
+
+# two settings, one load, one seed, the smallest budget: the bookkeeping of a bounded run
+TINY = Grid(networks=((20.0, 20.0), (10000.0, 0.1)), memory=(1.2,), capacities=("1:1:2",),
+            speeds=("equal",), loads=(0.8,), seeds=(0,), max_requests=1, max_tokens=8,
+            max_samples=500)
+
+
+@pytest.mark.skipif(not TRACE.is_file(), reason=f"{TRACE} not present")
+def test_a_bounded_sweep_resumes_where_an_earlier_run_stopped() -> None:
+    from edgemoe.bench.sweep import bounded
+
+    c = SimConstants()
+    saved: list[dict] = []
+    first = bounded(TINY, c, str(TRACE), 0.001, save=saved.append)  # time for one setting
+    assert first["done"]["settings"] == 1 and len(first["cells"]) == 1
+    assert saved[-1] is first
+    second = bounded(TINY, c, str(TRACE), 10.0, previous=json.loads(json.dumps(first)))
+    assert second["done"] == {**second["done"], "settings": 2, "of_settings": 2, "cells": 2}
+    assert second["cells"][0] == json.loads(json.dumps(first["cells"][0]))  # kept, not re-run
+    nets = {(r["bandwidth_mbps"], r["rtt_ms"]) for r in second["cells"]}
+    assert nets == {(20.0, 20.0), (10000.0, 0.1)}  # the other setting ran
+    assert second["done"]["elapsed_s"] > first["done"]["elapsed_s"]
+    assert bounded(TINY, c, str(TRACE), 10.0, previous=second) == {}  # nothing left to run
+    with pytest.raises(ValueError, match="another grid"):
+        bounded(TINY, SimConstants(expert_row_s=1.0), str(TRACE), 10.0, previous=second)
