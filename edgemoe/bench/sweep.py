@@ -102,6 +102,22 @@ def run_cell(cell: dict[str, Any], grid: Grid, constants: SimConstants, trace: s
     return out
 
 
+SETTING = ("bandwidth_mbps", "rtt_ms", "memory_ratio", "capacities", "speeds")  # a cell but load
+
+
+def _setting(cell: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(cell[k] for k in SETTING)
+
+
+def _document(grid: Grid, constants: SimConstants, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A sweep's JSON document: the grid, the constants, the cells run and the worst of each
+    metric."""
+    worst = {m: max(rows, key=lambda r, m=m: r["ratios"][m]["ratio"]) for m in METRICS}
+    return {"grid": dict(grid.__dict__), "constants": constants.to_dict(), "cells": rows,
+            "worst": {m: {"ratio": w["ratios"][m]["ratio"], "cell": label(w)}
+                      for m, w in worst.items()}}
+
+
 def sweep(grid: Grid, constants: SimConstants, trace: str = "",
           progress: Any = None) -> dict[str, Any]:
     """Every cell of the grid; `progress(i, n, row)` after each."""
@@ -109,15 +125,10 @@ def sweep(grid: Grid, constants: SimConstants, trace: str = "",
     rows = []
     memo: dict[tuple, dict[int, dict[str, Placement]]] = {}
     for i, cell in enumerate(cells):
-        key = tuple(v for k, v in sorted(cell.items()) if k != "load")
-        rows.append(run_cell(cell, grid, constants, trace, memo.setdefault(key, {})))
+        rows.append(run_cell(cell, grid, constants, trace, memo.setdefault(_setting(cell), {})))
         if progress:
             progress(i + 1, len(cells), rows[-1])
-    worst = {m: max(rows, key=lambda r: r["ratios"][m]["ratio"]) for m in METRICS}
-    return {"grid": {k: v for k, v in grid.__dict__.items()}, "constants": constants.to_dict(),
-            "cells": rows,
-            "worst": {m: {"ratio": w["ratios"][m]["ratio"], "cell": label(w)}
-                      for m, w in worst.items()}}
+    return _document(grid, constants, rows)
 
 
 def label(cell: dict[str, Any]) -> str:
@@ -127,13 +138,6 @@ def label(cell: dict[str, Any]) -> str:
 
 def quick(grid: Grid = QUICK, **changes: Any) -> Grid:
     return replace(grid, **changes)
-
-
-SETTING = ("bandwidth_mbps", "rtt_ms", "memory_ratio", "capacities", "speeds")  # a cell but load
-
-
-def _setting(cell: dict[str, Any]) -> tuple[Any, ...]:
-    return tuple(cell[k] for k in SETTING)
 
 
 def bounded(grid: Grid, constants: SimConstants, trace: str, minutes: float,
@@ -174,10 +178,7 @@ def bounded(grid: Grid, constants: SimConstants, trace: str, minutes: float,
             if progress:
                 progress(len(rows), len(cells), rows[-1])
         done.add(key)
-        worst = {m: max(rows, key=lambda r, m=m: r["ratios"][m]["ratio"]) for m in METRICS}
-        doc = {"grid": dict(grid.__dict__), "constants": constants.to_dict(), "cells": rows,
-               "worst": {m: {"ratio": w["ratios"][m]["ratio"], "cell": label(w)}
-                         for m, w in worst.items()},
+        doc = {**_document(grid, constants, rows),
                "done": {"cells": len(rows), "of": len(cells), "settings": len(done),
                         "of_settings": len(keys),
                         "elapsed_s": elapsed + time.monotonic() - t0, "budget_min": minutes}}
