@@ -46,7 +46,7 @@ _RECV_SIZE = 1 << 20  # socket reads while a file streams (`_large_reads`)
 # same bytes written by a worker a MiB later cost 20 ms of CPU a round (cache misses and the
 # thread hand-off) against 10 ms written at once, as a plain copy writes them. A page-cache
 # write that stalls (dirty-page throttling) would stall the loop, so one that takes longer
-# than _STALL_S sends the store's writes to a worker, _WRITE_BATCH bytes per writev, for
+# than _STALL_S sends the fetcher's writes to a worker, _WRITE_BATCH bytes per writev, for
 # _OFFLOAD_S: a slow disk costs the loop one stalled write, then no more.
 _STALL_S = 0.02
 _OFFLOAD_S = 30.0
